@@ -1,0 +1,301 @@
+//! Archive bytes: format detection from magic bytes, the archive's identity (what an index
+//! is tied to), the seek tables of compressed formats, and random reads of the
+//! uncompressed tar stream ([`StreamReader`]). Knows nothing of paths or FUSE.
+
+pub mod gzip;
+pub mod tar;
+pub mod zstd;
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::cache::SpanCache;
+use crate::error::{Error, Result};
+
+/// How the tar stream is stored in the archive file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    /// Plain tar.
+    None,
+    /// gzip (one or many members).
+    Gzip,
+    /// zstd (one or many frames).
+    Zstd,
+}
+
+impl Compression {
+    /// Detects the format from the first bytes of the file (never from its name).
+    pub fn detect(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+            || (head.len() >= 4 && head[0] & 0xf0 == 0x50 && head[1..4] == [0x2a, 0x4d, 0x18])
+        {
+            // A zstd frame, or a skippable frame (as seekable-zstd writers may lead with).
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
+    /// A short name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "tar",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    /// Stable numeric code for the index file.
+    pub fn code(self) -> u8 {
+        match self {
+            Compression::None => 0,
+            Compression::Gzip => 1,
+            Compression::Zstd => 2,
+        }
+    }
+
+    /// Inverse of [`Compression::code`].
+    pub fn from_code(c: u8) -> Option<Compression> {
+        match c {
+            0 => Some(Compression::None),
+            1 => Some(Compression::Gzip),
+            2 => Some(Compression::Zstd),
+            _ => None,
+        }
+    }
+}
+
+/// Bytes hashed at each end of the archive for its identity.
+const ID_EDGE: u64 = 64 << 10;
+
+/// What an index is tied to: size, mtime and a hash of the first and last bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveId {
+    /// File size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// CRC-32 of the first 64 KiB.
+    pub head_crc: u32,
+    /// CRC-32 of the last 64 KiB.
+    pub tail_crc: u32,
+}
+
+impl ArchiveId {
+    /// Reads the identity of an open archive (touches only its first and last 64 KiB).
+    pub fn of(file: &File, path: &Path) -> Result<ArchiveId> {
+        let meta = file.metadata().map_err(|e| Error::io("reading", path, e))?;
+        let size = meta.len();
+        let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
+        let crc = |off: u64| -> Result<u32> {
+            let len = ID_EDGE.min(size - off) as usize;
+            let mut buf = vec![0u8; len];
+            file.read_exact_at(&mut buf, off)
+                .map_err(|e| Error::io("reading", path, e))?;
+            Ok(crc32fast::hash(&buf))
+        };
+        Ok(ArchiveId {
+            size,
+            mtime_ns,
+            head_crc: crc(0)?,
+            tail_crc: crc(size.saturating_sub(ID_EDGE))?,
+        })
+    }
+}
+
+/// How to reach any offset of the uncompressed stream.
+pub enum SeekTable {
+    /// Plain tar: the stream is the file.
+    Plain,
+    /// gzip checkpoints.
+    Gzip(gzip::GzipSeekTable),
+    /// zstd frame checkpoints.
+    Zstd(zstd::ZstdSeekTable),
+}
+
+impl SeekTable {
+    /// The compression this table belongs to.
+    pub fn compression(&self) -> Compression {
+        match self {
+            SeekTable::Plain => Compression::None,
+            SeekTable::Gzip(_) => Compression::Gzip,
+            SeekTable::Zstd(_) => Compression::Zstd,
+        }
+    }
+
+    /// The longest span one read may have to decompress (0 for plain tar).
+    pub fn max_span_len(&self) -> u64 {
+        match self {
+            SeekTable::Plain => 0,
+            SeekTable::Gzip(t) => t.max_span_len(),
+            SeekTable::Zstd(t) => t.max_span_len(),
+        }
+    }
+}
+
+/// An opened archive: the file, its path and its identity.
+pub struct Archive {
+    /// The archive file.
+    pub file: File,
+    /// Its path (for messages).
+    pub path: PathBuf,
+    /// Its identity.
+    pub id: ArchiveId,
+    /// The detected compression.
+    pub compression: Compression,
+}
+
+impl Archive {
+    /// Opens `path`, detects the format and reads the identity.
+    pub fn open(path: &Path) -> Result<Archive> {
+        let file = File::open(path).map_err(|e| Error::io("cannot open archive", path, e))?;
+        let meta = file.metadata().map_err(|e| Error::io("cannot stat archive", path, e))?;
+        if !meta.is_file() {
+            return Err(Error::archive(path, None, None, "not a regular file"));
+        }
+        let mut head = [0u8; 8];
+        let n = file.read_at(&mut head, 0).map_err(|e| Error::io("reading", path, e))?;
+        let compression = Compression::detect(&head[..n]);
+        let id = ArchiveId::of(&file, path)?;
+        Ok(Archive {
+            file,
+            path: path.to_path_buf(),
+            id,
+            compression,
+        })
+    }
+}
+
+/// A shared progress counter of compressed bytes consumed (for the progress bar).
+pub type Progress = Arc<std::sync::atomic::AtomicU64>;
+
+/// Counts bytes read through it into a [`Progress`].
+pub struct CountingReader<R> {
+    inner: R,
+    progress: Progress,
+}
+
+impl<R> CountingReader<R> {
+    /// Wraps `inner`.
+    pub fn new(inner: R, progress: Progress) -> Self {
+        CountingReader { inner, progress }
+    }
+}
+
+impl<R: Read> Read for CountingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.progress
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+/// Where decompressed bytes come from when a read arrives.
+enum Backing {
+    /// Plain tar: read the archive directly.
+    Plain,
+    /// Decode spans on demand through the LRU cache.
+    Spans(SpanCache),
+    /// A one-time full decompression into a cache file (streams that cannot be
+    /// checkpointed: single-frame zstd, gzip with huge deflate blocks).
+    CacheFile(File),
+}
+
+/// Random reads of the uncompressed tar stream of one archive; safe to share
+/// between threads.
+pub struct StreamReader {
+    archive: File,
+    path: PathBuf,
+    table: Arc<SeekTable>,
+    backing: Backing,
+}
+
+impl StreamReader {
+    /// A reader over `archive` with `table`; spans are cached in `cache_bytes` at most.
+    pub fn new(archive: File, path: PathBuf, table: Arc<SeekTable>, cache_bytes: u64) -> Self {
+        let backing = match &*table {
+            SeekTable::Plain => Backing::Plain,
+            _ => Backing::Spans(SpanCache::new(cache_bytes)),
+        };
+        StreamReader {
+            archive,
+            path,
+            table,
+            backing,
+        }
+    }
+
+    /// A reader that serves everything from an already decompressed cache file.
+    pub fn with_cache_file(archive: File, path: PathBuf, table: Arc<SeekTable>, cache: File) -> Self {
+        StreamReader {
+            archive,
+            path,
+            table,
+            backing: Backing::CacheFile(cache),
+        }
+    }
+
+    /// Fills `buf` from stream offset `off`. The caller keeps reads within a member's
+    /// data, so a short read means the archive changed or is corrupt: an error.
+    pub fn read_exact_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        match &self.backing {
+            Backing::Plain => self
+                .archive
+                .read_exact_at(buf, off)
+                .map_err(|e| self.read_error(off, e)),
+            Backing::CacheFile(f) => f.read_exact_at(buf, off).map_err(|e| self.read_error(off, e)),
+            Backing::Spans(cache) => self.read_spans(cache, buf, off),
+        }
+    }
+
+    fn read_error(&self, off: u64, e: io::Error) -> Error {
+        Error::archive(&self.path, None, Some(off), format!("read failed: {e}"))
+    }
+
+    fn read_spans(&self, cache: &SpanCache, buf: &mut [u8], mut off: u64) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let (span, start) = match &*self.table {
+                SeekTable::Gzip(t) => {
+                    let i = t.span_of(off).ok_or_else(|| self.eof(off))?;
+                    (i, t.span_range(i).0)
+                }
+                SeekTable::Zstd(t) => {
+                    let i = t.span_of(off).ok_or_else(|| self.eof(off))?;
+                    (i, t.span_range(i).0)
+                }
+                SeekTable::Plain => return Err(self.eof(off)),
+            };
+            let data = cache.get_or_insert(span, |out| self.decode_span(span, out))?;
+            let within = (off - start) as usize;
+            let avail = data.len().saturating_sub(within);
+            if avail == 0 {
+                return Err(self.eof(off));
+            }
+            let n = avail.min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&data[within..within + n]);
+            done += n;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    fn decode_span(&self, span: usize, out: &mut Vec<u8>) -> Result<()> {
+        let r = match &*self.table {
+            SeekTable::Gzip(t) => gzip::decode_span(&self.archive, t, span, out),
+            SeekTable::Zstd(t) => zstd::decode_span(&self.archive, t, span, out),
+            SeekTable::Plain => Ok(()),
+        };
+        r.map_err(|e| Error::archive(&self.path, None, None, format!("decompression failed: {e}")))
+    }
+
+    fn eof(&self, off: u64) -> Error {
+        Error::archive(&self.path, None, Some(off), "read past the end of the stream")
+    }
+}

@@ -1,0 +1,124 @@
+//! The LRU cache of decompressed spans, capped in bytes. Concurrent readers of the same
+//! span wait for one decoder instead of decoding it twice.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Condvar, Mutex};
+
+use lru::LruCache;
+
+use crate::error::Result;
+
+struct State {
+    lru: LruCache<usize, Arc<Vec<u8>>>,
+    bytes: u64,
+    decoding: HashSet<usize>,
+}
+
+/// Decompressed spans keyed by span number.
+pub struct SpanCache {
+    cap: u64,
+    state: Mutex<State>,
+    decoded: Condvar,
+}
+
+impl SpanCache {
+    /// A cache holding at most `cap` bytes of spans (the most recently used one is
+    /// always kept, even if it alone exceeds the cap).
+    pub fn new(cap: u64) -> Self {
+        SpanCache {
+            cap,
+            state: Mutex::new(State {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+                decoding: HashSet::new(),
+            }),
+            decoded: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State inconsistent in a way that
+        // matters (worst case a stale `decoding` mark, cleared below), so recover.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The span `key`, decoding it with `decode` (into a cleared buffer) on a miss.
+    pub fn get_or_insert(
+        &self,
+        key: usize,
+        decode: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+    ) -> Result<Arc<Vec<u8>>> {
+        let mut st = self.lock();
+        loop {
+            if let Some(v) = st.lru.get(&key) {
+                return Ok(v.clone());
+            }
+            if !st.decoding.contains(&key) {
+                break;
+            }
+            st = self.decoded.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.decoding.insert(key);
+        drop(st);
+
+        let mut buf = Vec::new();
+        let result = decode(&mut buf);
+
+        let mut st = self.lock();
+        st.decoding.remove(&key);
+        self.decoded.notify_all();
+        result?;
+        let value = Arc::new(buf);
+        st.bytes += value.len() as u64;
+        if let Some(old) = st.lru.put(key, value.clone()) {
+            st.bytes -= old.len() as u64;
+        }
+        while st.bytes > self.cap && st.lru.len() > 1 {
+            if let Some((_, old)) = st.lru.pop_lru() {
+                st.bytes -= old.len() as u64;
+            }
+        }
+        Ok(value)
+    }
+
+    /// Bytes currently cached.
+    pub fn cached_bytes(&self) -> u64 {
+        self.lock().bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn evicts_by_bytes_and_counts_decodes() {
+        let cache = SpanCache::new(250);
+        let mut decodes = 0;
+        for key in [0, 1, 0, 2, 3, 0] {
+            let v = cache
+                .get_or_insert(key, |out| {
+                    decodes += 1;
+                    out.resize(100, key as u8);
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(v[0], key as u8);
+            assert!(cache.cached_bytes() <= 250);
+        }
+        // 0,1 decoded; 0 hit; 2 evicts 1; 3 evicts 0 (LRU after 2? 0 was used after 1)
+        assert_eq!(decodes, 5);
+    }
+
+    #[test]
+    fn errors_are_not_cached() {
+        let cache = SpanCache::new(1000);
+        let r = cache.get_or_insert(7, |_| Err(crate::error::Error::Errno(5)));
+        assert!(r.is_err());
+        let v = cache.get_or_insert(7, |out| {
+            out.push(1);
+            Ok(())
+        });
+        assert_eq!(v.unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,78 @@
+//! Command-line glue: clap structs, checked into per-subcommand configs, and dispatch.
+//! One file per subcommand.
+
+mod index;
+mod mount;
+mod umount;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::{Error, Result};
+
+/// Mount snapshot tarballs (tar, tar.gz, tar.zst) as lazy, read-only FUSE trees.
+#[derive(Parser, Debug)]
+#[command(name = "snapfs", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build (or refresh) the persisted index of an archive and print a summary.
+    Index(index::IndexArgs),
+    /// Mount an archive read-only; returns once the mount is live.
+    Mount(mount::MountArgs),
+    /// Unmount a snapfs mount (also cleans up a mount whose daemon died).
+    Umount(umount::UmountArgs),
+}
+
+/// Parses the arguments and runs the subcommand.
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Index(a) => index::run(a),
+        Command::Mount(a) => mount::run(a),
+        Command::Umount(a) => umount::run(a),
+    }
+}
+
+/// Parses sizes like `4M`, `256MiB`, `1G`, `65536`.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits);
+    let n: u64 = num.parse().map_err(|_| format!("invalid size {s:?}"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("invalid size unit in {s:?}")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// Checks that an archive argument names a readable regular file.
+fn check_archive(p: &PathBuf) -> Result<()> {
+    match std::fs::metadata(p) {
+        Ok(m) if m.is_file() => Ok(()),
+        Ok(_) => Err(Error::Usage(format!("{}: not a regular file", p.display()))),
+        Err(e) => Err(Error::io("cannot open archive", p, e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes() {
+        assert_eq!(super::parse_size("4M"), Ok(4 << 20));
+        assert_eq!(super::parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(super::parse_size("10"), Ok(10));
+        assert!(super::parse_size("x").is_err());
+        assert!(super::parse_size("99999999999999G").is_err());
+    }
+}

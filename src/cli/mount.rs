@@ -1,0 +1,249 @@
+//! `snapfs mount`: load or build the index, then serve it over FUSE. Without
+//! `--foreground` the command re-executes itself as a detached daemon and returns only
+//! once the daemon reports the mount live (or prints the daemon's one-line error).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+
+use clap::Args;
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::archive::{Archive, StreamReader};
+use crate::error::{Error, Result};
+use crate::fs::SnapFs;
+use crate::index::build::BuildOptions;
+use crate::index::store;
+use crate::index::tree::IndexTree;
+
+/// Arguments of `snapfs mount`.
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// The archive (tar, tar.gz or tar.zst) followed by the mountpoint.
+    #[arg(required = true, num_args = 2.., value_name = "ARCHIVE... MOUNTPOINT")]
+    paths: Vec<PathBuf>,
+    /// Stay in the foreground (logs to stderr; Ctrl-C unmounts).
+    #[arg(short, long)]
+    foreground: bool,
+    /// FUSE mount options, comma separated (allow_other, allow_root, ...).
+    #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// Cap of the decompressed-span cache.
+    #[arg(long, value_parser = super::parse_size, default_value = "256M")]
+    cache_size: u64,
+    /// Uncompressed bytes between seek points when an index has to be built.
+    #[arg(long, value_parser = super::parse_size, default_value = "4M")]
+    span: u64,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Internal: file descriptor on which the daemon reports readiness.
+    #[arg(long, hide = true)]
+    ready_fd: Option<i32>,
+}
+
+/// Runs `snapfs mount`.
+pub fn run(args: MountArgs) -> Result<ExitCode> {
+    let (archives, mountpoint) = split_paths(&args.paths)?;
+    if archives.len() > 1 {
+        return Err(Error::Usage("stacking several archives as layers is not supported yet".into()));
+    }
+    let archive_path = &archives[0];
+    super::check_archive(archive_path)?;
+    match std::fs::metadata(mountpoint) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(Error::Usage(format!("mountpoint {} is not a directory", mountpoint.display()))),
+        Err(e) => return Err(Error::io("cannot use mountpoint", mountpoint, e)),
+    }
+    if args.foreground || args.ready_fd.is_some() {
+        let ready = args.ready_fd.map(|fd| {
+            // SAFETY: the parent passed us this fd, open and owned by nobody else here.
+            unsafe { File::from(OwnedFd::from_raw_fd(fd)) }
+        });
+        return serve(&args, archive_path, mountpoint, ready);
+    }
+    // Build or refresh the index here, where a progress bar and warnings can be seen.
+    let archive = Archive::open(archive_path)?;
+    let opts = BuildOptions { span_bytes: args.span.max(64 << 10) };
+    let (index, _) = super::index::obtain(&archive, &opts, None, false)?;
+    store::cache_file_for(&archive, &index)?;
+    drop(index);
+    daemonize(&args.paths, &args)
+}
+
+fn split_paths(paths: &[PathBuf]) -> Result<(&[PathBuf], &Path)> {
+    match paths.split_last() {
+        Some((m, a)) if !a.is_empty() => Ok((a, m.as_path())),
+        _ => Err(Error::Usage("usage: snapfs mount [OPTIONS] <ARCHIVE>... <MOUNTPOINT>".into())),
+    }
+}
+
+/// Starts the daemon and waits for its verdict on a pipe.
+fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 writes two fds into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(Error::io("cannot create pipe for", &paths[0], std::io::Error::last_os_error()));
+    }
+    // SAFETY: both fds were just created and are owned here only.
+    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let exe = std::env::current_exe().map_err(|e| Error::io("cannot find own executable", "snapfs", e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg("--ready-fd")
+        .arg(write_end.as_raw_fd().to_string())
+        .arg("--cache-size")
+        .arg(args.cache_size.to_string())
+        .arg("--span")
+        .arg(args.span.to_string())
+        .arg("--threads")
+        .arg(args.threads.to_string());
+    for o in &args.options {
+        cmd.arg("-o").arg(o);
+    }
+    cmd.args(paths.iter().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())));
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.current_dir("/");
+    let fd = write_end.as_raw_fd();
+    // SAFETY: between fork and exec we only call async-signal-safe functions.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Let the readiness fd survive exec.
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| Error::io("cannot start daemon for", &paths[0], e))?;
+    drop(write_end);
+    let mut msg = String::new();
+    let _ = File::from(read_end).read_to_string(&mut msg);
+    if msg.starts_with("ok") {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let _ = child.wait();
+    let msg = msg.trim();
+    if msg.is_empty() {
+        Err(Error::Usage(format!("snapfs daemon for {} exited before the mount was live", paths[0].display())))
+    } else {
+        Err(Error::Usage(msg.to_string()))
+    }
+}
+
+fn mount_config(args: &MountArgs, archive: &Path) -> Config {
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(format!("snapfs:{}", archive.display())),
+        MountOption::Subtype("snapfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    for opt in args.options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+        match opt {
+            "allow_other" => config.acl = SessionACL::All,
+            "allow_root" => config.acl = SessionACL::RootAndOwner,
+            "ro" | "default_permissions" => {}
+            "auto_unmount" => config.mount_options.push(MountOption::AutoUnmount),
+            "dev" => config.mount_options.push(MountOption::Dev),
+            "nodev" => config.mount_options.push(MountOption::NoDev),
+            "suid" => config.mount_options.push(MountOption::Suid),
+            "nosuid" => config.mount_options.push(MountOption::NoSuid),
+            "exec" => config.mount_options.push(MountOption::Exec),
+            "noexec" => config.mount_options.push(MountOption::NoExec),
+            other => config.mount_options.push(MountOption::CUSTOM(other.to_string())),
+        }
+    }
+    config.n_threads = Some(args.threads.clamp(1, 64));
+    config.clone_fd = true;
+    config
+}
+
+/// Mounts and serves until unmounted or signalled. Reports readiness on `ready`.
+fn serve(args: &MountArgs, archive_path: &Path, mountpoint: &Path, mut ready: Option<File>) -> Result<ExitCode> {
+    let result = setup(args, archive_path, mountpoint);
+    let session = match result {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(r) = ready.as_mut() {
+                let _ = writeln!(r, "{e}");
+            }
+            return Err(e);
+        }
+    };
+    let mut session = session;
+    let mut unmounter = session.unmount_callable();
+    // Signals were blocked in setup(); one thread waits for them and unmounts.
+    std::thread::spawn(move || {
+        wait_for_signal();
+        log::info!("signal received, unmounting");
+        if let Err(e) = unmounter.unmount() {
+            log::error!("unmount failed: {e}");
+        }
+    });
+    if let Some(mut r) = ready.take() {
+        let _ = r.write_all(b"ok\n");
+    }
+    session
+        .run()
+        .map_err(|e| Error::io("FUSE session failed on", mountpoint, e))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn setup(args: &MountArgs, archive_path: &Path, mountpoint: &Path) -> Result<fuser::Session<SnapFs<IndexTree>>> {
+    block_signals();
+    let archive = Archive::open(archive_path)?;
+    let opts = BuildOptions { span_bytes: args.span.max(64 << 10) };
+    let (index, _) = store::load_or_build(&archive, &opts, None, false, &Default::default())?;
+    let cache_file = store::cache_file_for(&archive, &index)?;
+    let table = index.table.clone();
+    let index = Arc::new(index);
+    let (file, path) = (archive.file, archive.path);
+    let stream = match cache_file {
+        Some(c) => StreamReader::with_cache_file(file, path.clone(), table, c),
+        None => StreamReader::new(file, path.clone(), table, args.cache_size),
+    };
+    let tree = IndexTree::new(index, stream);
+    let config = mount_config(args, &path);
+    fuser::Session::new(SnapFs::new(tree), mountpoint, &config)
+        .map_err(|e| Error::io("cannot mount on", mountpoint, e))
+}
+
+const SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+
+fn signal_set() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in SIGNALS {
+            libc::sigaddset(&mut set, s);
+        }
+        set
+    }
+}
+
+/// Blocks the termination signals in this thread and every thread it spawns later.
+fn block_signals() {
+    let set = signal_set();
+    // SAFETY: the set is initialised; a null old-set pointer is allowed.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+fn wait_for_signal() {
+    let set = signal_set();
+    let mut sig = 0;
+    // SAFETY: set is initialised and the signals are blocked in every thread.
+    unsafe {
+        libc::sigwait(&set, &mut sig);
+    }
+}

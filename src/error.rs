@@ -1,0 +1,121 @@
+//! The one error type of snapfs: what went wrong, in which archive, at which entry or
+//! offset; and its mapping to an errno for FUSE replies (in one place, [`Error::errno`]).
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// Result alias used across snapfs.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can fail in snapfs, with enough context for one readable line.
+#[derive(Debug)]
+pub enum Error {
+    /// An I/O error while reading or writing `path`.
+    Io {
+        /// What we were doing, e.g. "reading archive".
+        what: &'static str,
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The archive's bytes are malformed (bad header, truncated data, corrupt stream).
+    Archive {
+        /// The archive file.
+        archive: PathBuf,
+        /// The member involved, if known.
+        entry: Option<String>,
+        /// Offset in the uncompressed tar stream (or the compressed file, as the message says).
+        offset: Option<u64>,
+        /// What is wrong.
+        message: String,
+    },
+    /// A persisted index is unusable (corrupt, other version, other archive).
+    Index {
+        /// The index file.
+        path: PathBuf,
+        /// Why it is rejected.
+        message: String,
+    },
+    /// A request that the filesystem answers with a plain errno (ENOENT, EROFS, ...).
+    Errno(i32),
+    /// Bad command-line usage or configuration.
+    Usage(String),
+}
+
+impl Error {
+    /// An I/O error with a description and a path.
+    pub fn io(what: &'static str, path: impl AsRef<Path>, source: io::Error) -> Self {
+        Error::Io {
+            what,
+            path: path.as_ref().to_path_buf(),
+            source,
+        }
+    }
+
+    /// A malformed-archive error.
+    pub fn archive(
+        archive: impl AsRef<Path>,
+        entry: Option<&[u8]>,
+        offset: Option<u64>,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::Archive {
+            archive: archive.as_ref().to_path_buf(),
+            entry: entry.map(|e| String::from_utf8_lossy(e).into_owned()),
+            offset,
+            message: message.into(),
+        }
+    }
+
+    /// The errno a FUSE reply should carry for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            Error::Archive { .. } => libc::EIO,
+            Error::Index { .. } => libc::EIO,
+            Error::Errno(e) => *e,
+            Error::Usage(_) => libc::EINVAL,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { what, path, source } => {
+                write!(f, "{what} {}: {source}", path.display())
+            }
+            Error::Archive {
+                archive,
+                entry,
+                offset,
+                message,
+            } => {
+                write!(f, "archive {}", archive.display())?;
+                if let Some(e) = entry {
+                    write!(f, ", entry {e:?}")?;
+                }
+                if let Some(o) = offset {
+                    write!(f, " (offset {o})")?;
+                }
+                write!(f, ": {message}")
+            }
+            Error::Index { path, message } => {
+                write!(f, "index {}: {message}", path.display())
+            }
+            Error::Errno(e) => write!(f, "{}", io::Error::from_raw_os_error(*e)),
+            Error::Usage(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}

@@ -1,0 +1,388 @@
+//! The FUSE adapter, and the only `fuser` import: turns kernel requests into [`Tree`]
+//! calls and replies. Sets the cache policy of an immutable tree (long TTLs, keep-cache,
+//! cached dirs and symlinks, big reads) and answers every modifying call with EROFS.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::error::Error;
+use crate::index::tree::{Attr, Tree};
+
+/// Entries and attributes never change: let the kernel cache them for a long time.
+const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Largest read the kernel may send us (and readahead window).
+pub const MAX_READ: u32 = 1 << 20;
+
+/// A FUSE filesystem serving one [`Tree`].
+pub struct SnapFs<T> {
+    tree: T,
+}
+
+impl<T: Tree> SnapFs<T> {
+    /// Wraps `tree`.
+    pub fn new(tree: T) -> Self {
+        SnapFs { tree }
+    }
+}
+
+fn errno(e: &Error) -> Errno {
+    if !matches!(e, Error::Errno(_)) {
+        log::error!("{e}");
+    }
+    Errno::from_i32(e.errno())
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn time(secs: i64, nsec: u32) -> SystemTime {
+    let t = if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::new(secs as u64, nsec))
+    } else {
+        UNIX_EPOCH
+            .checked_sub(Duration::from_secs(secs.unsigned_abs()))
+            .and_then(|t| t.checked_add(Duration::from_nanos(u64::from(nsec))))
+    };
+    t.unwrap_or(UNIX_EPOCH)
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    let t = time(a.mtime, a.mtime_nsec);
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: t,
+        mtime: t,
+        ctime: t,
+        crtime: t,
+        kind: file_type(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+/// Replies with an xattr value or list, honouring the size-probe protocol.
+fn reply_xattr(reply: ReplyXattr, size: u32, data: &[u8]) {
+    if size == 0 {
+        reply.size(data.len() as u32);
+    } else if data.len() > size as usize {
+        reply.error(Errno::from_i32(libc::ERANGE));
+    } else {
+        reply.data(data);
+    }
+}
+
+const EROFS: Errno = Errno::EROFS;
+
+impl<T: Tree + 'static> Filesystem for SnapFs<T> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_MAX_PAGES
+            | InitFlags::FUSE_ASYNC_READ;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        let _ = config.set_max_readahead(MAX_READ).or_else(|max| config.set_max_readahead(max));
+        let _ = config.set_max_write(MAX_READ).or_else(|max| config.set_max_write(max));
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let r = self
+            .tree
+            .lookup(parent.0, name.as_bytes())
+            .and_then(|ino| self.tree.attr(ino));
+        match r {
+            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            // Immutable: a miss stays a miss, so let the kernel cache it too.
+            Err(Error::Errno(libc::ENOENT)) => {
+                reply.entry(&TTL, &negative_attr(), Generation(0))
+            }
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.tree.attr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.tree.read_link(ino.0) {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(EROFS);
+        }
+        match self.tree.attr(ino.0) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.tree.read(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.tree.attr(ino.0) {
+            Ok(a) if a.mode & libc::S_IFMT == libc::S_IFDIR => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let r = self.tree.read_dir(ino.0, offset, &mut |next, name, child, mode| {
+            reply.add(INodeNo(child), next, file_type(mode), OsStr::from_bytes(name))
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let tree = &self.tree;
+        let r = tree.read_dir(ino.0, offset, &mut |next, name, child, _mode| {
+            match tree.attr(child) {
+                Ok(a) => reply.add(
+                    INodeNo(child),
+                    next,
+                    OsStr::from_bytes(name),
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                ),
+                Err(_) => false,
+            }
+        });
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let s = self.tree.stats();
+        reply.statfs(s.blocks / 8, 0, 0, s.files, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.tree.xattr(ino.0, name.as_bytes()) {
+            Ok(v) => reply_xattr(reply, size, &v),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        match self.tree.xattr_names(ino.0) {
+            Ok(v) => reply_xattr(reply, size, &v),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if mask.contains(AccessFlags::W_OK) {
+            return reply.error(EROFS);
+        }
+        match self.tree.attr(ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(Errno::from_i32(libc::EINVAL));
+        };
+        let r = match whence {
+            libc::SEEK_DATA => self.tree.seek_data(ino.0, off, true),
+            libc::SEEK_HOLE => self.tree.seek_data(ino.0, off, false),
+            _ => return reply.error(Errno::from_i32(libc::EINVAL)),
+        };
+        match r.map(i64::try_from) {
+            Ok(Ok(o)) => reply.offset(o),
+            Ok(Err(_)) => reply.error(Errno::from_i32(libc::EOVERFLOW)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    // Everything below modifies the tree: a snapshot view is read-only.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn mknod(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _d: u32, reply: ReplyEntry) {
+        reply.error(EROFS);
+    }
+
+    fn mkdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(EROFS);
+    }
+
+    fn unlink(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(EROFS);
+    }
+
+    fn rmdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(EROFS);
+    }
+
+    fn symlink(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _t: &Path, reply: ReplyEntry) {
+        reply.error(EROFS);
+    }
+
+    fn rename(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn link(&self, _r: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(EROFS);
+    }
+
+    fn write(
+        &self,
+        _r: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _o: u64,
+        _d: &[u8],
+        _wf: WriteFlags,
+        _f: OpenFlags,
+        _l: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(EROFS);
+    }
+
+    fn setxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+        reply.error(EROFS);
+    }
+
+    fn removexattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(EROFS);
+    }
+
+    fn create(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+        reply.error(EROFS);
+    }
+
+    fn fallocate(&self, _r: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+        reply.error(EROFS);
+    }
+}
+
+/// A lookup miss cached by the kernel: an entry with inode 0.
+fn negative_attr() -> FileAttr {
+    let mut a = file_attr(&Attr {
+        ino: 0,
+        mode: libc::S_IFREG,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        size: 0,
+        blocks: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        rdev: 0,
+    });
+    a.ino = INodeNo(0);
+    a
+}

@@ -1,0 +1,171 @@
+//! The index of one archive: fixed-size inode and directory-entry records, one name
+//! arena, xattrs and sparse segments, plus the seek table of the compressed stream.
+//! Built in one pass ([`build`]), persisted ([`format`]), served as a tree ([`tree`]).
+
+pub mod build;
+pub mod format;
+pub mod store;
+pub mod tree;
+
+use crate::archive::tar::Segment;
+use crate::archive::{ArchiveId, SeekTable};
+
+/// Inode number of the root directory (FUSE's root).
+pub const ROOT_INO: u64 = 1;
+
+/// `InodeRecord::flags`: the file is sparse (`first`/`count` index `segments`).
+pub const FLAG_SPARSE: u32 = 1;
+
+/// One inode. Inode number = position in `Index::inodes` + 1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InodeRecord {
+    /// `S_IFMT` type bits | permission bits.
+    pub mode: u32,
+    /// Link count.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time (seconds).
+    pub mtime: i64,
+    /// Modification time (nanoseconds).
+    pub mtime_nsec: u32,
+    /// Device number (`makedev(major, minor)`) for devices.
+    pub rdev: u32,
+    /// Apparent size (symlinks: target length).
+    pub size: u64,
+    /// Regular file: stream offset of the data. Symlink: arena offset of the target.
+    pub data: u64,
+    /// Directory: first dirent. Sparse file: first segment.
+    pub first: u32,
+    /// Directory: number of dirents. Sparse file: number of segments.
+    pub count: u32,
+    /// First xattr record.
+    pub xattr_first: u32,
+    /// Number of xattr records.
+    pub xattr_count: u32,
+    /// Directory: the parent's inode number (root: itself).
+    pub parent: u32,
+    /// `FLAG_*` bits.
+    pub flags: u32,
+}
+
+impl InodeRecord {
+    /// The file type bits.
+    pub fn file_type(&self) -> u32 {
+        self.mode & libc::S_IFMT
+    }
+
+    /// True for directories.
+    pub fn is_dir(&self) -> bool {
+        self.file_type() == libc::S_IFDIR
+    }
+}
+
+/// One name in a directory; a directory's entries are contiguous and sorted by name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirentRecord {
+    /// Arena offset of the name.
+    pub name_off: u32,
+    /// Name length.
+    pub name_len: u32,
+    /// Inode number the name refers to.
+    pub ino: u32,
+}
+
+/// One extended attribute; name and value live in the arena.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XattrRecord {
+    /// Arena offset of the name.
+    pub name_off: u32,
+    /// Name length.
+    pub name_len: u32,
+    /// Arena offset of the value.
+    pub value_off: u32,
+    /// Value length.
+    pub value_len: u32,
+}
+
+/// A whole index.
+pub struct Index {
+    /// The archive it describes.
+    pub id: ArchiveId,
+    /// Checkpoint spacing the seek table was built with.
+    pub span_bytes: u64,
+    /// Size of the uncompressed tar stream.
+    pub stream_size: u64,
+    /// How to seek in the compressed stream.
+    pub table: std::sync::Arc<SeekTable>,
+    /// Inodes; `inodes[0]` is the root.
+    pub inodes: Vec<InodeRecord>,
+    /// Directory entries.
+    pub dirents: Vec<DirentRecord>,
+    /// Names, link targets, xattr names and values.
+    pub names: Vec<u8>,
+    /// Extended attributes.
+    pub xattrs: Vec<XattrRecord>,
+    /// Sparse file segments.
+    pub segments: Vec<Segment>,
+    /// Members skipped while indexing (with a warning each).
+    pub skipped: u64,
+}
+
+impl Index {
+    /// The record of inode `ino`, if it exists.
+    pub fn inode(&self, ino: u64) -> Option<&InodeRecord> {
+        let i = usize::try_from(ino.checked_sub(1)?).ok()?;
+        self.inodes.get(i)
+    }
+
+    /// Arena bytes `[off, off+len)` (validated at load time, so in range).
+    pub fn arena(&self, off: u64, len: u64) -> &[u8] {
+        let start = off as usize;
+        let end = start.saturating_add(len as usize);
+        self.names.get(start..end).unwrap_or(&[])
+    }
+
+    /// The name of a directory entry.
+    pub fn dirent_name(&self, d: &DirentRecord) -> &[u8] {
+        self.arena(u64::from(d.name_off), u64::from(d.name_len))
+    }
+
+    /// The entries of directory `ino` (empty for non-directories).
+    pub fn children(&self, ino: &InodeRecord) -> &[DirentRecord] {
+        if !ino.is_dir() {
+            return &[];
+        }
+        let start = ino.first as usize;
+        self.dirents
+            .get(start..start.saturating_add(ino.count as usize))
+            .unwrap_or(&[])
+    }
+
+    /// The sparse segments of a file (empty unless sparse).
+    pub fn file_segments(&self, ino: &InodeRecord) -> &[Segment] {
+        if ino.flags & FLAG_SPARSE == 0 {
+            return &[];
+        }
+        let start = ino.first as usize;
+        self.segments
+            .get(start..start.saturating_add(ino.count as usize))
+            .unwrap_or(&[])
+    }
+
+    /// The xattrs of an inode.
+    pub fn inode_xattrs(&self, ino: &InodeRecord) -> &[XattrRecord] {
+        let start = ino.xattr_first as usize;
+        self.xattrs
+            .get(start..start.saturating_add(ino.xattr_count as usize))
+            .unwrap_or(&[])
+    }
+
+    /// Bytes of memory the loaded records and arena take (approximate).
+    pub fn memory_bytes(&self) -> usize {
+        self.inodes.len() * std::mem::size_of::<InodeRecord>()
+            + self.dirents.len() * std::mem::size_of::<DirentRecord>()
+            + self.names.len()
+            + self.xattrs.len() * std::mem::size_of::<XattrRecord>()
+            + self.segments.len() * std::mem::size_of::<Segment>()
+    }
+}

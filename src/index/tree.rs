@@ -1,0 +1,280 @@
+//! The [`Tree`] trait (what the FUSE adapter asks of any tree) and [`IndexTree`], the
+//! read-only tree over a loaded index and its archive stream.
+
+use std::sync::Arc;
+
+use crate::archive::StreamReader;
+use crate::error::{Error, Result};
+use crate::index::{Index, InodeRecord, ROOT_INO};
+
+/// Attributes of one inode, as `stat` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// `S_IFMT` | permission bits.
+    pub mode: u32,
+    /// Link count.
+    pub nlink: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Apparent size.
+    pub size: u64,
+    /// 512-byte blocks actually holding data.
+    pub blocks: u64,
+    /// Modification time, seconds.
+    pub mtime: i64,
+    /// Modification time, nanoseconds.
+    pub mtime_nsec: u32,
+    /// Device number.
+    pub rdev: u32,
+}
+
+/// Filesystem statistics.
+#[derive(Debug, Clone, Copy)]
+pub struct FsStats {
+    /// Total 512-byte blocks of file data.
+    pub blocks: u64,
+    /// Number of inodes.
+    pub files: u64,
+}
+
+/// A directory listing callback: (offset of the next entry, name, inode, mode type
+/// bits); returns `true` when the reply buffer is full.
+pub type DirSink<'a> = dyn FnMut(u64, &[u8], u64, u32) -> bool + 'a;
+
+/// What the FUSE adapter needs of a tree. Implemented by the read-only index tree;
+/// layered and writable trees implement it too.
+pub trait Tree: Send + Sync {
+    /// Attributes of `ino`.
+    fn attr(&self, ino: u64) -> Result<Attr>;
+    /// The inode named `name` in directory `parent`.
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<u64>;
+    /// Lists directory `ino` from `offset` (0 = `.`, 1 = `..`, then entries).
+    fn read_dir(&self, ino: u64, offset: u64, sink: &mut DirSink<'_>) -> Result<()>;
+    /// Target of symlink `ino`.
+    fn read_link(&self, ino: u64) -> Result<Vec<u8>>;
+    /// Extended attribute names of `ino`, each followed by a NUL.
+    fn xattr_names(&self, ino: u64) -> Result<Vec<u8>>;
+    /// Value of extended attribute `name` of `ino` (`ENODATA` if absent).
+    fn xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>>;
+    /// Up to `size` bytes of file `ino` from `offset`.
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>>;
+    /// `lseek` with `SEEK_DATA` (`data = true`) or `SEEK_HOLE`.
+    fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64>;
+    /// Filesystem statistics.
+    fn stats(&self) -> FsStats;
+}
+
+/// The read-only tree of one archive.
+pub struct IndexTree {
+    index: Arc<Index>,
+    stream: StreamReader,
+    stats: FsStats,
+}
+
+fn enoent() -> Error {
+    Error::Errno(libc::ENOENT)
+}
+
+/// Blocks of 512 bytes for `bytes` of data, in whole 4 KiB pages as local disks show.
+fn blocks_for(bytes: u64) -> u64 {
+    bytes.div_ceil(4096) * 8
+}
+
+impl IndexTree {
+    /// A tree serving `index` with data from `stream`.
+    pub fn new(index: Arc<Index>, stream: StreamReader) -> Self {
+        let blocks = index.inodes.iter().map(|r| blocks_for(data_bytes(&index, r))).sum();
+        let stats = FsStats {
+            blocks,
+            files: index.inodes.len() as u64,
+        };
+        IndexTree { index, stream, stats }
+    }
+
+    /// The index behind this tree.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    fn rec(&self, ino: u64) -> Result<&InodeRecord> {
+        self.index.inode(ino).ok_or_else(enoent)
+    }
+}
+
+impl Tree for IndexTree {
+    fn attr(&self, ino: u64) -> Result<Attr> {
+        let r = self.rec(ino)?;
+        Ok(Attr {
+            ino,
+            mode: r.mode,
+            nlink: r.nlink,
+            uid: r.uid,
+            gid: r.gid,
+            size: r.size,
+            blocks: blocks_for(data_bytes(&self.index, r)),
+            mtime: r.mtime,
+            mtime_nsec: r.mtime_nsec,
+            rdev: r.rdev,
+        })
+    }
+
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<u64> {
+        let dir = self.rec(parent)?;
+        if !dir.is_dir() {
+            return Err(Error::Errno(libc::ENOTDIR));
+        }
+        let kids = self.index.children(dir);
+        let i = kids
+            .binary_search_by(|d| self.index.dirent_name(d).cmp(name))
+            .map_err(|_| enoent())?;
+        Ok(u64::from(kids[i].ino))
+    }
+
+    fn read_dir(&self, ino: u64, offset: u64, sink: &mut DirSink<'_>) -> Result<()> {
+        let dir = self.rec(ino)?;
+        if !dir.is_dir() {
+            return Err(Error::Errno(libc::ENOTDIR));
+        }
+        let kids = self.index.children(dir);
+        let mut off = offset;
+        if off == 0 {
+            if sink(1, b".", ino, libc::S_IFDIR) {
+                return Ok(());
+            }
+            off = 1;
+        }
+        if off == 1 {
+            let parent = if ino == ROOT_INO { ROOT_INO } else { u64::from(dir.parent) };
+            if sink(2, b"..", parent, libc::S_IFDIR) {
+                return Ok(());
+            }
+            off = 2;
+        }
+        let start = usize::try_from(off - 2).unwrap_or(usize::MAX);
+        for (i, d) in kids.iter().enumerate().skip(start) {
+            let child = u64::from(d.ino);
+            let kind = self.rec(child)?.file_type();
+            if sink(i as u64 + 3, self.index.dirent_name(d), child, kind) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn read_link(&self, ino: u64) -> Result<Vec<u8>> {
+        let r = self.rec(ino)?;
+        if r.file_type() != libc::S_IFLNK {
+            return Err(Error::Errno(libc::EINVAL));
+        }
+        Ok(self.index.arena(r.data, r.size).to_vec())
+    }
+
+    fn xattr_names(&self, ino: u64) -> Result<Vec<u8>> {
+        let r = self.rec(ino)?;
+        let mut out = Vec::new();
+        for x in self.index.inode_xattrs(r) {
+            out.extend_from_slice(self.index.arena(u64::from(x.name_off), u64::from(x.name_len)));
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    fn xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        let r = self.rec(ino)?;
+        self.index
+            .inode_xattrs(r)
+            .iter()
+            .rev()
+            .find(|x| self.index.arena(u64::from(x.name_off), u64::from(x.name_len)) == name)
+            .map(|x| self.index.arena(u64::from(x.value_off), u64::from(x.value_len)).to_vec())
+            .ok_or(Error::Errno(libc::ENODATA))
+    }
+
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let r = self.rec(ino)?;
+        match r.file_type() {
+            libc::S_IFREG => {}
+            libc::S_IFDIR => return Err(Error::Errno(libc::EISDIR)),
+            _ => return Err(Error::Errno(libc::EINVAL)),
+        }
+        if offset >= r.size {
+            return Ok(Vec::new());
+        }
+        let len = (r.size - offset).min(u64::from(size)) as usize;
+        let mut buf = vec![0u8; len];
+        if r.flags & crate::index::FLAG_SPARSE == 0 {
+            self.stream.read_exact_at(&mut buf, r.data + offset)?;
+            return Ok(buf);
+        }
+        // Sparse: copy the segments that overlap, holes stay zero.
+        let end = offset + len as u64;
+        let segs = self.index.file_segments(r);
+        let first = segs.partition_point(|s| s.logical + s.len <= offset);
+        for s in &segs[first..] {
+            if s.logical >= end {
+                break;
+            }
+            let from = s.logical.max(offset);
+            let to = (s.logical + s.len).min(end);
+            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+            self.stream.read_exact_at(dst, s.stream + (from - s.logical))?;
+        }
+        Ok(buf)
+    }
+
+    fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64> {
+        let r = self.rec(ino)?;
+        if r.file_type() != libc::S_IFREG {
+            return Err(Error::Errno(libc::EINVAL));
+        }
+        if offset >= r.size {
+            return Err(Error::Errno(libc::ENXIO));
+        }
+        if r.flags & crate::index::FLAG_SPARSE == 0 {
+            return Ok(if data { offset } else { r.size });
+        }
+        let segs = self.index.file_segments(r);
+        let mut i = segs.partition_point(|s| s.logical + s.len <= offset);
+        if data {
+            return match segs.get(i) {
+                Some(s) => Ok(s.logical.max(offset)),
+                None => Err(Error::Errno(libc::ENXIO)),
+            };
+        }
+        // SEEK_HOLE: in a hole already, or at the end of a run of touching segments.
+        match segs.get(i) {
+            Some(s) if s.logical <= offset => {
+                let mut end = s.logical + s.len;
+                i += 1;
+                while let Some(n) = segs.get(i) {
+                    if n.logical != end {
+                        break;
+                    }
+                    end += n.len;
+                    i += 1;
+                }
+                Ok(end.min(r.size))
+            }
+            _ => Ok(offset),
+        }
+    }
+
+    fn stats(&self) -> FsStats {
+        self.stats
+    }
+}
+
+/// Bytes of a regular file that hold data (the sum of its segments if sparse).
+fn data_bytes(index: &Index, r: &InodeRecord) -> u64 {
+    if r.file_type() != libc::S_IFREG {
+        return 0;
+    }
+    if r.flags & crate::index::FLAG_SPARSE == 0 {
+        return r.size;
+    }
+    index.file_segments(r).iter().map(|s| s.len).sum()
+}

@@ -1,0 +1,634 @@
+//! Test plumbing: per-test temp dirs, running commands with bounded waits,
+//! the `Mount` guard, mountinfo parsing, python3 helpers, deterministic data.
+
+#![allow(dead_code)]
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// Path of the binary under test.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_snapfs")
+}
+
+/// A per-test temporary directory (removed on drop). Declare it *before*
+/// any `Mount` so that the mount is dropped (unmounted) first.
+pub struct TestDir {
+    dir: tempfile::TempDir,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("snapfs-it-{name}-"))
+            .tempdir()
+            .expect("create tempdir");
+        TestDir { dir }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn join<P: AsRef<Path>>(&self, p: P) -> PathBuf {
+        self.dir.path().join(p)
+    }
+    /// Creates (and returns) an empty sub directory.
+    pub fn mkdir<P: AsRef<Path>>(&self, p: P) -> PathBuf {
+        let d = self.join(p);
+        std::fs::create_dir_all(&d).expect("mkdir in testdir");
+        d
+    }
+}
+
+/// Result of a finished command.
+pub struct Run {
+    pub desc: String,
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl Run {
+    pub fn ok(&self) -> bool {
+        self.status.success()
+    }
+    pub fn stdout_str(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+    pub fn stderr_str(&self) -> String {
+        String::from_utf8_lossy(&self.stderr).into_owned()
+    }
+    pub fn assert_ok(&self) -> &Run {
+        assert!(
+            self.status.success(),
+            "command failed ({}): {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.status,
+            self.desc,
+            self.stdout_str(),
+            self.stderr_str()
+        );
+        self
+    }
+    pub fn assert_fail(&self) -> &Run {
+        assert!(
+            !self.status.success(),
+            "command unexpectedly succeeded: {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.desc,
+            self.stdout_str(),
+            self.stderr_str()
+        );
+        self
+    }
+}
+
+fn describe(cmd: &Command) -> String {
+    let mut s = cmd.get_program().to_string_lossy().into_owned();
+    for a in cmd.get_args() {
+        s.push(' ');
+        let a = a.to_string_lossy();
+        if a.len() > 300 {
+            s.push_str(&a[..a.char_indices().nth(100).map(|x| x.0).unwrap_or(a.len())]);
+            s.push_str("…");
+        } else {
+            s.push_str(&a);
+        }
+    }
+    s
+}
+
+/// Runs a command with stdout/stderr captured into (anonymous) files, so that
+/// a daemon that keeps inherited descriptors open cannot block us. Waits at
+/// most `timeout`; kills and panics past it.
+pub fn run_timeout(cmd: &mut Command, timeout: Duration) -> Run {
+    try_run_timeout(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn try_run_timeout(cmd: &mut Command, timeout: Duration) -> Result<Run, String> {
+    let desc = describe(cmd);
+    let mut out = tempfile::tempfile().map_err(|e| e.to_string())?;
+    let mut err = tempfile::tempfile().map_err(|e| e.to_string())?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(out.try_clone().map_err(|e| e.to_string())?))
+        .stderr(Stdio::from(err.try_clone().map_err(|e| e.to_string())?))
+        .env_remove("RUST_LOG");
+    let mut child = cmd.spawn().map_err(|e| format!("cannot spawn {desc}: {e}"))?;
+    let start = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => return Err(format!("wait {desc}: {e}")),
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("command timed out after {timeout:?}: {desc}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    out.seek(SeekFrom::Start(0)).unwrap();
+    out.read_to_end(&mut stdout).unwrap();
+    err.seek(SeekFrom::Start(0)).unwrap();
+    err.read_to_end(&mut stderr).unwrap();
+    Ok(Run { desc, status, stdout, stderr })
+}
+
+/// Runs a command (5 minute bound).
+pub fn run(cmd: &mut Command) -> Run {
+    run_timeout(cmd, Duration::from_secs(300))
+}
+
+/// Runs a command and asserts it succeeded.
+pub fn run_ok(cmd: &mut Command) -> Run {
+    let r = run(cmd);
+    r.assert_ok();
+    r
+}
+
+/// `sh -ec script` with `umask 022`, in `cwd`.
+pub fn sh(cwd: &Path, script: &str) -> Run {
+    let full = format!("umask 022\n{script}");
+    run_ok(Command::new("sh").arg("-ec").arg(full).current_dir(cwd))
+}
+
+/// `python3 -c script args...`, asserting success.
+pub fn python<I, S>(script: &str, args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_ok(Command::new("python3").arg("-c").arg(script).args(args))
+}
+
+/// `snapfs <args>`.
+pub fn snapfs<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    run_timeout(Command::new(bin()).args(args), Duration::from_secs(300))
+}
+
+// ---------------------------------------------------------------- mountinfo
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone)]
+pub struct MountInfo {
+    pub mount_point: PathBuf,
+    pub mount_opts: String,
+    pub fstype: String,
+    pub source: String,
+    pub super_opts: String,
+}
+
+fn unescape_mountinfo(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let oct = &b[i + 1..i + 4];
+            if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = (oct[0] - b'0') as u32 * 64 + (oct[1] - b'0') as u32 * 8 + (oct[2] - b'0') as u32;
+                out.push(v as u8);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(OsString::from_vec(out))
+}
+
+pub fn mountinfo() -> Vec<MountInfo> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").expect("read mountinfo");
+    let mut v = Vec::new();
+    for line in text.lines() {
+        let (left, right) = match line.split_once(" - ") {
+            Some(x) => x,
+            None => continue,
+        };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        if l.len() < 6 || r.len() < 3 {
+            continue;
+        }
+        v.push(MountInfo {
+            mount_point: unescape_mountinfo(l[4]),
+            mount_opts: l[5].to_string(),
+            fstype: r[0].to_string(),
+            source: r[1].to_string(),
+            super_opts: r[2].to_string(),
+        });
+    }
+    v
+}
+
+pub fn mount_at(p: &Path) -> Option<MountInfo> {
+    mountinfo().into_iter().rev().find(|m| m.mount_point == p)
+}
+
+pub fn is_mounted(p: &Path) -> bool {
+    mount_at(p).is_some()
+}
+
+/// Bounded poll until `cond` holds; returns whether it did.
+pub fn poll_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------- Mount guard
+
+/// A live snapfs mount; unmounted (and checked gone) on drop.
+pub struct Mount {
+    pub mnt: PathBuf,
+    pub archive: PathBuf,
+    /// What `snapfs mount` printed on stderr (warnings).
+    pub stderr: String,
+    pub stdout: String,
+    done: bool,
+}
+
+impl Mount {
+    pub fn new(archive: &Path, mnt: &Path) -> Mount {
+        Self::with_args(archive, mnt, &[])
+    }
+
+    pub fn with_args(archive: &Path, mnt: &Path, args: &[&str]) -> Mount {
+        match Self::try_with_args(archive, mnt, args) {
+            Ok(m) => m,
+            Err(r) => panic!(
+                "snapfs mount failed ({}): {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                r.status,
+                r.desc,
+                r.stdout_str(),
+                r.stderr_str()
+            ),
+        }
+    }
+
+    /// Runs `snapfs mount`; on success waits for the mount to show up in
+    /// mountinfo (panics if it never does); on failure returns the run.
+    pub fn try_with_args(archive: &Path, mnt: &Path, args: &[&str]) -> Result<Mount, Run> {
+        std::fs::create_dir_all(mnt).expect("create mountpoint");
+        let mnt = mnt.canonicalize().expect("canonicalize mountpoint");
+        let r = run_timeout(
+            Command::new(bin()).arg("mount").args(args).arg(archive).arg(&mnt),
+            Duration::from_secs(300),
+        );
+        if !r.ok() {
+            // A failed mount must not leave anything behind.
+            if is_mounted(&mnt) {
+                let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+                panic!("snapfs mount failed but left a mount at {}", mnt.display());
+            }
+            return Err(r);
+        }
+        let up = poll_until(Duration::from_secs(60), || is_mounted(&mnt));
+        assert!(
+            up,
+            "snapfs mount exited 0 but {} never appeared in /proc/self/mountinfo\nstderr: {}",
+            mnt.display(),
+            r.stderr_str()
+        );
+        Ok(Mount {
+            mnt,
+            archive: archive.to_path_buf(),
+            stderr: r.stderr_str(),
+            stdout: r.stdout_str(),
+            done: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.mnt
+    }
+
+    pub fn join<P: AsRef<Path>>(&self, p: P) -> PathBuf {
+        self.mnt.join(p)
+    }
+
+    fn do_unmount(&mut self) -> Result<(), String> {
+        self.done = true;
+        if !is_mounted(&self.mnt) {
+            return Ok(());
+        }
+        let mut problem = None;
+        match try_run_timeout(
+            Command::new(bin()).arg("umount").arg(&self.mnt),
+            Duration::from_secs(60),
+        ) {
+            Ok(r) if r.ok() => {}
+            Ok(r) => {
+                problem = Some(format!(
+                    "snapfs umount {} failed ({}): {}",
+                    self.mnt.display(),
+                    r.status,
+                    r.stderr_str()
+                ))
+            }
+            Err(e) => problem = Some(e),
+        }
+        if problem.is_some() && is_mounted(&self.mnt) {
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mnt)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+        let gone = poll_until(Duration::from_secs(20), || !is_mounted(&self.mnt));
+        if !gone {
+            let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
+            return Err(format!(
+                "{} still mounted after unmount ({})",
+                self.mnt.display(),
+                problem.unwrap_or_default()
+            ));
+        }
+        match problem {
+            Some(p) => Err(p),
+            None => Ok(()),
+        }
+    }
+
+    /// Unmounts now, asserting that `snapfs umount` worked.
+    pub fn unmount(mut self) {
+        if let Err(e) = self.do_unmount() {
+            panic!("{e}");
+        }
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Err(e) = self.do_unmount() {
+            if std::thread::panicking() {
+                eprintln!("(while panicking) {e}");
+            } else {
+                panic!("{e}");
+            }
+        }
+    }
+}
+
+/// Pids of processes whose command line mentions `needle` (exact substring),
+/// excluding this test process.
+pub fn pids_with_arg(needle: &Path) -> Vec<u32> {
+    let me = std::process::id();
+    let mut v = Vec::new();
+    let n = needle.as_os_str().as_bytes();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let pid: u32 = match e.file_name().to_str().and_then(|s| s.parse().ok()) {
+                Some(p) => p,
+                None => continue,
+            };
+            if pid == me {
+                continue;
+            }
+            let cmdline = match std::fs::read(e.path().join("cmdline")) {
+                Ok(c) => c,
+                Err(_) => continue,
+            };
+            if cmdline.split(|b| *b == 0).any(|arg| arg.windows(n.len().max(1)).any(|w| w == n)) {
+                // zombies have an empty cmdline, so this is a live process
+                v.push(pid);
+            }
+        }
+    }
+    v
+}
+
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => {
+            // state is the field after the ")".
+            let st = s.rsplit_once(')').map(|x| x.1.trim_start()).unwrap_or("");
+            !st.starts_with('Z') && !st.starts_with('X')
+        }
+        Err(_) => false,
+    }
+}
+
+// ---------------------------------------------------------------- data
+
+/// Deterministic 64-bit LCG (Knuth MMIX constants).
+pub struct Lcg(u64);
+
+impl Lcg {
+    pub fn new(seed: u64) -> Lcg {
+        Lcg(seed ^ 0x9E37_79B9_7F4A_7C15)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 ^ (self.0 >> 29)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+}
+
+/// `len` bytes of semi-compressible data (16-letter alphabet, ~2:1 with gzip).
+pub fn semi_compressible(len: usize, seed: u64) -> Vec<u8> {
+    const ALPHA: &[u8; 16] = b"etaoinshrdlu \n.,";
+    let mut g = Lcg::new(seed);
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        let x = g.next_u64();
+        for i in 0..8 {
+            v.push(ALPHA[((x >> (i * 8)) & 15) as usize]);
+        }
+    }
+    v.truncate(len);
+    v
+}
+
+/// `len` bytes of incompressible data.
+pub fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut g = Lcg::new(seed);
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        v.extend_from_slice(&g.next_u64().to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex(&Sha256::digest(data))
+}
+
+pub fn sha256_file(p: &Path) -> std::io::Result<String> {
+    let mut f = File::open(p)?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex(&h.finalize()))
+}
+
+pub fn hex(b: &[u8]) -> String {
+    let mut s = String::with_capacity(b.len() * 2);
+    for x in b {
+        s.push_str(&format!("{x:02x}"));
+    }
+    s
+}
+
+pub fn unhex(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let v = |c: u8| -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            b'A'..=b'F' => c - b'A' + 10,
+            _ => panic!("bad hex {s:?}"),
+        }
+    };
+    b.chunks(2).map(|p| v(p[0]) * 16 + v(p[1])).collect()
+}
+
+pub fn os(b: &[u8]) -> OsString {
+    OsString::from_vec(b.to_vec())
+}
+
+/// Raw OS error of an io::Error (0 if none).
+pub fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+pub const EROFS: i32 = 30;
+pub const ENOENT: i32 = 2;
+pub const ENXIO: i32 = 6;
+pub const ENOTCONN: i32 = 107;
+
+/// Data ranges of a file as reported by lseek(SEEK_DATA/SEEK_HOLE)
+/// (via python3). Returns `Err(errno_text)` if lseek itself failed.
+pub fn seek_ranges(p: &Path) -> Vec<(u64, u64)> {
+    const SCRIPT: &str = r#"
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+off = 0
+while off < size:
+    try:
+        d = os.lseek(fd, off, os.SEEK_DATA)
+    except OSError as e:
+        if e.errno == 6:
+            break
+        raise
+    h = os.lseek(fd, d, os.SEEK_HOLE)
+    print(d, h)
+    if h <= d:
+        print("BAD", d, h)
+        break
+    off = h
+"#;
+    let r = python(SCRIPT, [p.as_os_str()]);
+    let mut v = Vec::new();
+    for line in r.stdout_str().lines() {
+        let parts: Vec<&str> = line.split_whitespace().collect();
+        assert!(parts[0] != "BAD", "lseek loop on {} made no progress: {line}", p.display());
+        v.push((parts[0].parse().unwrap(), parts[1].parse().unwrap()));
+    }
+    v
+}
+
+/// Merge adjacent/overlapping ranges.
+pub fn merge_ranges(mut v: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    v.sort();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (a, b) in v {
+        if let Some(last) = out.last_mut() {
+            if a <= last.1 {
+                last.1 = last.1.max(b);
+                continue;
+            }
+        }
+        out.push((a, b));
+    }
+    out
+}
+
+/// Lists names directly inside a directory.
+pub fn list_dir(p: &Path) -> Vec<OsString> {
+    let mut v: Vec<OsString> = std::fs::read_dir(p)
+        .unwrap_or_else(|e| panic!("read_dir {}: {e}", p.display()))
+        .map(|e| e.expect("dirent").file_name())
+        .collect();
+    v.sort();
+    v
+}
+
+/// Whether `s` appears in `hay` (bytes).
+pub fn contains_bytes(hay: &[u8], s: &[u8]) -> bool {
+    s.is_empty() || hay.windows(s.len()).any(|w| w == s)
+}
+
+impl Mount {
+    /// Takes ownership of a mount made outside the guard (for cleanup).
+    pub fn adopt(archive: &Path, mnt: &Path) -> Mount {
+        Mount {
+            mnt: mnt.to_path_buf(),
+            archive: archive.to_path_buf(),
+            stderr: String::new(),
+            stdout: String::new(),
+            done: false,
+        }
+    }
+}
+
+/// Non-empty lines of a text.
+pub fn lines(s: &str) -> Vec<&str> {
+    s.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+/// Asserts a failed snapfs run printed exactly one readable error line
+/// mentioning `needle`, and no panic.
+pub fn assert_one_line_error(r: &Run, needle: &str) {
+    r.assert_fail();
+    assert!(r.status.code().is_some(), "{} was killed by a signal: {}", r.desc, r.status);
+    let err = r.stderr_str();
+    let l = lines(&err);
+    assert_eq!(l.len(), 1, "expected exactly one error line from `{}`, got:\n{err}", r.desc);
+    assert!(l[0].contains(needle), "error line {:?} does not name {needle:?}", l[0]);
+    assert!(!err.contains("panicked"), "panic in `{}`: {err}", r.desc);
+}
+
+/// The daemon serving `mnt` (matched by its command line), if unique.
+pub fn daemon_pid(mnt: &Path, archive: &Path) -> u32 {
+    let mut p = pids_with_arg(mnt);
+    if p.is_empty() {
+        p = pids_with_arg(archive);
+    }
+    p.retain(|pid| process_alive(*pid));
+    assert_eq!(p.len(), 1, "expected exactly one snapfs daemon for {}, found pids {p:?}", mnt.display());
+    p[0]
+}
