@@ -1,1 +1,17 @@
+//! The snapfs integration test binary: mounts archives built at test time
+//! and compares the mounted tree with GNU tar's extraction.
+//!
+//! Needs root, /dev/fuse, GNU tar, gzip, pigz, zstd/pzstd, attr (getfattr,
+//! setfattr) and python3. Every test works in its own temp dir and unmounts
+//! what it mounted.
 
+mod util;
+mod tree;
+mod corpus;
+
+mod formats;
+mod semantics;
+mod hostile;
+mod index;
+mod cli;
+mod regression;

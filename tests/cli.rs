@@ -1,0 +1,131 @@
+//! Mount / umount lifecycle: errors are one readable line and leave no mount,
+//! stale mounts of a killed daemon can be cleaned up, the daemon exits on
+//! umount.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::corpus;
+use crate::util::{self, Mount, TestDir};
+
+fn assert_mount_fails(td: &TestDir, archive: &Path, needle: &str) {
+    let mnt = td.mkdir("mnt").canonicalize().unwrap();
+    let r = util::snapfs([OsStr::new("mount"), archive.as_os_str(), mnt.as_os_str()]);
+    let still = util::is_mounted(&mnt);
+    if still {
+        let _ = Command::new("umount").arg("-l").arg(&mnt).status();
+    }
+    util::assert_one_line_error(&r, needle);
+    assert!(!still, "failed mount left a mount at {}", mnt.display());
+    let gone = util::poll_until(Duration::from_secs(10), || util::pids_with_arg(&mnt).into_iter().all(|p| !util::process_alive(p)));
+    assert!(gone, "a snapfs process for {} survived a failed mount", mnt.display());
+    assert!(util::list_dir(&mnt).is_empty());
+}
+
+#[test]
+fn mount_missing_archive_fails_cleanly() {
+    let td = TestDir::new("missing");
+    assert_mount_fails(&td, &td.join("does-not-exist.tar"), "does-not-exist.tar");
+}
+
+#[test]
+fn mount_garbage_tar_fails_cleanly() {
+    let td = TestDir::new("garbage-tar");
+    let p = td.join("garbage.tar");
+    fs::write(&p, util::random_bytes(100_000, 17)).unwrap();
+    assert_mount_fails(&td, &p, "garbage.tar");
+}
+
+#[test]
+fn mount_garbage_inside_gzip_fails_cleanly() {
+    let td = TestDir::new("garbage-gz");
+    fs::write(td.join("garbage"), util::random_bytes(100_000, 18)).unwrap();
+    util::sh(td.path(), "gzip -c garbage > garbage.tar.gz");
+    assert_mount_fails(&td, &td.join("garbage.tar.gz"), "garbage.tar.gz");
+}
+
+#[test]
+fn mount_garbage_inside_zstd_fails_cleanly() {
+    let td = TestDir::new("garbage-zst");
+    fs::write(td.join("garbage"), util::random_bytes(100_000, 19)).unwrap();
+    util::sh(td.path(), "zstd -q -c garbage > garbage.tar.zst");
+    assert_mount_fails(&td, &td.join("garbage.tar.zst"), "garbage.tar.zst");
+}
+
+#[test]
+fn mount_corrupt_gzip_stream_fails_cleanly() {
+    // Valid gzip magic, then damaged deflate data.
+    let td = TestDir::new("corrupt-gz");
+    let tar = corpus::small_tar(td.path(), "c.tar", 7);
+    let gz = corpus::compress(&tar, corpus::Comp::Gzip);
+    let mut b = fs::read(&gz).unwrap();
+    for i in (40..b.len() - 8).step_by(97) {
+        b[i] ^= 0xff;
+    }
+    fs::write(&gz, &b).unwrap();
+    assert_mount_fails(&td, &gz, &gz.file_name().unwrap().to_string_lossy());
+}
+
+#[test]
+fn index_missing_archive_fails_cleanly() {
+    let td = TestDir::new("index-missing");
+    let r = util::snapfs([OsStr::new("index"), td.join("nope.tar").as_os_str()]);
+    util::assert_one_line_error(&r, "nope.tar");
+    assert!(!td.join("nope.tar.snapfs-idx").exists());
+}
+
+#[test]
+fn mount_on_missing_mountpoint_fails() {
+    let td = TestDir::new("no-mnt");
+    let tar = corpus::small_tar(td.path(), "a.tar", 8);
+    let mnt = td.join("no/such/dir");
+    let r = util::snapfs([OsStr::new("mount"), tar.as_os_str(), mnt.as_os_str()]);
+    util::assert_one_line_error(&r, "no/such/dir");
+}
+
+#[test]
+fn umount_cleans_up_stale_mount_of_killed_daemon() {
+    let td = TestDir::new("stale");
+    let tar = corpus::small_tar(td.path(), "a.tar", 9);
+    let m = Mount::new(&tar, &td.join("mnt"));
+    assert!(m.join("readme").exists());
+    let pid = util::daemon_pid(m.path(), &tar);
+    util::run_ok(Command::new("kill").arg("-9").arg(pid.to_string()));
+    assert!(util::poll_until(Duration::from_secs(20), || !util::process_alive(pid)), "daemon {pid} survived kill -9");
+    let e = fs::metadata(m.path()).unwrap_err();
+    assert_eq!(util::errno(&e), util::ENOTCONN, "a mount whose daemon died should give ENOTCONN, got {e}");
+    assert!(util::is_mounted(m.path()));
+    let r = util::snapfs([OsStr::new("umount"), m.path().as_os_str()]);
+    r.assert_ok();
+    assert!(!util::is_mounted(m.path()), "stale mount still listed after snapfs umount");
+    let mnt = m.path().to_path_buf();
+    m.unmount(); // no-op now, checks it is gone
+    // The mountpoint is usable again.
+    let m2 = Mount::new(&tar, &mnt);
+    assert_eq!(fs::read(m2.join("readme")).unwrap(), b"seed 9\n");
+}
+
+#[test]
+fn daemon_exits_after_umount() {
+    let td = TestDir::new("daemon-exit");
+    let tar = corpus::small_tar(td.path(), "a.tar", 10);
+    let m = Mount::new(&tar, &td.join("mnt"));
+    let pid = util::daemon_pid(m.path(), &tar);
+    m.unmount();
+    assert!(
+        util::poll_until(Duration::from_secs(20), || !util::process_alive(pid)),
+        "daemon {pid} still running after umount"
+    );
+}
+
+#[test]
+fn umount_of_something_not_mounted_fails() {
+    let td = TestDir::new("umount-nothing");
+    let d = td.mkdir("plain");
+    let r = util::snapfs([OsStr::new("umount"), d.as_os_str()]);
+    r.assert_fail();
+    assert!(!util::lines(&r.stderr_str()).is_empty(), "no error message");
+}

@@ -1,0 +1,255 @@
+//! The persisted index: `snapfs index`, warm mounts that do not touch the
+//! archive body, corrupted or foreign index files, changed archives.
+
+use std::ffi::OsStr;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::corpus::{self, Comp};
+use crate::tree::{self, CmpOpts, WalkOpts};
+use crate::util::{self, Mount, TestDir};
+
+fn idx_of(archive: &Path) -> PathBuf {
+    let mut s = archive.as_os_str().to_owned();
+    s.push(".snapfs-idx");
+    PathBuf::from(s)
+}
+
+fn index(archive: &Path) -> util::Run {
+    let r = util::snapfs([OsStr::new("index"), archive.as_os_str()]);
+    r.assert_ok();
+    r
+}
+
+fn set_mtime(p: &Path, secs: i64) {
+    util::run_ok(Command::new("touch").arg("-d").arg(format!("@{secs}")).arg(p));
+}
+
+#[test]
+fn index_command_writes_index_and_summary() {
+    let td = TestDir::new("index-cmd");
+    let tar = corpus::small_tar(td.path(), "a.tar", 1);
+    let r = index(&tar);
+    let idx = idx_of(&tar);
+    let md = fs::metadata(&idx).unwrap_or_else(|e| panic!("{} not written: {e}", idx.display()));
+    assert!(md.len() > 0, "index file is empty");
+    let out = format!("{}{}", r.stdout_str(), r.stderr_str()).to_lowercase();
+    assert!(out.contains("entr"), "summary should mention the entries:\n{out}");
+    // Warm mount from that index matches tar -x.
+    let exp = td.join("x");
+    corpus::extract(&tar, &exp);
+    let m = Mount::new(&tar, &td.join("mnt"));
+    let n = tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+    assert!(n > 40);
+}
+
+#[test]
+fn index_command_gzip_and_zstd() {
+    let td = TestDir::new("index-comp");
+    let tar = corpus::small_tar(td.path(), "a.tar", 2);
+    let exp = td.join("x");
+    corpus::extract(&tar, &exp);
+    for comp in [Comp::Gzip, Comp::ZstdMulti] {
+        let arch = corpus::compress(&tar, comp);
+        index(&arch);
+        assert!(idx_of(&arch).exists(), "no index next to {}", arch.display());
+        let m = Mount::new(&arch, &td.join(format!("mnt-{comp:?}")));
+        tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+    }
+}
+
+#[test]
+fn warm_mount_does_not_read_archive_body() {
+    let td = TestDir::new("warm");
+    let src = td.mkdir("src");
+    for i in 0..160u64 {
+        let p = src.join(format!("dir{}/file{i:03}", i % 8));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, util::random_bytes(40_000 + (i as usize * 311) % 50_000, i)).unwrap();
+    }
+    std::os::unix::fs::symlink("dir0/file000", src.join("link")).unwrap();
+    fs::hard_link(src.join("dir1/file001"), src.join("hard")).unwrap();
+    let tar = td.join("a.tar");
+    corpus::gnu_tar(&src, &tar, "posix", &[]);
+    index(&tar);
+    let m1 = Mount::new(&tar, &td.join("mnt1"));
+    let l1 = tree::walk(m1.path(), &WalkOpts::listing());
+    m1.unmount();
+    assert!(l1.entries.len() > 160 && l1.problems.is_empty(), "first listing: {} entries, {:?}", l1.entries.len(), l1.problems);
+
+    // Overwrite the middle of the archive, keep size, ends and mtime.
+    let orig = td.join("orig.tar");
+    util::run_ok(Command::new("cp").arg("-p").arg(&tar).arg(&orig));
+    let len = fs::metadata(&tar).unwrap().len();
+    let ino = fs::metadata(&tar).unwrap().ino();
+    {
+        let f = OpenOptions::new().write(true).open(&tar).unwrap();
+        let mut off = 64 * 1024;
+        let mut g = util::Lcg::new(5);
+        while off < len - 64 * 1024 {
+            let n = (len - 64 * 1024 - off).min(1 << 20);
+            f.write_all_at(&util::random_bytes(n as usize, g.next_u64()), off).unwrap();
+            off += n;
+        }
+    }
+    util::run_ok(Command::new("touch").arg("-r").arg(&orig).arg(&tar));
+    let (a, o) = (fs::metadata(&tar).unwrap(), fs::metadata(&orig).unwrap());
+    assert_eq!((a.len(), a.mtime(), a.mtime_nsec(), a.ino()), (o.len(), o.mtime(), o.mtime_nsec(), ino));
+    // Sanity: the body really is garbage now.
+    let t = util::run(Command::new("tar").arg("-tf").arg(&tar));
+    assert!(!t.ok() || t.stdout_str().lines().count() < 20, "tar still reads the corrupted archive");
+
+    let m2 = Mount::new(&tar, &td.join("mnt2"));
+    let l2 = tree::walk(m2.path(), &WalkOpts::listing());
+    let d = tree::compare(&l1, &l2, &CmpOpts { skip_xattrs: true, ..Default::default() });
+    tree::assert_no_diff("warm mount listing after the archive body was overwritten (index must be used)", &d);
+}
+
+fn corrupt_index_case(name: &str, corrupt: impl FnOnce(&Path, &TestDir)) {
+    let td = TestDir::new(name);
+    let tar = corpus::small_tar(td.path(), "a.tar", 3);
+    index(&tar);
+    let idx = idx_of(&tar);
+    assert!(idx.exists());
+    corrupt(&idx, &td);
+    let exp = td.join("x");
+    corpus::extract(&tar, &exp);
+    let m = Mount::new(&tar, &td.join("mnt"));
+    tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+}
+
+fn flip(idx: &Path, at: impl Fn(u64) -> Vec<u64>) {
+    let mut b = fs::read(idx).unwrap();
+    for pos in at(b.len() as u64) {
+        let i = pos.min(b.len() as u64 - 1) as usize;
+        b[i] ^= 0x5a;
+    }
+    // Keep the index's mtime: only the content is damaged.
+    let md = fs::metadata(idx).unwrap();
+    fs::write(idx, &b).unwrap();
+    let t = std::time::UNIX_EPOCH + std::time::Duration::new(md.mtime() as u64, md.mtime_nsec() as u32);
+    fs::File::options().write(true).open(idx).unwrap().set_modified(t).unwrap();
+}
+
+#[test]
+fn corrupt_index_header_bytes_flipped() {
+    corrupt_index_case("idx-flip-head", |idx, _| flip(idx, |_| vec![0, 3, 9, 17]));
+}
+
+#[test]
+fn corrupt_index_middle_bytes_flipped() {
+    corrupt_index_case("idx-flip-mid", |idx, _| flip(idx, |n| (0..16).map(|k| n / 3 + k * (n / 48).max(1)).collect()));
+}
+
+#[test]
+fn corrupt_index_single_byte_flipped_near_end() {
+    corrupt_index_case("idx-flip-end", |idx, _| flip(idx, |n| vec![n - 5]));
+}
+
+#[test]
+fn corrupt_index_truncated_to_half() {
+    corrupt_index_case("idx-trunc", |idx, _| {
+        let n = fs::metadata(idx).unwrap().len();
+        OpenOptions::new().write(true).open(idx).unwrap().set_len(n / 2).unwrap();
+    });
+}
+
+#[test]
+fn corrupt_index_empty_file() {
+    corrupt_index_case("idx-empty", |idx, _| {
+        fs::write(idx, b"").unwrap();
+    });
+}
+
+#[test]
+fn corrupt_index_random_garbage() {
+    corrupt_index_case("idx-garbage", |idx, _| {
+        let n = fs::metadata(idx).unwrap().len() as usize;
+        fs::write(idx, util::random_bytes(n, 11)).unwrap();
+    });
+}
+
+#[test]
+fn index_of_another_archive_is_not_trusted() {
+    corrupt_index_case("idx-foreign", |idx, td| {
+        let other = corpus::small_tar(td.path(), "other.tar", 4);
+        // Different size and content; same directory.
+        fs::write(td.join("src-other.tar/extra"), b"more").unwrap();
+        corpus::gnu_tar(&td.join("src-other.tar"), &other, "posix", &[]);
+        index(&other);
+        fs::copy(idx_of(&other), idx).unwrap();
+    });
+}
+
+#[test]
+fn changed_archive_appended_is_reindexed() {
+    let td = TestDir::new("changed-append");
+    let tar = corpus::small_tar(td.path(), "a.tar", 5);
+    {
+        let m = Mount::new(&tar, &td.join("mnt1"));
+        assert!(m.join("readme").exists());
+    }
+    let old = fs::metadata(&tar).unwrap().mtime();
+    let src = td.join("src-a.tar");
+    fs::write(src.join("appended"), b"appended later\n").unwrap();
+    util::run_ok(Command::new("tar").arg("-C").arg(&src).arg("-rf").arg(&tar).arg("./appended"));
+    set_mtime(&tar, old + 100);
+    let exp = td.join("x");
+    corpus::extract(&tar, &exp);
+    let m = Mount::new(&tar, &td.join("mnt2"));
+    tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+    assert_eq!(fs::read(m.join("appended")).unwrap(), b"appended later\n");
+}
+
+#[test]
+fn changed_archive_same_size_is_reindexed() {
+    let td = TestDir::new("changed-same-size");
+    let src = td.mkdir("src");
+    fs::write(src.join("fileA"), b"same length content A").unwrap();
+    fs::write(src.join("other"), b"other").unwrap();
+    let tar = td.join("a.tar");
+    corpus::gnu_tar(&src, &tar, "gnu", &[]);
+    {
+        let m = Mount::new(&tar, &td.join("mnt1"));
+        assert!(m.join("fileA").exists());
+    }
+    let (old_len, old_mtime) = {
+        let md = fs::metadata(&tar).unwrap();
+        (md.len(), md.mtime())
+    };
+    fs::rename(src.join("fileA"), src.join("fileB")).unwrap();
+    fs::write(src.join("fileB"), b"same length content B").unwrap();
+    let tar2 = td.join("b.tar");
+    corpus::gnu_tar(&src, &tar2, "gnu", &[]);
+    assert_eq!(fs::metadata(&tar2).unwrap().len(), old_len);
+    fs::write(&tar, fs::read(&tar2).unwrap()).unwrap();
+    set_mtime(&tar, old_mtime + 100);
+    let m = Mount::new(&tar, &td.join("mnt2"));
+    assert_eq!(util::list_dir(m.path()), vec![std::ffi::OsString::from("fileB"), "other".into()], "stale index used");
+    assert_eq!(fs::read(m.join("fileB")).unwrap(), b"same length content B");
+}
+
+#[test]
+fn changed_gzip_archive_is_reindexed() {
+    let td = TestDir::new("changed-gz");
+    let tar = corpus::small_tar(td.path(), "a.tar", 6);
+    let gz = corpus::compress(&tar, Comp::Gzip);
+    {
+        let m = Mount::new(&gz, &td.join("mnt1"));
+        assert!(m.join("readme").exists());
+    }
+    let old = fs::metadata(&gz).unwrap().mtime();
+    let src = td.join("src-a.tar");
+    fs::write(src.join("readme"), b"rewritten readme with other content\n").unwrap();
+    fs::write(src.join("d0/f000.dat"), util::random_bytes(30_000, 99)).unwrap();
+    corpus::gnu_tar(&src, &tar, "posix", &[]);
+    let gz2 = corpus::compress(&tar, Comp::Gzip);
+    assert_eq!(gz2, gz);
+    set_mtime(&gz, old + 100);
+    let exp = td.join("x");
+    corpus::extract(&tar, &exp);
+    let m = Mount::new(&gz, &td.join("mnt2"));
+    tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+}
