@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
-    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::Error;
@@ -107,8 +107,12 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
             | InitFlags::FUSE_MAX_PAGES
             | InitFlags::FUSE_ASYNC_READ;
         let _ = config.add_capabilities(wanted & config.capabilities());
-        let _ = config.set_max_readahead(MAX_READ).or_else(|max| config.set_max_readahead(max));
-        let _ = config.set_max_write(MAX_READ).or_else(|max| config.set_max_write(max));
+        let _ = config
+            .set_max_readahead(MAX_READ)
+            .or_else(|max| config.set_max_readahead(max));
+        let _ = config
+            .set_max_write(MAX_READ)
+            .or_else(|max| config.set_max_write(max));
         Ok(())
     }
 
@@ -120,9 +124,7 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         match r {
             Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
             // Immutable: a miss stays a miss, so let the kernel cache it too.
-            Err(Error::Errno(libc::ENOENT)) => {
-                reply.entry(&TTL, &negative_attr(), Generation(0))
-            }
+            Err(Error::Errno(libc::ENOENT)) => reply.entry(&TTL, &negative_attr(), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -187,9 +189,16 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let r = self.tree.read_dir(ino.0, offset, &mut |next, name, child, mode| {
-            reply.add(INodeNo(child), next, file_type(mode), OsStr::from_bytes(name))
-        });
+        let r = self
+            .tree
+            .read_dir(ino.0, offset, &mut |next, name, child, mode| {
+                reply.add(
+                    INodeNo(child),
+                    next,
+                    file_type(mode),
+                    OsStr::from_bytes(name),
+                )
+            });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -205,8 +214,10 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         mut reply: ReplyDirectoryPlus,
     ) {
         let tree = &self.tree;
-        let r = tree.read_dir(ino.0, offset, &mut |next, name, child, _mode| {
-            match tree.attr(child) {
+        let r = tree.read_dir(
+            ino.0,
+            offset,
+            &mut |next, name, child, _mode| match tree.attr(child) {
                 Ok(a) => reply.add(
                     INodeNo(child),
                     next,
@@ -216,8 +227,8 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
                     Generation(0),
                 ),
                 Err(_) => false,
-            }
-        });
+            },
+        );
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -300,7 +311,16 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         reply.error(EROFS);
     }
 
-    fn mknod(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _d: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _d: u32,
+        reply: ReplyEntry,
+    ) {
         reply.error(EROFS);
     }
 
@@ -352,7 +372,16 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         reply.error(EROFS);
     }
 
-    fn setxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _v: &[u8], _f: i32, _p: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _r: &Request,
+        _i: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(EROFS);
     }
 
@@ -360,11 +389,29 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         reply.error(EROFS);
     }
 
-    fn create(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, _f: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
         reply.error(EROFS);
     }
 
-    fn fallocate(&self, _r: &Request, _i: INodeNo, _fh: FileHandle, _o: u64, _l: u64, _m: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _r: &Request,
+        _i: INodeNo,
+        _fh: FileHandle,
+        _o: u64,
+        _l: u64,
+        _m: i32,
+        reply: ReplyEmpty,
+    ) {
         reply.error(EROFS);
     }
 }

@@ -91,7 +91,10 @@ impl ArchiveId {
     pub fn of(file: &File, path: &Path) -> Result<ArchiveId> {
         let meta = file.metadata().map_err(|e| Error::io("reading", path, e))?;
         let size = meta.len();
-        let mtime_ns = meta.mtime().saturating_mul(1_000_000_000).saturating_add(meta.mtime_nsec());
+        let mtime_ns = meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec());
         let crc = |off: u64| -> Result<u32> {
             let len = ID_EDGE.min(size - off) as usize;
             let mut buf = vec![0u8; len];
@@ -154,12 +157,16 @@ impl Archive {
     /// Opens `path`, detects the format and reads the identity.
     pub fn open(path: &Path) -> Result<Archive> {
         let file = File::open(path).map_err(|e| Error::io("cannot open archive", path, e))?;
-        let meta = file.metadata().map_err(|e| Error::io("cannot stat archive", path, e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io("cannot stat archive", path, e))?;
         if !meta.is_file() {
             return Err(Error::archive(path, None, None, "not a regular file"));
         }
         let mut head = [0u8; 8];
-        let n = file.read_at(&mut head, 0).map_err(|e| Error::io("reading", path, e))?;
+        let n = file
+            .read_at(&mut head, 0)
+            .map_err(|e| Error::io("reading", path, e))?;
         let compression = Compression::detect(&head[..n]);
         let id = ArchiveId::of(&file, path)?;
         Ok(Archive {
@@ -232,7 +239,12 @@ impl StreamReader {
     }
 
     /// A reader that serves everything from an already decompressed cache file.
-    pub fn with_cache_file(archive: File, path: PathBuf, table: Arc<SeekTable>, cache: File) -> Self {
+    pub fn with_cache_file(
+        archive: File,
+        path: PathBuf,
+        table: Arc<SeekTable>,
+        cache: File,
+    ) -> Self {
         StreamReader {
             archive,
             path,
@@ -249,7 +261,9 @@ impl StreamReader {
                 .archive
                 .read_exact_at(buf, off)
                 .map_err(|e| self.read_error(off, e)),
-            Backing::CacheFile(f) => f.read_exact_at(buf, off).map_err(|e| self.read_error(off, e)),
+            Backing::CacheFile(f) => f
+                .read_exact_at(buf, off)
+                .map_err(|e| self.read_error(off, e)),
             Backing::Spans(cache) => self.read_spans(cache, buf, off),
         }
     }
@@ -296,6 +310,11 @@ impl StreamReader {
     }
 
     fn eof(&self, off: u64) -> Error {
-        Error::archive(&self.path, None, Some(off), "read past the end of the stream")
+        Error::archive(
+            &self.path,
+            None,
+            Some(off),
+            "read past the end of the stream",
+        )
     }
 }

@@ -12,6 +12,11 @@ use tar::{GnuExtSparseHeader, Header};
 use crate::error::{Error, Result};
 
 const BLOCK: u64 = 512;
+
+/// A sparse map: (offset in file, length) pairs.
+type SparseMap = Vec<(u64, u64)>;
+/// PAX records in order: (key, value).
+type PaxRecords = Vec<(Vec<u8>, Vec<u8>)>;
 /// Largest PAX / longname / sparse-map block we accept (hostile input caps allocations).
 const MAX_META_BYTES: u64 = 64 << 20;
 
@@ -232,7 +237,11 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
 
     fn read_meta(&mut self, size: u64, what: &str) -> Result<Vec<u8>> {
         if size > MAX_META_BYTES {
-            return Err(self.err(None, self.pos, format!("{what} of {size} bytes is too large")));
+            return Err(self.err(
+                None,
+                self.pos,
+                format!("{what} of {size} bytes is too large"),
+            ));
         }
         let mut buf = vec![0u8; size as usize];
         self.stream
@@ -247,7 +256,9 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
         if n == 0 {
             return Ok(());
         }
-        self.stream.skip(n).map_err(|e| self.stream_error(None, e))?;
+        self.stream
+            .skip(n)
+            .map_err(|e| self.stream_error(None, e))?;
         self.pos += n;
         Ok(())
     }
@@ -266,7 +277,11 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                 if pending.pax.is_empty() && pending.long_name.is_none() {
                     return Ok(None);
                 }
-                return Err(self.err(None, header_offset, "archive ends after an extension header"));
+                return Err(self.err(
+                    None,
+                    header_offset,
+                    "archive ends after an extension header",
+                ));
             }
             if block.iter().all(|&b| b == 0) {
                 self.done = true;
@@ -280,7 +295,9 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
             match header.entry_type().as_byte() {
                 b'x' | b'X' => {
                     let raw = self.read_meta(size, "PAX header")?;
-                    pending.pax.extend(parse_pax(&raw).map_err(|m| self.err(None, header_offset, m))?);
+                    pending
+                        .pax
+                        .extend(parse_pax(&raw).map_err(|m| self.err(None, header_offset, m))?);
                 }
                 b'g' => {
                     let raw = self.read_meta(size, "global PAX header")?;
@@ -300,7 +317,10 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                 }
                 b'V' => {
                     // GNU volume label: not a file.
-                    self.skip(round_up(size).ok_or_else(|| self.err(None, header_offset, "size overflow"))?)?;
+                    self.skip(
+                        round_up(size)
+                            .ok_or_else(|| self.err(None, header_offset, "size overflow"))?,
+                    )?;
                     pending = Pending::default();
                 }
                 b'M' => {
@@ -330,17 +350,26 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
         let mut path = pending
             .long_name
             .unwrap_or_else(|| header.path_bytes().into_owned());
-        let mut link = pending
-            .long_link
-            .unwrap_or_else(|| header.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default());
+        let mut link = pending.long_link.unwrap_or_else(|| {
+            header
+                .link_name_bytes()
+                .map(|l| l.into_owned())
+                .unwrap_or_default()
+        });
         let bad = |this: &Self, path: &[u8], field: &str, e: io::Error| {
             this.err(Some(path), header_offset, format!("bad {field} field: {e}"))
         };
-        let mut mode = header.mode().map_err(|e| bad(self, &path, "mode", e))? & 0o7777;
-        let mut uid = header.uid().map_err(|e| bad(self, &path, "uid", e))?;
-        let mut gid = header.gid().map_err(|e| bad(self, &path, "gid", e))?;
-        let mut mtime = i64::try_from(header.mtime().map_err(|e| bad(self, &path, "mtime", e))?)
-            .unwrap_or(i64::MAX);
+        // A field left blank (all NUL or spaces) reads as 0, as GNU tar reads it.
+        let field = |r: io::Result<u64>, range: std::ops::Range<usize>, name: &str| match r {
+            Ok(v) => Ok(v),
+            Err(_) if block[range.clone()].iter().all(|&b| b == 0 || b == b' ') => Ok(0),
+            Err(e) => Err(bad(self, &path, name, e)),
+        };
+        let mut mode = field(header.mode().map(u64::from), 100..108, "mode")? as u32 & 0o7777;
+        let mut uid = field(header.uid(), 108..116, "uid")?;
+        let mut gid = field(header.gid(), 116..124, "gid")?;
+        let mut mtime =
+            i64::try_from(field(header.mtime(), 136..148, "mtime")?).unwrap_or(i64::MAX);
         let mut mtime_nsec = 0u32;
         let mut stored = header_size;
         let (dev_major, dev_minor) = if matches!(type_byte, b'3' | b'4') {
@@ -361,7 +390,11 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                 b"linkpath" => link = value.clone(),
                 b"size" => {
                     stored = parse_u64(value).ok_or_else(|| {
-                        self.err(Some(&path), header_offset, format!("bad PAX size {:?}", v()))
+                        self.err(
+                            Some(&path),
+                            header_offset,
+                            format!("bad PAX size {:?}", v()),
+                        )
                     })?
                 }
                 b"uid" => uid = parse_u64(value).unwrap_or(uid),
@@ -381,7 +414,11 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                     if let (Some(o), Some(n)) = (sparse.pending_offset.take(), parse_u64(value)) {
                         sparse.map.push((o, n));
                     } else {
-                        return Err(self.err(Some(&path), header_offset, "bad GNU.sparse.numbytes"));
+                        return Err(self.err(
+                            Some(&path),
+                            header_offset,
+                            "bad GNU.sparse.numbytes",
+                        ));
                     }
                     sparse.pax0 = true;
                 }
@@ -397,9 +434,19 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                 k if k.starts_with(b"LIBARCHIVE.xattr.") => {
                     let name = percent_decode(&k[b"LIBARCHIVE.xattr.".len()..]);
                     let val = base64::engine::general_purpose::STANDARD_NO_PAD
-                        .decode(value.iter().copied().filter(|&b| b != b'=').collect::<Vec<_>>())
+                        .decode(
+                            value
+                                .iter()
+                                .copied()
+                                .filter(|&b| b != b'=')
+                                .collect::<Vec<_>>(),
+                        )
                         .map_err(|e| {
-                            self.err(Some(&path), header_offset, format!("bad LIBARCHIVE.xattr value: {e}"))
+                            self.err(
+                                Some(&path),
+                                header_offset,
+                                format!("bad LIBARCHIVE.xattr value: {e}"),
+                            )
                         })?;
                     xattrs.retain(|(n, _)| *n != name);
                     xattrs.push((name, val));
@@ -432,7 +479,12 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                 MemberKind::File
             }
         };
-        if kind == MemberKind::File && type_byte != b'S' && path.ends_with(b"/") && sparse.major.is_none() && !sparse.pax0 {
+        if kind == MemberKind::File
+            && type_byte != b'S'
+            && path.ends_with(b"/")
+            && sparse.major.is_none()
+            && !sparse.pax0
+        {
             // Old (V7) archives mark directories with a trailing slash only.
             kind = MemberKind::Dir;
         }
@@ -441,9 +493,15 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
         let padded = round_up(stored)
             .ok_or_else(|| self.err(Some(&path), header_offset, "size overflow"))?;
         let (size, data) = if type_byte == b'S' {
-            let (real, segs, ext_blocks) = self.old_gnu_sparse(header, block, &path, header_offset)?;
+            let (real, segs, ext_blocks) = self.old_gnu_sparse(header, &path, header_offset)?;
             let data_start = data_start + ext_blocks * BLOCK;
-            (real, Data::Sparse(place_segments(&segs, data_start, stored).map_err(|m| self.err(Some(&path), header_offset, m))?))
+            (
+                real,
+                Data::Sparse(
+                    place_segments(&segs, data_start, stored)
+                        .map_err(|m| self.err(Some(&path), header_offset, m))?,
+                ),
+            )
         } else if sparse.major == Some(1) {
             // PAX 1.0: the map sits at the start of the data area.
             let (segs, map_len) = self.pax1_sparse_map(&path, header_offset, stored)?;
@@ -471,9 +529,18 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
             });
         } else if sparse.pax0 {
             let real = sparse.real_size.unwrap_or(stored);
-            (real, Data::Sparse(place_segments(&sparse.map, data_start, stored).map_err(|m| self.err(Some(&path), header_offset, m))?))
+            (
+                real,
+                Data::Sparse(
+                    place_segments(&sparse.map, data_start, stored)
+                        .map_err(|m| self.err(Some(&path), header_offset, m))?,
+                ),
+            )
         } else {
-            (if kind == MemberKind::File { stored } else { 0 }, Data::Contiguous(data_start))
+            (
+                if kind == MemberKind::File { stored } else { 0 },
+                Data::Contiguous(data_start),
+            )
         };
         if let Data::Sparse(segs) = &data {
             check_segments(segs, size).map_err(|m| self.err(Some(&path), header_offset, m))?;
@@ -505,20 +572,28 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
     fn old_gnu_sparse(
         &mut self,
         header: &Header,
-        _block: &[u8; 512],
         path: &[u8],
         header_offset: u64,
-    ) -> Result<(u64, Vec<(u64, u64)>, u64)> {
-        let gnu = header
-            .as_gnu()
-            .ok_or_else(|| self.err(Some(path), header_offset, "sparse member without a GNU header"))?;
+    ) -> Result<(u64, SparseMap, u64)> {
+        let gnu = header.as_gnu().ok_or_else(|| {
+            self.err(
+                Some(path),
+                header_offset,
+                "sparse member without a GNU header",
+            )
+        })?;
         let real = gnu
             .real_size()
             .map_err(|e| self.err(Some(path), header_offset, format!("bad realsize: {e}")))?;
         let mut map = Vec::new();
-        let bad = |this: &Self, e: io::Error| this.err(Some(path), header_offset, format!("bad sparse map: {e}"));
+        let bad = |this: &Self, e: io::Error| {
+            this.err(Some(path), header_offset, format!("bad sparse map: {e}"))
+        };
         for s in gnu.sparse.iter().filter(|s| !s.is_empty()) {
-            map.push((s.offset().map_err(|e| bad(self, e))?, s.length().map_err(|e| bad(self, e))?));
+            map.push((
+                s.offset().map_err(|e| bad(self, e))?,
+                s.length().map_err(|e| bad(self, e))?,
+            ));
         }
         let mut extended = gnu.is_extended();
         let mut blocks = 0u64;
@@ -526,7 +601,11 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
             let mut ext = GnuExtSparseHeader::new();
             let mut raw = [0u8; 512];
             if !self.read_block(&mut raw)? {
-                return Err(self.err(Some(path), header_offset, "archive ends inside a sparse map"));
+                return Err(self.err(
+                    Some(path),
+                    header_offset,
+                    "archive ends inside a sparse map",
+                ));
             }
             blocks += 1;
             if map.len() as u64 > MAX_META_BYTES / 16 {
@@ -534,7 +613,10 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
             }
             ext.as_mut_bytes().copy_from_slice(&raw);
             for s in ext.sparse().iter().filter(|s| !s.is_empty()) {
-                map.push((s.offset().map_err(|e| bad(self, e))?, s.length().map_err(|e| bad(self, e))?));
+                map.push((
+                    s.offset().map_err(|e| bad(self, e))?,
+                    s.length().map_err(|e| bad(self, e))?,
+                ));
             }
             extended = ext.is_extended();
         }
@@ -543,7 +625,12 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
 
     /// PAX 1.0 sparse map: decimal numbers, one per line, at the start of the data,
     /// padded to a block. Returns the map and the bytes it occupies.
-    fn pax1_sparse_map(&mut self, path: &[u8], header_offset: u64, stored: u64) -> Result<(Vec<(u64, u64)>, u64)> {
+    fn pax1_sparse_map(
+        &mut self,
+        path: &[u8],
+        header_offset: u64,
+        stored: u64,
+    ) -> Result<(Vec<(u64, u64)>, u64)> {
         let mut text = Vec::new();
         let mut numbers: Vec<u64> = Vec::new();
         let mut expected: Option<u64> = None;
@@ -556,7 +643,11 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                 }
             }
             if consumed + BLOCK > stored {
-                return Err(self.err(Some(path), header_offset, "PAX 1.0 sparse map runs past the member data"));
+                return Err(self.err(
+                    Some(path),
+                    header_offset,
+                    "PAX 1.0 sparse map runs past the member data",
+                ));
             }
             if consumed >= MAX_META_BYTES {
                 return Err(self.err(Some(path), header_offset, "PAX 1.0 sparse map is too large"));
@@ -570,12 +661,21 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
             // Parse all complete lines.
             while let Some(nl) = text.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = text.drain(..=nl).collect();
-                let n = parse_u64(&line[..line.len() - 1])
-                    .ok_or_else(|| self.err(Some(path), header_offset, "bad number in PAX 1.0 sparse map"))?;
+                let n = parse_u64(&line[..line.len() - 1]).ok_or_else(|| {
+                    self.err(
+                        Some(path),
+                        header_offset,
+                        "bad number in PAX 1.0 sparse map",
+                    )
+                })?;
                 numbers.push(n);
                 if expected.is_none() {
                     if n > MAX_META_BYTES / 16 {
-                        return Err(self.err(Some(path), header_offset, "PAX 1.0 sparse map is too large"));
+                        return Err(self.err(
+                            Some(path),
+                            header_offset,
+                            "PAX 1.0 sparse map is too large",
+                        ));
                     }
                     expected = Some(n);
                 }
@@ -603,7 +703,11 @@ struct SparseInfo {
 }
 
 /// Lays sparse segments out one after another from `start`, checking they fit `stored`.
-fn place_segments(map: &[(u64, u64)], start: u64, stored: u64) -> std::result::Result<Vec<Segment>, String> {
+fn place_segments(
+    map: &[(u64, u64)],
+    start: u64,
+    stored: u64,
+) -> std::result::Result<Vec<Segment>, String> {
     let mut out = Vec::with_capacity(map.len());
     let mut used = 0u64;
     for &(logical, len) in map {
@@ -612,10 +716,16 @@ fn place_segments(map: &[(u64, u64)], start: u64, stored: u64) -> std::result::R
         }
         let stream = start.checked_add(used).ok_or("sparse offset overflow")?;
         used = used.checked_add(len).ok_or("sparse size overflow")?;
-        out.push(Segment { logical, stream, len });
+        out.push(Segment {
+            logical,
+            stream,
+            len,
+        });
     }
     if used > stored {
-        return Err(format!("sparse map describes {used} bytes but the member stores {stored}"));
+        return Err(format!(
+            "sparse map describes {used} bytes but the member stores {stored}"
+        ));
     }
     Ok(out)
 }
@@ -629,7 +739,9 @@ fn check_segments(segs: &[Segment], size: u64) -> std::result::Result<(), String
         }
         end = s.logical.checked_add(s.len).ok_or("sparse map overflow")?;
         if end > size {
-            return Err(format!("sparse segment ends at {end}, past the file size {size}"));
+            return Err(format!(
+                "sparse segment ends at {end}, past the file size {size}"
+            ));
         }
     }
     Ok(())
@@ -674,11 +786,13 @@ fn verify_checksum(block: &[u8; 512]) -> std::result::Result<(), String> {
     if stored == unsigned || i64::from(stored) == i64::from(signed) {
         Ok(())
     } else {
-        Err(format!("header checksum mismatch (stored {stored}, computed {unsigned})"))
+        Err(format!(
+            "header checksum mismatch (stored {stored}, computed {unsigned})"
+        ))
     }
 }
 
-fn parse_pax(raw: &[u8]) -> std::result::Result<Vec<(Vec<u8>, Vec<u8>)>, String> {
+fn parse_pax(raw: &[u8]) -> std::result::Result<PaxRecords, String> {
     let mut out = Vec::new();
     for ext in tar::PaxExtensions::new(raw) {
         let ext = ext.map_err(|e| format!("malformed PAX header: {e}"))?;
@@ -699,7 +813,10 @@ fn parse_pax_time(v: &[u8]) -> Option<(i64, u32)> {
         None => (false, s),
     };
     let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    if int.is_empty() || !int.bytes().all(|b| b.is_ascii_digit()) || !frac.bytes().all(|b| b.is_ascii_digit()) {
+    if int.is_empty()
+        || !int.bytes().all(|b| b.is_ascii_digit())
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     let secs: i64 = int.parse().ok()?;
@@ -810,7 +927,10 @@ mod tests {
 
     #[test]
     fn pax_time_parsing() {
-        assert_eq!(parse_pax_time(b"1700000000.123456789"), Some((1_700_000_000, 123_456_789)));
+        assert_eq!(
+            parse_pax_time(b"1700000000.123456789"),
+            Some((1_700_000_000, 123_456_789))
+        );
         assert_eq!(parse_pax_time(b"5.5"), Some((5, 500_000_000)));
         assert_eq!(parse_pax_time(b"-1.5"), Some((-2, 500_000_000)));
         assert_eq!(parse_pax_time(b"x"), None);

@@ -28,7 +28,12 @@ pub struct IndexArgs {
 }
 
 /// Loads or builds the index of `archive`, with a progress bar on a terminal.
-pub fn obtain(archive: &Archive, opts: &BuildOptions, required_span: Option<u64>, force: bool) -> Result<(Index, Origin)> {
+pub fn obtain(
+    archive: &Archive,
+    opts: &BuildOptions,
+    required_span: Option<u64>,
+    force: bool,
+) -> Result<(Index, Origin)> {
     let progress = Progress::default();
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(archive.id.size);
@@ -43,7 +48,8 @@ pub fn obtain(archive: &Archive, opts: &BuildOptions, required_span: Option<u64>
         bar
     });
     let result = std::thread::scope(|s| {
-        let worker = s.spawn(|| store::load_or_build(archive, opts, required_span, force, &progress));
+        let worker =
+            s.spawn(|| store::load_or_build(archive, opts, required_span, force, &progress));
         if let Some(bar) = &bar {
             while !worker.is_finished() {
                 bar.set_position(progress.load(Ordering::Relaxed));
@@ -55,14 +61,20 @@ pub fn obtain(archive: &Archive, opts: &BuildOptions, required_span: Option<u64>
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    result.unwrap_or_else(|_| Err(crate::error::Error::Usage("indexing thread panicked".into())))
+    result.unwrap_or_else(|_| {
+        Err(crate::error::Error::Usage(
+            "indexing thread panicked".into(),
+        ))
+    })
 }
 
 /// Runs `snapfs index`.
 pub fn run(args: IndexArgs) -> Result<ExitCode> {
     super::check_archive(&args.archive)?;
     let archive = Archive::open(&args.archive)?;
-    let opts = BuildOptions { span_bytes: args.span.max(64 << 10) };
+    let opts = BuildOptions {
+        span_bytes: args.span.max(64 << 10),
+    };
     let start = Instant::now();
     let (index, origin) = obtain(&archive, &opts, Some(opts.span_bytes), args.force)?;
     let secs = start.elapsed().as_secs_f64();

@@ -50,13 +50,20 @@ pub struct MountArgs {
 pub fn run(args: MountArgs) -> Result<ExitCode> {
     let (archives, mountpoint) = split_paths(&args.paths)?;
     if archives.len() > 1 {
-        return Err(Error::Usage("stacking several archives as layers is not supported yet".into()));
+        return Err(Error::Usage(
+            "stacking several archives as layers is not supported yet".into(),
+        ));
     }
     let archive_path = &archives[0];
     super::check_archive(archive_path)?;
     match std::fs::metadata(mountpoint) {
         Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(Error::Usage(format!("mountpoint {} is not a directory", mountpoint.display()))),
+        Ok(_) => {
+            return Err(Error::Usage(format!(
+                "mountpoint {} is not a directory",
+                mountpoint.display()
+            )))
+        }
         Err(e) => return Err(Error::io("cannot use mountpoint", mountpoint, e)),
     }
     if args.foreground || args.ready_fd.is_some() {
@@ -68,7 +75,9 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     }
     // Build or refresh the index here, where a progress bar and warnings can be seen.
     let archive = Archive::open(archive_path)?;
-    let opts = BuildOptions { span_bytes: args.span.max(64 << 10) };
+    let opts = BuildOptions {
+        span_bytes: args.span.max(64 << 10),
+    };
     let (index, _) = super::index::obtain(&archive, &opts, None, false)?;
     store::cache_file_for(&archive, &index)?;
     drop(index);
@@ -78,7 +87,9 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
 fn split_paths(paths: &[PathBuf]) -> Result<(&[PathBuf], &Path)> {
     match paths.split_last() {
         Some((m, a)) if !a.is_empty() => Ok((a, m.as_path())),
-        _ => Err(Error::Usage("usage: snapfs mount [OPTIONS] <ARCHIVE>... <MOUNTPOINT>".into())),
+        _ => Err(Error::Usage(
+            "usage: snapfs mount [OPTIONS] <ARCHIVE>... <MOUNTPOINT>".into(),
+        )),
     }
 }
 
@@ -87,11 +98,17 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two fds into the array we own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(Error::io("cannot create pipe for", &paths[0], std::io::Error::last_os_error()));
+        return Err(Error::io(
+            "cannot create pipe for",
+            &paths[0],
+            std::io::Error::last_os_error(),
+        ));
     }
     // SAFETY: both fds were just created and are owned here only.
-    let (read_end, write_end) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let exe = std::env::current_exe().map_err(|e| Error::io("cannot find own executable", "snapfs", e))?;
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::io("cannot find own executable", "snapfs", e))?;
     let mut cmd = Command::new(exe);
     cmd.arg("mount")
         .arg("--ready-fd")
@@ -105,8 +122,14 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     for o in &args.options {
         cmd.arg("-o").arg(o);
     }
-    cmd.args(paths.iter().map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())));
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.args(
+        paths
+            .iter()
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+    );
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     cmd.current_dir("/");
     let fd = write_end.as_raw_fd();
     // SAFETY: between fork and exec we only call async-signal-safe functions.
@@ -121,7 +144,9 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| Error::io("cannot start daemon for", &paths[0], e))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| Error::io("cannot start daemon for", &paths[0], e))?;
     drop(write_end);
     let mut msg = String::new();
     let _ = File::from(read_end).read_to_string(&mut msg);
@@ -131,7 +156,10 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     let _ = child.wait();
     let msg = msg.trim();
     if msg.is_empty() {
-        Err(Error::Usage(format!("snapfs daemon for {} exited before the mount was live", paths[0].display())))
+        Err(Error::Usage(format!(
+            "snapfs daemon for {} exited before the mount was live",
+            paths[0].display()
+        )))
     } else {
         Err(Error::Usage(msg.to_string()))
     }
@@ -146,7 +174,12 @@ fn mount_config(args: &MountArgs, archive: &Path) -> Config {
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
     ];
-    for opt in args.options.iter().flat_map(|o| o.split(',')).filter(|o| !o.is_empty()) {
+    for opt in args
+        .options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .filter(|o| !o.is_empty())
+    {
         match opt {
             "allow_other" => config.acl = SessionACL::All,
             "allow_root" => config.acl = SessionACL::RootAndOwner,
@@ -158,7 +191,9 @@ fn mount_config(args: &MountArgs, archive: &Path) -> Config {
             "nosuid" => config.mount_options.push(MountOption::NoSuid),
             "exec" => config.mount_options.push(MountOption::Exec),
             "noexec" => config.mount_options.push(MountOption::NoExec),
-            other => config.mount_options.push(MountOption::CUSTOM(other.to_string())),
+            other => config
+                .mount_options
+                .push(MountOption::CUSTOM(other.to_string())),
         }
     }
     config.n_threads = Some(args.threads.clamp(1, 64));
@@ -167,7 +202,12 @@ fn mount_config(args: &MountArgs, archive: &Path) -> Config {
 }
 
 /// Mounts and serves until unmounted or signalled. Reports readiness on `ready`.
-fn serve(args: &MountArgs, archive_path: &Path, mountpoint: &Path, mut ready: Option<File>) -> Result<ExitCode> {
+fn serve(
+    args: &MountArgs,
+    archive_path: &Path,
+    mountpoint: &Path,
+    mut ready: Option<File>,
+) -> Result<ExitCode> {
     let result = setup(args, archive_path, mountpoint);
     let session = match result {
         Ok(s) => s,
@@ -197,10 +237,16 @@ fn serve(args: &MountArgs, archive_path: &Path, mountpoint: &Path, mut ready: Op
     Ok(ExitCode::SUCCESS)
 }
 
-fn setup(args: &MountArgs, archive_path: &Path, mountpoint: &Path) -> Result<fuser::Session<SnapFs<IndexTree>>> {
+fn setup(
+    args: &MountArgs,
+    archive_path: &Path,
+    mountpoint: &Path,
+) -> Result<fuser::Session<SnapFs<IndexTree>>> {
     block_signals();
     let archive = Archive::open(archive_path)?;
-    let opts = BuildOptions { span_bytes: args.span.max(64 << 10) };
+    let opts = BuildOptions {
+        span_bytes: args.span.max(64 << 10),
+    };
     let (index, _) = store::load_or_build(&archive, &opts, None, false, &Default::default())?;
     let cache_file = store::cache_file_for(&archive, &index)?;
     let table = index.table.clone();

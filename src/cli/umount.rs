@@ -43,7 +43,10 @@ pub fn run(args: UmountArgs) -> Result<ExitCode> {
             "{} is busy (files open or a process inside it); close them or use --lazy",
             path.display()
         ))),
-        Some(libc::EINVAL) => Err(Error::Usage(format!("{} is not a mountpoint", path.display()))),
+        Some(libc::EINVAL) => Err(Error::Usage(format!(
+            "{} is not a mountpoint",
+            path.display()
+        ))),
         _ => Err(Error::io("cannot unmount", &path, err)),
     }
 }
@@ -54,9 +57,17 @@ fn fusermount(path: &std::path::Path, lazy: bool) -> Result<ExitCode> {
     for helper in ["fusermount3", "fusermount"] {
         match Command::new(helper).arg(flag).arg(path).status() {
             Ok(s) if s.success() => return Ok(ExitCode::SUCCESS),
-            Ok(_) => return Err(Error::Usage(format!("{helper} could not unmount {}", path.display()))),
+            Ok(_) => {
+                return Err(Error::Usage(format!(
+                    "{helper} could not unmount {}",
+                    path.display()
+                )))
+            }
             Err(_) => continue,
         }
     }
-    Err(Error::Usage(format!("cannot unmount {}: not root and no fusermount3 found", path.display())))
+    Err(Error::Usage(format!(
+        "cannot unmount {}: not root and no fusermount3 found",
+        path.display()
+    )))
 }

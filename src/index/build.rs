@@ -7,7 +7,9 @@ use std::io::BufReader;
 use std::path::Path;
 
 use crate::archive::gzip::GzipIndexer;
-use crate::archive::tar::{Data, FileStream, Member, MemberKind, MemberReader, ReadStream, Segment};
+use crate::archive::tar::{
+    Data, FileStream, Member, MemberKind, MemberReader, ReadStream, Segment,
+};
 use crate::archive::zstd::ZstdIndexer;
 use crate::archive::{Archive, Compression, CountingReader, Progress, SeekTable};
 use crate::error::{Error, Result};
@@ -22,7 +24,9 @@ pub struct BuildOptions {
 
 impl Default for BuildOptions {
     fn default() -> Self {
-        BuildOptions { span_bytes: 4 << 20 }
+        BuildOptions {
+            span_bytes: 4 << 20,
+        }
     }
 }
 
@@ -47,7 +51,8 @@ pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) 
             (SeekTable::Plain, archive.id.size)
         }
         Compression::Gzip => {
-            let input = CountingReader::new(BufReader::with_capacity(1 << 20, file), progress.clone());
+            let input =
+                CountingReader::new(BufReader::with_capacity(1 << 20, file), progress.clone());
             let indexer = GzipIndexer::new(input, opts.span_bytes);
             let mut reader = MemberReader::new(ReadStream(indexer), path);
             while let Some(m) = reader.next_member()? {
@@ -58,7 +63,8 @@ pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) 
             (SeekTable::Gzip(table), size)
         }
         Compression::Zstd => {
-            let input = CountingReader::new(BufReader::with_capacity(1 << 20, file), progress.clone());
+            let input =
+                CountingReader::new(BufReader::with_capacity(1 << 20, file), progress.clone());
             let indexer = ZstdIndexer::new(input, opts.span_bytes).map_err(zs_err)?;
             let mut reader = MemberReader::new(ReadStream(indexer), path);
             while let Some(m) = reader.next_member()? {
@@ -193,7 +199,10 @@ impl<'a> TreeBuilder<'a> {
     fn add(&mut self, m: Member) {
         if m.path.first() == Some(&b'/') && !self.warned_absolute {
             self.warned_absolute = true;
-            log::warn!("{}: removing leading '/' from member names", self.archive.display());
+            log::warn!(
+                "{}: removing leading '/' from member names",
+                self.archive.display()
+            );
         }
         let raw = m.path.clone();
         let comps = match clean_path(&raw) {
@@ -232,7 +241,10 @@ impl<'a> TreeBuilder<'a> {
                     MemberKind::Dir => cur = child,
                     MemberKind::Symlink => {
                         let p = String::from_utf8_lossy(&parents[..=i].join(&b'/')).into_owned();
-                        return self.skip(&m, &format!("it would be created through the symlink {p:?}"));
+                        return self.skip(
+                            &m,
+                            &format!("it would be created through the symlink {p:?}"),
+                        );
                     }
                     _ => {
                         let p = String::from_utf8_lossy(&parents[..=i].join(&b'/')).into_owned();
@@ -249,7 +261,9 @@ impl<'a> TreeBuilder<'a> {
         let existing = self.nodes[cur as usize].children.get(*last).copied();
         if let Some(target) = link_target {
             if existing != Some(target) {
-                self.nodes[cur as usize].children.insert((*last).into(), target);
+                self.nodes[cur as usize]
+                    .children
+                    .insert((*last).into(), target);
             }
             return;
         }
@@ -295,7 +309,14 @@ impl<'a> TreeBuilder<'a> {
 
     /// Numbers the reachable nodes breadth-first and lays out the records.
     fn finish(self) -> Result<Index> {
-        let too_big = || Error::archive(self.archive, None, None, "archive has too many entries to index");
+        let too_big = || {
+            Error::archive(
+                self.archive,
+                None,
+                None,
+                "archive has too many entries to index",
+            )
+        };
         let mut ino_of: Vec<u32> = vec![u32::MAX; self.nodes.len()];
         let mut order: Vec<u32> = Vec::new();
         let mut links: Vec<u32> = vec![0; self.nodes.len()];
@@ -307,7 +328,8 @@ impl<'a> TreeBuilder<'a> {
         let mut dir_slot: HashMap<u32, usize> = HashMap::new();
         while let Some(id) = queue.pop_front() {
             let node = &self.nodes[id as usize];
-            let mut kids: Vec<(&[u8], u32)> = node.children.iter().map(|(k, v)| (&**k, *v)).collect();
+            let mut kids: Vec<(&[u8], u32)> =
+                node.children.iter().map(|(k, v)| (&**k, *v)).collect();
             kids.sort_unstable_by(|a, b| a.0.cmp(b.0));
             for &(_, child) in &kids {
                 links[child as usize] += 1;
@@ -325,7 +347,12 @@ impl<'a> TreeBuilder<'a> {
         }
 
         let mut index = Index {
-            id: crate::archive::ArchiveId { size: 0, mtime_ns: 0, head_crc: 0, tail_crc: 0 },
+            id: crate::archive::ArchiveId {
+                size: 0,
+                mtime_ns: 0,
+                head_crc: 0,
+                tail_crc: 0,
+            },
             span_bytes: 0,
             stream_size: 0,
             table: std::sync::Arc::new(SeekTable::Plain),
@@ -361,7 +388,11 @@ impl<'a> TreeBuilder<'a> {
                         if self.nodes[child as usize].kind == MemberKind::Dir {
                             subdirs += 1;
                         }
-                        index.dirents.push(DirentRecord { name_off, name_len, ino: ino_of[child as usize] });
+                        index.dirents.push(DirentRecord {
+                            name_off,
+                            name_len,
+                            ino: ino_of[child as usize],
+                        });
                     }
                     rec.nlink = 2 + subdirs;
                 }
@@ -385,7 +416,12 @@ impl<'a> TreeBuilder<'a> {
             for (name, value) in &node.xattrs {
                 let (name_off, name_len) = arena.push(name).ok_or_else(too_big)?;
                 let (value_off, value_len) = arena.push(value).ok_or_else(too_big)?;
-                index.xattrs.push(XattrRecord { name_off, name_len, value_off, value_len });
+                index.xattrs.push(XattrRecord {
+                    name_off,
+                    name_len,
+                    value_off,
+                    value_len,
+                });
             }
             index.inodes.push(rec);
         }
@@ -494,7 +530,13 @@ mod tests {
         let mut ino = 1u64;
         for c in path.split('/') {
             let rec = index.inode(ino)?;
-            ino = u64::from(index.children(rec).iter().find(|d| index.dirent_name(d) == c.as_bytes())?.ino);
+            ino = u64::from(
+                index
+                    .children(rec)
+                    .iter()
+                    .find(|d| index.dirent_name(d) == c.as_bytes())?
+                    .ino,
+            );
         }
         Some(ino)
     }
@@ -510,7 +552,10 @@ mod tests {
     #[test]
     fn cleans_paths_like_gnu_tar() {
         assert_eq!(clean_path(b"./a//b/").unwrap(), vec![&b"a"[..], b"b"]);
-        assert_eq!(clean_path(b"/etc/passwd").unwrap(), vec![&b"etc"[..], b"passwd"]);
+        assert_eq!(
+            clean_path(b"/etc/passwd").unwrap(),
+            vec![&b"etc"[..], b"passwd"]
+        );
         assert!(clean_path(b"a/../b").is_err());
         assert!(clean_path(b"..").is_err());
         assert!(clean_path(b"./").unwrap().is_empty());
@@ -566,7 +611,11 @@ mod tests {
         let mut missing = member("m", MemberKind::Hardlink);
         missing.link = b"nope".to_vec();
         let idx = build(vec![f, h, h2, missing]);
-        let (f, h, h2) = (lookup(&idx, "f").unwrap(), lookup(&idx, "h").unwrap(), lookup(&idx, "d/h2").unwrap());
+        let (f, h, h2) = (
+            lookup(&idx, "f").unwrap(),
+            lookup(&idx, "h").unwrap(),
+            lookup(&idx, "d/h2").unwrap(),
+        );
         assert_eq!(f, h);
         assert_eq!(f, h2);
         assert_eq!(idx.inode(f).unwrap().nlink, 3);

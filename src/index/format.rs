@@ -170,10 +170,15 @@ pub fn decode(bytes: &[u8]) -> Result<Index, String> {
     }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
-    let mut c = Cursor { bytes: body, pos: 8 };
+    let mut c = Cursor {
+        bytes: body,
+        pos: 8,
+    };
     let version = c.u32()?;
     if version != VERSION {
-        return Err(format!("index format version {version}, this snapfs reads {VERSION}"));
+        return Err(format!(
+            "index format version {version}, this snapfs reads {VERSION}"
+        ));
     }
     if crc32fast::hash(body) != stored {
         return Err("index checksum mismatch (corrupt file)".into());
@@ -289,7 +294,11 @@ pub fn validate(index: &Index) -> Result<(), String> {
     for (i, r) in index.inodes.iter().enumerate() {
         let ino = i as u64 + 1;
         let bad = |what: &str| format!("inode {ino}: {what}");
-        if !range_ok(u64::from(r.xattr_first), u64::from(r.xattr_count), index.xattrs.len()) {
+        if !range_ok(
+            u64::from(r.xattr_first),
+            u64::from(r.xattr_count),
+            index.xattrs.len(),
+        ) {
             return Err(bad("xattr range out of bounds"));
         }
         match r.file_type() {
@@ -300,11 +309,20 @@ pub fn validate(index: &Index) -> Result<(), String> {
                 let kids = index.children(r);
                 let mut prev: Option<&[u8]> = None;
                 for d in kids {
-                    if !range_ok(u64::from(d.name_off), u64::from(d.name_len), index.names.len()) {
+                    if !range_ok(
+                        u64::from(d.name_off),
+                        u64::from(d.name_len),
+                        index.names.len(),
+                    ) {
                         return Err(bad("entry name out of bounds"));
                     }
                     let name = index.dirent_name(d);
-                    if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+                    if name.is_empty()
+                        || name == b"."
+                        || name == b".."
+                        || name.contains(&b'/')
+                        || name.contains(&0)
+                    {
                         return Err(bad("invalid entry name"));
                     }
                     if prev.is_some_and(|p| p >= name) {
@@ -331,15 +349,25 @@ pub fn validate(index: &Index) -> Result<(), String> {
                     }
                     let mut end = 0u64;
                     for s in index.file_segments(r) {
-                        if s.logical < end || !range_ok(s.stream, s.len, usize::MAX) || s.stream + s.len > index.stream_size {
+                        if s.logical < end
+                            || !range_ok(s.stream, s.len, usize::MAX)
+                            || s.stream + s.len > index.stream_size
+                        {
                             return Err(bad("bad sparse segment"));
                         }
-                        end = s.logical.checked_add(s.len).ok_or_else(|| bad("segment overflow"))?;
+                        end = s
+                            .logical
+                            .checked_add(s.len)
+                            .ok_or_else(|| bad("segment overflow"))?;
                         if end > r.size {
                             return Err(bad("sparse segment past the end of file"));
                         }
                     }
-                } else if r.data.checked_add(r.size).is_none_or(|e| e > index.stream_size) {
+                } else if r
+                    .data
+                    .checked_add(r.size)
+                    .is_none_or(|e| e > index.stream_size)
+                {
                     return Err(bad("file data outside the archive stream"));
                 }
             }
@@ -353,9 +381,15 @@ pub fn validate(index: &Index) -> Result<(), String> {
         }
     }
     for x in &index.xattrs {
-        if !range_ok(u64::from(x.name_off), u64::from(x.name_len), index.names.len())
-            || !range_ok(u64::from(x.value_off), u64::from(x.value_len), index.names.len())
-        {
+        if !range_ok(
+            u64::from(x.name_off),
+            u64::from(x.name_len),
+            index.names.len(),
+        ) || !range_ok(
+            u64::from(x.value_off),
+            u64::from(x.value_len),
+            index.names.len(),
+        ) {
             return Err("xattr out of bounds".into());
         }
     }

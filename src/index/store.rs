@@ -42,9 +42,15 @@ pub fn candidates(archive: &Path) -> [PathBuf; 2] {
     let abs = fs::canonicalize(archive).unwrap_or_else(|_| archive.to_path_buf());
     let mut beside = abs.clone().into_os_string();
     beside.push(SUFFIX);
-    let name = abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = abs
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let key = crc32fast::hash(abs.as_os_str().as_encoded_bytes());
-    [PathBuf::from(beside), cache_dir().join(format!("{name}.{key:08x}{SUFFIX}"))]
+    [
+        PathBuf::from(beside),
+        cache_dir().join(format!("{name}.{key:08x}{SUFFIX}")),
+    ]
 }
 
 /// Loads the index at `path` if it is valid for `archive` (and was built with
@@ -122,7 +128,11 @@ pub fn cache_file_for(archive: &Archive, index: &Index) -> Result<Option<File>> 
     }
     let [_, cached] = candidates(&archive.path);
     let id = &archive.id;
-    let path = cached.with_extension(format!("{:x}-{:x}.data", id.mtime_ns, id.head_crc ^ id.tail_crc));
+    let path = cached.with_extension(format!(
+        "{:x}-{:x}.data",
+        id.mtime_ns,
+        id.head_crc ^ id.tail_crc
+    ));
     if let Ok(f) = File::open(&path) {
         if f.metadata().map(|m| m.len()).ok() == Some(index.stream_size) {
             return Ok(Some(f));
@@ -139,7 +149,8 @@ pub fn cache_file_for(archive: &Archive, index: &Index) -> Result<Option<File>> 
     );
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(|e| Error::io("cannot create cache dir", dir, e))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| Error::io("cannot create cache file in", dir, e))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(|e| Error::io("cannot create cache file in", dir, e))?;
     let written = {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
         let n = match &*index.table {
@@ -147,12 +158,25 @@ pub fn cache_file_for(archive: &Archive, index: &Index) -> Result<Option<File>> 
             SeekTable::Gzip(_) => decompress_gzip_all(&archive.file, &mut w),
             SeekTable::Plain => Ok(0),
         }
-        .map_err(|e| Error::archive(&archive.path, None, None, format!("decompression failed: {e}")))?;
-        w.flush().map_err(|e| Error::io("writing cache file", &path, e))?;
+        .map_err(|e| {
+            Error::archive(
+                &archive.path,
+                None,
+                None,
+                format!("decompression failed: {e}"),
+            )
+        })?;
+        w.flush()
+            .map_err(|e| Error::io("writing cache file", &path, e))?;
         n
     };
     if written != index.stream_size {
-        return Err(Error::archive(&archive.path, None, None, "decompressed size differs from the index"));
+        return Err(Error::archive(
+            &archive.path,
+            None,
+            None,
+            "decompressed size differs from the index",
+        ));
     }
     let file = tmp
         .persist(&path)

@@ -87,12 +87,20 @@ fn blocks_for(bytes: u64) -> u64 {
 impl IndexTree {
     /// A tree serving `index` with data from `stream`.
     pub fn new(index: Arc<Index>, stream: StreamReader) -> Self {
-        let blocks = index.inodes.iter().map(|r| blocks_for(data_bytes(&index, r))).sum();
+        let blocks = index
+            .inodes
+            .iter()
+            .map(|r| blocks_for(data_bytes(&index, r)))
+            .sum();
         let stats = FsStats {
             blocks,
             files: index.inodes.len() as u64,
         };
-        IndexTree { index, stream, stats }
+        IndexTree {
+            index,
+            stream,
+            stats,
+        }
     }
 
     /// The index behind this tree.
@@ -148,7 +156,11 @@ impl Tree for IndexTree {
             off = 1;
         }
         if off == 1 {
-            let parent = if ino == ROOT_INO { ROOT_INO } else { u64::from(dir.parent) };
+            let parent = if ino == ROOT_INO {
+                ROOT_INO
+            } else {
+                u64::from(dir.parent)
+            };
             if sink(2, b"..", parent, libc::S_IFDIR) {
                 return Ok(());
             }
@@ -177,7 +189,10 @@ impl Tree for IndexTree {
         let r = self.rec(ino)?;
         let mut out = Vec::new();
         for x in self.index.inode_xattrs(r) {
-            out.extend_from_slice(self.index.arena(u64::from(x.name_off), u64::from(x.name_len)));
+            out.extend_from_slice(
+                self.index
+                    .arena(u64::from(x.name_off), u64::from(x.name_len)),
+            );
             out.push(0);
         }
         Ok(out)
@@ -189,8 +204,16 @@ impl Tree for IndexTree {
             .inode_xattrs(r)
             .iter()
             .rev()
-            .find(|x| self.index.arena(u64::from(x.name_off), u64::from(x.name_len)) == name)
-            .map(|x| self.index.arena(u64::from(x.value_off), u64::from(x.value_len)).to_vec())
+            .find(|x| {
+                self.index
+                    .arena(u64::from(x.name_off), u64::from(x.name_len))
+                    == name
+            })
+            .map(|x| {
+                self.index
+                    .arena(u64::from(x.value_off), u64::from(x.value_len))
+                    .to_vec()
+            })
             .ok_or(Error::Errno(libc::ENODATA))
     }
 
@@ -221,7 +244,8 @@ impl Tree for IndexTree {
             let from = s.logical.max(offset);
             let to = (s.logical + s.len).min(end);
             let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-            self.stream.read_exact_at(dst, s.stream + (from - s.logical))?;
+            self.stream
+                .read_exact_at(dst, s.stream + (from - s.logical))?;
         }
         Ok(buf)
     }
