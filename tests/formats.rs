@@ -19,7 +19,10 @@ fn std_roundtrip(name: &str, format: &str, comp: Comp) {
     let n = tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
     assert!(n > 330, "expected a full tree, compared only {n} entries");
     assert_eq!(fs::read(m.join("text.txt")).unwrap(), b"hello snapfs\n");
-    assert_eq!(fs::read_link(m.join("sym_abs")).unwrap(), Path::new("/etc/hostname"));
+    assert_eq!(
+        fs::read_link(m.join("sym_abs")).unwrap(),
+        Path::new("/etc/hostname")
+    );
 }
 
 macro_rules! std_tests {
@@ -67,7 +70,13 @@ fn random_reads(name: &str, comp: Comp, size: usize, mount_args: &[&str]) {
     let size64 = size as u64;
 
     // Offsets: edges, every 4 MiB boundary straddled, and random ones.
-    let mut reqs: Vec<(u64, usize)> = vec![(0, 1), (0, 4096), (size64 - 1, 1), (size64 - 100, 4096), (size64, 10)];
+    let mut reqs: Vec<(u64, usize)> = vec![
+        (0, 1),
+        (0, 4096),
+        (size64 - 1, 1),
+        (size64 - 100, 4096),
+        (size64, 10),
+    ];
     let mut k = 4 * MIB;
     while k < size64 {
         reqs.push((k - 1, 2));
@@ -88,11 +97,19 @@ fn random_reads(name: &str, comp: Comp, size: usize, mount_args: &[&str]) {
     }
     let check = |f: &File, off: u64, len: usize, what: &str| {
         let mut buf = vec![0u8; len];
-        let n = read_full_at(f, &mut buf, off).unwrap_or_else(|e| panic!("{what}: pread({off}, {len}) failed: {e}"));
+        let n = read_full_at(f, &mut buf, off)
+            .unwrap_or_else(|e| panic!("{what}: pread({off}, {len}) failed: {e}"));
         let end = (off as usize + len).min(size);
-        let want = if off as usize >= size { &[][..] } else { &data[off as usize..end] };
+        let want = if off as usize >= size {
+            &[][..]
+        } else {
+            &data[off as usize..end]
+        };
         if n != want.len() || buf[..n] != *want {
-            let first = buf[..n.min(want.len())].iter().zip(want).position(|(a, b)| a != b);
+            let first = buf[..n.min(want.len())]
+                .iter()
+                .zip(want)
+                .position(|(a, b)| a != b);
             panic!("{what}: pread({off}, {len}) returned {n} bytes (want {}), first mismatch at +{first:?}", want.len());
         }
     };
@@ -103,7 +120,7 @@ fn random_reads(name: &str, comp: Comp, size: usize, mount_args: &[&str]) {
     // Backwards, with a fresh handle.
     let f2 = File::open(&p).unwrap();
     let mut rev = reqs.clone();
-    rev.sort_by(|a, b| b.0.cmp(&a.0));
+    rev.sort_by_key(|r| std::cmp::Reverse(r.0));
     for &(off, len) in rev.iter().take(120) {
         check(&f2, off, len, "backward");
     }
@@ -125,8 +142,14 @@ fn random_reads(name: &str, comp: Comp, size: usize, mount_args: &[&str]) {
     });
     // Whole file, sequentially.
     let all = fs::read(&p).unwrap();
-    assert!(all.len() == data.len() && all == data, "sequential read of big.bin differs");
-    assert_eq!(fs::read(m.join("after")).unwrap(), b"a small file after the big one\n");
+    assert!(
+        all.len() == data.len() && all == data,
+        "sequential read of big.bin differs"
+    );
+    assert_eq!(
+        fs::read(m.join("after")).unwrap(),
+        b"a small file after the big one\n"
+    );
 }
 
 #[test]
@@ -136,7 +159,12 @@ fn random_reads_gzip_64mib() {
 
 #[test]
 fn random_reads_pigz_small_cache() {
-    random_reads("rr-pigz", Comp::Pigz, 24 << 20, &["--cache-size", "1048576"]);
+    random_reads(
+        "rr-pigz",
+        Comp::Pigz,
+        24 << 20,
+        &["--cache-size", "1048576"],
+    );
 }
 
 #[test]
@@ -158,7 +186,11 @@ fn huge_sparse(name: &str, format: &str, extra: &[&str]) {
     let huge = corpus::build_huge_sparse(&src);
     let tar = td.join("h.tar");
     corpus::gnu_tar(&src, &tar, format, extra);
-    assert!(fs::metadata(&tar).unwrap().len() < 16 << 20, "GNU tar did not store {} sparsely", huge.display());
+    assert!(
+        fs::metadata(&tar).unwrap().len() < 16 << 20,
+        "GNU tar did not store {} sparsely",
+        huge.display()
+    );
     let exp = td.join("x");
     corpus::extract(&tar, &exp);
     let m = Mount::new(&tar, &td.join("mnt"));
@@ -190,8 +222,17 @@ fn huge_sparse(name: &str, format: &str, extra: &[&str]) {
     );
     // du agrees.
     let du = util::run_ok(std::process::Command::new("du").arg("-k").arg(&mp));
-    let kib: u64 = du.stdout_str().split_whitespace().next().unwrap().parse().unwrap();
-    assert!(kib * 1024 <= data_total + MIB, "du reports {kib} KiB for a file with {data_total} data bytes");
+    let kib: u64 = du
+        .stdout_str()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        kib * 1024 <= data_total + MIB,
+        "du reports {kib} KiB for a file with {data_total} data bytes"
+    );
 }
 
 #[test]

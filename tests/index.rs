@@ -24,7 +24,12 @@ fn index(archive: &Path) -> util::Run {
 }
 
 fn set_mtime(p: &Path, secs: i64) {
-    util::run_ok(Command::new("touch").arg("-d").arg(format!("@{secs}")).arg(p));
+    util::run_ok(
+        Command::new("touch")
+            .arg("-d")
+            .arg(format!("@{secs}"))
+            .arg(p),
+    );
 }
 
 #[test]
@@ -36,7 +41,10 @@ fn index_command_writes_index_and_summary() {
     let md = fs::metadata(&idx).unwrap_or_else(|e| panic!("{} not written: {e}", idx.display()));
     assert!(md.len() > 0, "index file is empty");
     let out = format!("{}{}", r.stdout_str(), r.stderr_str()).to_lowercase();
-    assert!(out.contains("entr"), "summary should mention the entries:\n{out}");
+    assert!(
+        out.contains("entr"),
+        "summary should mention the entries:\n{out}"
+    );
     // Warm mount from that index matches tar -x.
     let exp = td.join("x");
     corpus::extract(&tar, &exp);
@@ -54,7 +62,11 @@ fn index_command_gzip_and_zstd() {
     for comp in [Comp::Gzip, Comp::ZstdMulti] {
         let arch = corpus::compress(&tar, comp);
         index(&arch);
-        assert!(idx_of(&arch).exists(), "no index next to {}", arch.display());
+        assert!(
+            idx_of(&arch).exists(),
+            "no index next to {}",
+            arch.display()
+        );
         let m = Mount::new(&arch, &td.join(format!("mnt-{comp:?}")));
         tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
     }
@@ -67,7 +79,11 @@ fn warm_mount_does_not_read_archive_body() {
     for i in 0..160u64 {
         let p = src.join(format!("dir{}/file{i:03}", i % 8));
         fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(&p, util::random_bytes(40_000 + (i as usize * 311) % 50_000, i)).unwrap();
+        fs::write(
+            &p,
+            util::random_bytes(40_000 + (i as usize * 311) % 50_000, i),
+        )
+        .unwrap();
     }
     std::os::unix::fs::symlink("dir0/file000", src.join("link")).unwrap();
     fs::hard_link(src.join("dir1/file001"), src.join("hard")).unwrap();
@@ -77,7 +93,12 @@ fn warm_mount_does_not_read_archive_body() {
     let m1 = Mount::new(&tar, &td.join("mnt1"));
     let l1 = tree::walk(m1.path(), &WalkOpts::listing());
     m1.unmount();
-    assert!(l1.entries.len() > 160 && l1.problems.is_empty(), "first listing: {} entries, {:?}", l1.entries.len(), l1.problems);
+    assert!(
+        l1.entries.len() > 160 && l1.problems.is_empty(),
+        "first listing: {} entries, {:?}",
+        l1.entries.len(),
+        l1.problems
+    );
 
     // Overwrite the middle of the archive, keep size, ends and mtime.
     let orig = td.join("orig.tar");
@@ -90,21 +111,38 @@ fn warm_mount_does_not_read_archive_body() {
         let mut g = util::Lcg::new(5);
         while off < len - 64 * 1024 {
             let n = (len - 64 * 1024 - off).min(1 << 20);
-            f.write_all_at(&util::random_bytes(n as usize, g.next_u64()), off).unwrap();
+            f.write_all_at(&util::random_bytes(n as usize, g.next_u64()), off)
+                .unwrap();
             off += n;
         }
     }
     util::run_ok(Command::new("touch").arg("-r").arg(&orig).arg(&tar));
     let (a, o) = (fs::metadata(&tar).unwrap(), fs::metadata(&orig).unwrap());
-    assert_eq!((a.len(), a.mtime(), a.mtime_nsec(), a.ino()), (o.len(), o.mtime(), o.mtime_nsec(), ino));
+    assert_eq!(
+        (a.len(), a.mtime(), a.mtime_nsec(), a.ino()),
+        (o.len(), o.mtime(), o.mtime_nsec(), ino)
+    );
     // Sanity: the body really is garbage now.
     let t = util::run(Command::new("tar").arg("-tf").arg(&tar));
-    assert!(!t.ok() || t.stdout_str().lines().count() < 20, "tar still reads the corrupted archive");
+    assert!(
+        !t.ok() || t.stdout_str().lines().count() < 20,
+        "tar still reads the corrupted archive"
+    );
 
     let m2 = Mount::new(&tar, &td.join("mnt2"));
     let l2 = tree::walk(m2.path(), &WalkOpts::listing());
-    let d = tree::compare(&l1, &l2, &CmpOpts { skip_xattrs: true, ..Default::default() });
-    tree::assert_no_diff("warm mount listing after the archive body was overwritten (index must be used)", &d);
+    let d = tree::compare(
+        &l1,
+        &l2,
+        &CmpOpts {
+            skip_xattrs: true,
+            ..Default::default()
+        },
+    );
+    tree::assert_no_diff(
+        "warm mount listing after the archive body was overwritten (index must be used)",
+        &d,
+    );
 }
 
 fn corrupt_index_case(name: &str, corrupt: impl FnOnce(&Path, &TestDir)) {
@@ -129,8 +167,14 @@ fn flip(idx: &Path, at: impl Fn(u64) -> Vec<u64>) {
     // Keep the index's mtime: only the content is damaged.
     let md = fs::metadata(idx).unwrap();
     fs::write(idx, &b).unwrap();
-    let t = std::time::UNIX_EPOCH + std::time::Duration::new(md.mtime() as u64, md.mtime_nsec() as u32);
-    fs::File::options().write(true).open(idx).unwrap().set_modified(t).unwrap();
+    let t =
+        std::time::UNIX_EPOCH + std::time::Duration::new(md.mtime() as u64, md.mtime_nsec() as u32);
+    fs::File::options()
+        .write(true)
+        .open(idx)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
 }
 
 #[test]
@@ -140,7 +184,11 @@ fn corrupt_index_header_bytes_flipped() {
 
 #[test]
 fn corrupt_index_middle_bytes_flipped() {
-    corrupt_index_case("idx-flip-mid", |idx, _| flip(idx, |n| (0..16).map(|k| n / 3 + k * (n / 48).max(1)).collect()));
+    corrupt_index_case("idx-flip-mid", |idx, _| {
+        flip(idx, |n| {
+            (0..16).map(|k| n / 3 + k * (n / 48).max(1)).collect()
+        })
+    });
 }
 
 #[test]
@@ -152,7 +200,12 @@ fn corrupt_index_single_byte_flipped_near_end() {
 fn corrupt_index_truncated_to_half() {
     corrupt_index_case("idx-trunc", |idx, _| {
         let n = fs::metadata(idx).unwrap().len();
-        OpenOptions::new().write(true).open(idx).unwrap().set_len(n / 2).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(idx)
+            .unwrap()
+            .set_len(n / 2)
+            .unwrap();
     });
 }
 
@@ -194,7 +247,14 @@ fn changed_archive_appended_is_reindexed() {
     let old = fs::metadata(&tar).unwrap().mtime();
     let src = td.join("src-a.tar");
     fs::write(src.join("appended"), b"appended later\n").unwrap();
-    util::run_ok(Command::new("tar").arg("-C").arg(&src).arg("-rf").arg(&tar).arg("./appended"));
+    util::run_ok(
+        Command::new("tar")
+            .arg("-C")
+            .arg(&src)
+            .arg("-rf")
+            .arg(&tar)
+            .arg("./appended"),
+    );
     set_mtime(&tar, old + 100);
     let exp = td.join("x");
     corpus::extract(&tar, &exp);
@@ -227,7 +287,11 @@ fn changed_archive_same_size_is_reindexed() {
     fs::write(&tar, fs::read(&tar2).unwrap()).unwrap();
     set_mtime(&tar, old_mtime + 100);
     let m = Mount::new(&tar, &td.join("mnt2"));
-    assert_eq!(util::list_dir(m.path()), vec![std::ffi::OsString::from("fileB"), "other".into()], "stale index used");
+    assert_eq!(
+        util::list_dir(m.path()),
+        vec![std::ffi::OsString::from("fileB"), "other".into()],
+        "stale index used"
+    );
     assert_eq!(fs::read(m.join("fileB")).unwrap(), b"same length content B");
 }
 

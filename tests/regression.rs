@@ -20,7 +20,10 @@ fn mount_is_live_when_the_command_returns() {
     let live = util::is_mounted(&mnt); // no polling: exit 0 means live
     let _g = Mount::adopt(&tar, &mnt);
     r.assert_ok();
-    assert!(live, "snapfs mount exited 0 before the mount was in mountinfo");
+    assert!(
+        live,
+        "snapfs mount exited 0 before the mount was in mountinfo"
+    );
     assert_eq!(fs::read(mnt.join("readme")).unwrap(), b"seed 11\n");
 }
 
@@ -81,14 +84,22 @@ fn foreground_mount_runs_until_umount() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let up = util::poll_until(Duration::from_secs(60), || util::is_mounted(&mnt) || child.try_wait().unwrap().is_some());
+    let up = util::poll_until(Duration::from_secs(60), || {
+        util::is_mounted(&mnt) || child.try_wait().unwrap().is_some()
+    });
     let g = Mount::adopt(&tar, &mnt);
     if !(up && util::is_mounted(&mnt)) {
         let _ = child.kill();
         let _ = child.wait();
-        panic!("foreground mount never came up: {}", fs::read_to_string(td.join("fg.log")).unwrap());
+        panic!(
+            "foreground mount never came up: {}",
+            fs::read_to_string(td.join("fg.log")).unwrap()
+        );
     }
-    assert!(child.try_wait().unwrap().is_none(), "`snapfs mount -f` returned while mounted");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "`snapfs mount -f` returned while mounted"
+    );
     assert_eq!(fs::read(mnt.join("readme")).unwrap(), b"seed 13\n");
     g.unmount();
     let mut st = None;
@@ -101,7 +112,11 @@ fn foreground_mount_runs_until_umount() {
         let _ = child.wait();
         panic!("`snapfs mount -f` did not exit after umount");
     }
-    assert!(st.unwrap().success(), "`snapfs mount -f` exit status {:?}", st);
+    assert!(
+        st.unwrap().success(),
+        "`snapfs mount -f` exit status {:?}",
+        st
+    );
 }
 
 #[test]
@@ -110,7 +125,11 @@ fn mount_option_allow_other_is_passed() {
     let tar = corpus::small_tar(td.path(), "a.tar", 14);
     let m = Mount::with_args(&tar, &td.join("mnt"), &["-o", "allow_other"]);
     let mi = util::mount_at(m.path()).unwrap();
-    assert!(mi.super_opts.contains("allow_other"), "mountinfo super options {:?}", mi.super_opts);
+    assert!(
+        mi.super_opts.contains("allow_other"),
+        "mountinfo super options {:?}",
+        mi.super_opts
+    );
     assert_eq!(fs::read(m.join("readme")).unwrap(), b"seed 14\n");
 }
 
@@ -124,4 +143,62 @@ fn two_mounts_of_one_archive_at_once() {
     let m2 = Mount::new(&tar, &td.join("m2"));
     crate::tree::assert_same_tree(&exp, m1.path(), &Default::default());
     crate::tree::assert_same_tree(&exp, m2.path(), &Default::default());
+}
+
+/// Self-check of the harness: the tree comparison must notice each kind of
+/// difference it claims to compare (no snapfs involved).
+#[test]
+fn harness_tree_compare_detects_differences() {
+    use crate::tree::{self, CmpOpts};
+    use std::os::unix::fs::symlink;
+    let td = TestDir::new("harness");
+    let a = td.mkdir("a");
+    let mk = |root: &std::path::Path| {
+        fs::write(root.join("f"), b"content").unwrap();
+        fs::write(root.join("g"), b"gg").unwrap();
+        fs::hard_link(root.join("g"), root.join("g2")).unwrap();
+        symlink("f", root.join("l")).unwrap();
+        fs::create_dir(root.join("d")).unwrap();
+        util::sh(
+            root,
+            "setfattr -n user.k -v v f; touch -h -d @1600000000.5 f l d g",
+        );
+    };
+    mk(&a);
+    let same = td.mkdir("same");
+    mk(&same);
+    assert_eq!(
+        tree::compare(
+            &tree::walk(&a, &Default::default()),
+            &tree::walk(&same, &Default::default()),
+            &CmpOpts::default()
+        ),
+        Vec::<String>::new()
+    );
+    let b = td.mkdir("b");
+    mk(&b);
+    fs::write(b.join("f"), b"CONTENT").unwrap(); // content (and mtime)
+    util::sh(&b, "setfattr -n user.k -v w f; touch -h -d @1600000000.6 l; chmod 700 d; rm g2; cp g g2; chown 5:5 g; rm l; ln -s F l; touch -h -d @1600000000.5 l; mkfifo extra");
+    let d = tree::compare(
+        &tree::walk(&a, &Default::default()),
+        &tree::walk(&b, &Default::default()),
+        &CmpOpts::default(),
+    );
+    let text = d.join("\n");
+    for want in [
+        "\"f\": content",
+        "\"f\": xattrs",
+        "\"f\": mtime",
+        "\"d\": mode",
+        "\"g\": uid:gid",
+        "\"l\": symlink target",
+        "hardlink group",
+        "\"extra\": extra",
+        "\"g\": nlink",
+    ] {
+        assert!(
+            text.contains(want),
+            "comparison missed {want:?}; diff was:\n{text}"
+        );
+    }
 }

@@ -5,13 +5,13 @@
 //! setfattr) and python3. Every test works in its own temp dir and unmounts
 //! what it mounted.
 
-mod util;
-mod tree;
 mod corpus;
+mod tree;
+mod util;
 
+mod cli;
 mod formats;
-mod semantics;
 mod hostile;
 mod index;
-mod cli;
 mod regression;
+mod semantics;

@@ -78,26 +78,39 @@ pub struct WalkOpts {
 
 impl Default for WalkOpts {
     fn default() -> Self {
-        WalkOpts { content: true, xattrs: true, big: 256 << 20 }
+        WalkOpts {
+            content: true,
+            xattrs: true,
+            big: 4 << 20,
+        }
     }
 }
 
 impl WalkOpts {
     /// Metadata only: no content reads, no xattrs.
     pub fn listing() -> Self {
-        WalkOpts { content: false, xattrs: false, big: u64::MAX }
+        WalkOpts {
+            content: false,
+            xattrs: false,
+            big: u64::MAX,
+        }
     }
 }
 
 pub fn walk(root: &Path, o: &WalkOpts) -> Tree {
-    let mut t = Tree { root: root.to_path_buf(), entries: BTreeMap::new(), problems: Vec::new() };
+    let mut t = Tree {
+        root: root.to_path_buf(),
+        entries: BTreeMap::new(),
+        problems: Vec::new(),
+    };
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
         let dir = root.join(&rel);
         let rd = match std::fs::read_dir(&dir) {
             Ok(rd) => rd,
             Err(e) => {
-                t.problems.push(format!("{}: read_dir failed: {e}", show(&rel)));
+                t.problems
+                    .push(format!("{}: read_dir failed: {e}", show(&rel)));
                 continue;
             }
         };
@@ -106,14 +119,16 @@ pub fn walk(root: &Path, o: &WalkOpts) -> Tree {
             let de = match de {
                 Ok(d) => d,
                 Err(e) => {
-                    t.problems.push(format!("{}: readdir entry error: {e}", show(&rel)));
+                    t.problems
+                        .push(format!("{}: readdir entry error: {e}", show(&rel)));
                     continue;
                 }
             };
             let name = de.file_name();
             let r = rel.join(&name);
             if !seen.insert(name.clone()) {
-                t.problems.push(format!("{}: listed twice by readdir", show(&r)));
+                t.problems
+                    .push(format!("{}: listed twice by readdir", show(&r)));
                 continue;
             }
             let p = root.join(&r);
@@ -128,14 +143,18 @@ pub fn walk(root: &Path, o: &WalkOpts) -> Tree {
             if let Ok(dt) = de.file_type() {
                 let dk = kind_of(&dt);
                 if dk != kind {
-                    t.problems.push(format!("{}: readdir type {dk:?} but lstat type {kind:?}", show(&r)));
+                    t.problems.push(format!(
+                        "{}: readdir type {dk:?} but lstat type {kind:?}",
+                        show(&r)
+                    ));
                 }
             }
             let target = if kind == Kind::Symlink {
                 match std::fs::read_link(&p) {
                     Ok(l) => Some(l.as_os_str().as_bytes().to_vec()),
                     Err(e) => {
-                        t.problems.push(format!("{}: readlink failed: {e}", show(&r)));
+                        t.problems
+                            .push(format!("{}: readlink failed: {e}", show(&r)));
                         None
                     }
                 }
@@ -218,17 +237,32 @@ fn collect_xattrs(t: &mut Tree) {
         }
         let rel = PathBuf::from(util::os(&unhex(parts[1])));
         if parts[0] == "ERR" {
-            let name = if parts[2] == "-" { String::new() } else { String::from_utf8_lossy(&unhex(parts[2])).into_owned() };
-            t.problems.push(format!("{}: xattr {name:?} error errno {}", show(&rel), parts[3]));
+            let name = if parts[2] == "-" {
+                String::new()
+            } else {
+                String::from_utf8_lossy(&unhex(parts[2])).into_owned()
+            };
+            t.problems.push(format!(
+                "{}: xattr {name:?} error errno {}",
+                show(&rel),
+                parts[3]
+            ));
             continue;
         }
         let name = unhex(parts[2]);
-        let val = if parts[3] == "-" { Vec::new() } else { unhex(parts[3]) };
+        let val = if parts[3] == "-" {
+            Vec::new()
+        } else {
+            unhex(parts[3])
+        };
         match t.entries.get_mut(&rel) {
             Some(e) => {
                 e.xattrs.insert(name, val);
             }
-            None => t.problems.push(format!("{}: xattrs on a path the walk did not see", show(&rel))),
+            None => t.problems.push(format!(
+                "{}: xattrs on a path the walk did not see",
+                show(&rel)
+            )),
         }
     }
 }
@@ -257,7 +291,10 @@ pub struct CmpOpts {
 
 impl CmpOpts {
     pub fn with_implicit(implicit: BTreeSet<PathBuf>) -> Self {
-        CmpOpts { implicit, ..Default::default() }
+        CmpOpts {
+            implicit,
+            ..Default::default()
+        }
     }
 }
 
@@ -274,7 +311,11 @@ pub fn compare(expected: &Tree, actual: &Tree, o: &CmpOpts) -> Vec<String> {
         let a = match actual.entries.get(path) {
             Some(a) => a,
             None => {
-                d.push(format!("{}: missing in mount (expected {:?})", show(path), e.kind));
+                d.push(format!(
+                    "{}: missing in mount (expected {:?})",
+                    show(path),
+                    e.kind
+                ));
                 continue;
             }
         };
@@ -291,7 +332,10 @@ pub fn compare(expected: &Tree, actual: &Tree, o: &CmpOpts) -> Vec<String> {
         }
         if !o.implicit.contains(path) {
             if (e.uid, e.gid) != (a.uid, a.gid) {
-                d.push(format!("{s}: uid:gid {}:{} != expected {}:{}", a.uid, a.gid, e.uid, e.gid));
+                d.push(format!(
+                    "{s}: uid:gid {}:{} != expected {}:{}",
+                    a.uid, a.gid, e.uid, e.gid
+                ));
             }
             if (e.mtime, e.mtime_nsec) != (a.mtime, a.mtime_nsec) {
                 d.push(format!(
@@ -331,12 +375,27 @@ pub fn compare(expected: &Tree, actual: &Tree, o: &CmpOpts) -> Vec<String> {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
-            d.push(format!("{s}: xattrs {{{}}} != expected {{{}}}", fmt(&a.xattrs), fmt(&e.xattrs)));
+            d.push(format!(
+                "{s}: xattrs {{{}}} != expected {{{}}}",
+                fmt(&a.xattrs),
+                fmt(&e.xattrs)
+            ));
         }
-        if e.kind == Kind::File && e.sha.is_none() && a.sha.is_none() && e.size == a.size && e.size > 0 {
+        if e.kind == Kind::File
+            && e.sha.is_none()
+            && a.sha.is_none()
+            && e.size == a.size
+            && e.size > 0
+        {
             // Large file: compare by ranges (only when the walk wanted content).
             if o.big_files {
-                compare_big(&expected.root.join(path), &actual.root.join(path), e.size, &s, &mut d);
+                compare_big(
+                    &expected.root.join(path),
+                    &actual.root.join(path),
+                    e.size,
+                    &s,
+                    &mut d,
+                );
             }
         }
     }
@@ -349,10 +408,16 @@ pub fn compare(expected: &Tree, actual: &Tree, o: &CmpOpts) -> Vec<String> {
         let ge = link_groups(expected);
         let ga = link_groups(actual);
         for g in ge.difference(&ga) {
-            d.push(format!("hardlink group in tar -x not in mount: {}", g.iter().map(|p| show(p)).collect::<Vec<_>>().join(" = ")));
+            d.push(format!(
+                "hardlink group in tar -x not in mount: {}",
+                g.iter().map(|p| show(p)).collect::<Vec<_>>().join(" = ")
+            ));
         }
         for g in ga.difference(&ge) {
-            d.push(format!("hardlink group in mount not in tar -x: {}", g.iter().map(|p| show(p)).collect::<Vec<_>>().join(" = ")));
+            d.push(format!(
+                "hardlink group in mount not in tar -x: {}",
+                g.iter().map(|p| show(p)).collect::<Vec<_>>().join(" = ")
+            ));
         }
     }
     d
@@ -396,7 +461,10 @@ pub fn compare_big(exp: &Path, act: &Path, size: u64, s: &str, d: &mut Vec<Strin
         match (ne, na) {
             (Ok(ne), Ok(na)) => {
                 if ne != na || be[..ne] != ba[..na] {
-                    let first = be[..ne.min(na)].iter().zip(&ba[..ne.min(na)]).position(|(x, y)| x != y);
+                    let first = be[..ne.min(na)]
+                        .iter()
+                        .zip(&ba[..ne.min(na)])
+                        .position(|(x, y)| x != y);
                     d.push(format!(
                         "{s}: {what} bytes differ at offset {off} (+{len}): mount read {na} bytes, expected {ne}, first diff at +{first:?}"
                     ));
@@ -506,6 +574,9 @@ pub fn assert_same_tree(expected: &Path, mount: &Path, o: &CmpOpts) -> usize {
     let mut o = o.clone();
     o.big_files = true;
     let d = compare(&e, &a, &o);
-    assert_no_diff(&format!("mount {} vs tar -x {}", mount.display(), expected.display()), &d);
+    assert_no_diff(
+        &format!("mount {} vs tar -x {}", mount.display(), expected.display()),
+        &d,
+    );
     e.entries.len()
 }

@@ -94,7 +94,7 @@ fn describe(cmd: &Command) -> String {
         let a = a.to_string_lossy();
         if a.len() > 300 {
             s.push_str(&a[..a.char_indices().nth(100).map(|x| x.0).unwrap_or(a.len())]);
-            s.push_str("…");
+            s.push('…');
         } else {
             s.push_str(&a);
         }
@@ -117,7 +117,9 @@ pub fn try_run_timeout(cmd: &mut Command, timeout: Duration) -> Result<Run, Stri
         .stdout(Stdio::from(out.try_clone().map_err(|e| e.to_string())?))
         .stderr(Stdio::from(err.try_clone().map_err(|e| e.to_string())?))
         .env_remove("RUST_LOG");
-    let mut child = cmd.spawn().map_err(|e| format!("cannot spawn {desc}: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot spawn {desc}: {e}"))?;
     let start = Instant::now();
     let status = loop {
         match child.try_wait() {
@@ -138,7 +140,12 @@ pub fn try_run_timeout(cmd: &mut Command, timeout: Duration) -> Result<Run, Stri
     out.read_to_end(&mut stdout).unwrap();
     err.seek(SeekFrom::Start(0)).unwrap();
     err.read_to_end(&mut stderr).unwrap();
-    Ok(Run { desc, status, stdout, stderr })
+    Ok(Run {
+        desc,
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 /// Runs a command (5 minute bound).
@@ -197,7 +204,9 @@ fn unescape_mountinfo(s: &str) -> PathBuf {
         if b[i] == b'\\' && i + 3 < b.len() {
             let oct = &b[i + 1..i + 4];
             if oct.iter().all(|c| (b'0'..=b'7').contains(c)) {
-                let v = (oct[0] - b'0') as u32 * 64 + (oct[1] - b'0') as u32 * 8 + (oct[2] - b'0') as u32;
+                let v = (oct[0] - b'0') as u32 * 64
+                    + (oct[1] - b'0') as u32 * 8
+                    + (oct[2] - b'0') as u32;
                 out.push(v as u8);
                 i += 4;
                 continue;
@@ -291,7 +300,11 @@ impl Mount {
         std::fs::create_dir_all(mnt).expect("create mountpoint");
         let mnt = mnt.canonicalize().expect("canonicalize mountpoint");
         let r = run_timeout(
-            Command::new(bin()).arg("mount").args(args).arg(archive).arg(&mnt),
+            Command::new(bin())
+                .arg("mount")
+                .args(args)
+                .arg(archive)
+                .arg(&mnt),
             Duration::from_secs(300),
         );
         if !r.ok() {
@@ -412,7 +425,10 @@ pub fn pids_with_arg(needle: &Path) -> Vec<u32> {
                 Ok(c) => c,
                 Err(_) => continue,
             };
-            if cmdline.split(|b| *b == 0).any(|arg| arg.windows(n.len().max(1)).any(|w| w == n)) {
+            if cmdline
+                .split(|b| *b == 0)
+                .any(|arg| arg.windows(n.len().max(1)).any(|w| w == n))
+            {
                 // zombies have an empty cmdline, so this is a live process
                 v.push(pid);
             }
@@ -555,7 +571,11 @@ while off < size:
     let mut v = Vec::new();
     for line in r.stdout_str().lines() {
         let parts: Vec<&str> = line.split_whitespace().collect();
-        assert!(parts[0] != "BAD", "lseek loop on {} made no progress: {line}", p.display());
+        assert!(
+            parts[0] != "BAD",
+            "lseek loop on {} made no progress: {line}",
+            p.display()
+        );
         v.push((parts[0].parse().unwrap(), parts[1].parse().unwrap()));
     }
     v
@@ -614,11 +634,25 @@ pub fn lines(s: &str) -> Vec<&str> {
 /// mentioning `needle`, and no panic.
 pub fn assert_one_line_error(r: &Run, needle: &str) {
     r.assert_fail();
-    assert!(r.status.code().is_some(), "{} was killed by a signal: {}", r.desc, r.status);
+    assert!(
+        r.status.code().is_some(),
+        "{} was killed by a signal: {}",
+        r.desc,
+        r.status
+    );
     let err = r.stderr_str();
     let l = lines(&err);
-    assert_eq!(l.len(), 1, "expected exactly one error line from `{}`, got:\n{err}", r.desc);
-    assert!(l[0].contains(needle), "error line {:?} does not name {needle:?}", l[0]);
+    assert_eq!(
+        l.len(),
+        1,
+        "expected exactly one error line from `{}`, got:\n{err}",
+        r.desc
+    );
+    assert!(
+        l[0].contains(needle),
+        "error line {:?} does not name {needle:?}",
+        l[0]
+    );
     assert!(!err.contains("panicked"), "panic in `{}`: {err}", r.desc);
 }
 
@@ -629,6 +663,11 @@ pub fn daemon_pid(mnt: &Path, archive: &Path) -> u32 {
         p = pids_with_arg(archive);
     }
     p.retain(|pid| process_alive(*pid));
-    assert_eq!(p.len(), 1, "expected exactly one snapfs daemon for {}, found pids {p:?}", mnt.display());
+    assert_eq!(
+        p.len(),
+        1,
+        "expected exactly one snapfs daemon for {}, found pids {p:?}",
+        mnt.display()
+    );
     p[0]
 }

@@ -1,59 +1,1791 @@
-//! STUB (being written): zran-style gzip checkpoints.
-#![allow(missing_docs, dead_code, unused, clippy::all)]
+//! Random access into gzip streams (zran-style seek tables).
+//!
+//! This module owns everything gzip-specific in snapfs:
+//!
+//! * [`GzipIndexer`] wraps the compressed byte stream of a `.tar.gz` during the
+//!   one sequential indexing pass. Its [`Read`] implementation yields the
+//!   uncompressed bytes (so the tar walker can run on top of it) while it
+//!   records a [`GzipCheckpoint`] at a deflate block boundary roughly every
+//!   `span_bytes` of output, and verifies the CRC-32/ISIZE trailer of every
+//!   gzip member (multi-member files such as `cat a.gz b.gz` are supported;
+//!   trailing zero padding is tolerated, any other trailing data is an error).
+//! * [`GzipSeekTable`] is the resulting list of seek points plus the total
+//!   uncompressed size, with a compact binary encoding ([`GzipSeekTable::encode`]
+//!   / [`GzipSeekTable::decode`]; decoding treats its input as untrusted).
+//! * [`decode_span`] decompresses one span (the bytes between two consecutive
+//!   checkpoints) from the `.gz` file using positional reads, so many threads
+//!   may decode different spans of the same open file concurrently.
+//!
+//! The technique is the one of zlib's `examples/zran.c`: inflate with
+//! `Z_BLOCK` so that inflate stops at every deflate block boundary; at such a
+//! boundary the decoder state is fully described by the bit position in the
+//! compressed stream plus the last 32 KiB of output (the window), which is what
+//! a checkpoint stores. Resuming means starting a raw inflate at that bit
+//! position (`inflatePrime` for the partial byte) with the window installed as
+//! the preset dictionary. Checkpoints at the start of a gzip member need no
+//! window; decoding restarts there in gzip mode.
+//!
+//! All zlib calls go through the pure-Rust `libz-rs-sys` C API, wrapped in the
+//! private `Inflater` type which keeps the `z_stream` boxed (zlib requires a
+//! stable address after `inflateInit2_`) and always calls `inflateEnd`.
+
+use std::ffi::{c_int, c_uint, CStr};
+use std::fs::File;
 use std::io::{self, Read};
+use std::mem::MaybeUninit;
+use std::os::unix::fs::FileExt;
+
+use libz_rs_sys as z;
+
+/// Size of the deflate window (the maximum back-reference distance).
+const WINDOW_SIZE: usize = 32 * 1024;
+/// Size of the compressed input chunks read from the underlying reader / file.
+const IN_CHUNK: usize = 256 * 1024;
+/// Size of the internal output buffer used to serve small `read` calls.
+const OUT_CHUNK: usize = 256 * 1024;
+/// `read` calls with at least this much room inflate directly into the
+/// caller's buffer instead of going through the internal output buffer.
+const DIRECT_THRESHOLD: usize = 32 * 1024;
+/// Largest first positional read in [`decode_span`].
+const MAX_SPAN_READ: usize = 8 * 1024 * 1024;
+/// Output is reserved in steps of at most this many bytes in [`decode_span`]
+/// (a hostile table may claim a huge span; memory grows only with real output).
+const OUT_RESERVE_STEP: usize = 16 * 1024 * 1024;
+/// `windowBits` for gzip-wrapped inflate (15-bit window, gzip header/trailer).
+const WBITS_GZIP: c_int = 31;
+/// `windowBits` for raw inflate (15-bit window, no header/trailer).
+const WBITS_RAW: c_int = -15;
+/// Magic bytes at the start of an encoded [`GzipSeekTable`].
+const TABLE_MAGIC: &[u8; 4] = b"GZST";
+/// Version of the encoding written by [`GzipSeekTable::encode`].
+const TABLE_VERSION: u8 = 1;
+/// Smallest possible encoded checkpoint: u64 + u64 + u8 + u8 + u32 + u32.
+const MIN_ENCODED_CHECKPOINT: usize = 8 + 8 + 1 + 1 + 4 + 4;
+/// Flag bit in the encoded checkpoint flags byte: checkpoint is a member start.
+const FLAG_MEMBER_START: u8 = 1;
+/// A few consecutive inflate calls that neither consume nor produce anything
+/// are normal at block boundaries; more than this means the stream is stuck.
+const MAX_STALLS: u32 = 4;
+
+/// One seek point.
+///
+/// A checkpoint describes where decompression can restart: at uncompressed
+/// offset `uncompressed`, the next compressed input byte is at file offset
+/// `compressed`, preceded by `bits` (0..8) not yet consumed high bits of the
+/// byte at `compressed - 1`, and the back-reference history is `window` (the
+/// last up to 32 KiB of output of the current gzip member).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GzipCheckpoint {
+    /// Uncompressed offset (from the start of the whole file's output).
     pub uncompressed: u64,
+    /// Compressed file offset of the next input byte.
     pub compressed: u64,
+    /// Number of unconsumed bits (0..8) in the byte at `compressed - 1`.
     pub bits: u8,
+    /// The checkpoint is at the start of a gzip member (`compressed` points at
+    /// its header); it has no window and no bits, and decoding restarts in
+    /// gzip mode.
     pub member_start: bool,
+    /// Last up to 32 KiB of uncompressed output of the current member
+    /// (empty for member starts).
     pub window: Vec<u8>,
 }
+
+/// All seek points of one gzip file plus its total uncompressed size.
+///
+/// Span `i` is the uncompressed range from checkpoint `i` to checkpoint
+/// `i + 1` (or to the end of the data for the last one). A table produced by
+/// [`GzipIndexer::finish`] or accepted by [`GzipSeekTable::decode`] always has
+/// at least one checkpoint, the first at uncompressed offset 0 and at a member
+/// start, with strictly increasing uncompressed offsets below
+/// `uncompressed_size` (an empty gzip file has one empty span).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GzipSeekTable {
+    /// The seek points, in increasing offset order.
     pub checkpoints: Vec<GzipCheckpoint>,
+    /// Total uncompressed size of all members.
     pub uncompressed_size: u64,
 }
+
 impl GzipSeekTable {
+    /// Number of spans (equal to the number of checkpoints).
     pub fn span_count(&self) -> usize {
         self.checkpoints.len()
     }
+
+    /// [start, end) uncompressed range of span i.
+    ///
+    /// An out-of-range `i` yields the empty range at the end of the data.
     pub fn span_range(&self, i: usize) -> (u64, u64) {
-        (0, 0)
+        let Some(cp) = self.checkpoints.get(i) else {
+            return (self.uncompressed_size, self.uncompressed_size);
+        };
+        let start = cp.uncompressed;
+        let end = i
+            .checked_add(1)
+            .and_then(|j| self.checkpoints.get(j))
+            .map_or(self.uncompressed_size, |next| next.uncompressed);
+        (start, end.max(start))
     }
+
+    /// Index of the span holding uncompressed offset `off` (binary search); None if off >= size.
     pub fn span_of(&self, off: u64) -> Option<usize> {
-        None
+        if off >= self.uncompressed_size {
+            return None;
+        }
+        self.checkpoints
+            .partition_point(|cp| cp.uncompressed <= off)
+            .checked_sub(1)
     }
+
+    /// Length of the longest span (0 for an empty table).
     pub fn max_span_len(&self) -> u64 {
-        0
+        (0..self.span_count())
+            .map(|i| {
+                let (start, end) = self.span_range(i);
+                end - start
+            })
+            .max()
+            .unwrap_or(0)
     }
-    pub fn encode(&self, out: &mut Vec<u8>) {}
+
+    /// Serialize (little-endian, windows deflate-compressed individually) appending to `out`.
+    ///
+    /// Layout: magic `GZST`, version byte (1), `uncompressed_size: u64`,
+    /// `count: u64`, then per checkpoint `uncompressed: u64`, `compressed: u64`,
+    /// `bits: u8`, `flags: u8` (bit 0 = member start), `window_len: u32`,
+    /// `deflated_len: u32` and `deflated_len` bytes of raw deflate data that
+    /// inflate to the window (nothing when the window is empty).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(TABLE_MAGIC);
+        out.push(TABLE_VERSION);
+        out.extend_from_slice(&self.uncompressed_size.to_le_bytes());
+        out.extend_from_slice(&(self.checkpoints.len() as u64).to_le_bytes());
+        let mut compressor = flate2::Compress::new(flate2::Compression::new(3), false);
+        let mut deflated = Vec::new();
+        for cp in &self.checkpoints {
+            out.extend_from_slice(&cp.uncompressed.to_le_bytes());
+            out.extend_from_slice(&cp.compressed.to_le_bytes());
+            out.push(cp.bits);
+            out.push(if cp.member_start {
+                FLAG_MEMBER_START
+            } else {
+                0
+            });
+            // Windows are at most 32 KiB in any table this module produces;
+            // a (nonsensical) longer window is truncated to its last u32::MAX
+            // bytes here and rejected by `decode`.
+            let window_len = u32::try_from(cp.window.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&window_len.to_le_bytes());
+            deflated.clear();
+            if !cp.window.is_empty() {
+                compressor.reset();
+                deflate_all(&mut compressor, &cp.window, &mut deflated);
+            }
+            let deflated_len = u32::try_from(deflated.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&deflated_len.to_le_bytes());
+            out.extend_from_slice(&deflated);
+        }
+    }
+
+    /// Parse what [`GzipSeekTable::encode`] wrote.
+    ///
+    /// The bytes are treated as untrusted (a corrupt or hostile index file):
+    /// this never panics, never allocates more than the input length
+    /// justifies (checkpoint counts are bounded by the remaining input,
+    /// windows are capped at 32 KiB), and checks that offsets are monotonic,
+    /// `bits < 8`, and the invariants documented on [`GzipSeekTable`] hold.
+    /// `bytes` must be exactly what `encode` appended; trailing bytes are an
+    /// error. The error string describes the problem.
     pub fn decode(bytes: &[u8]) -> Result<GzipSeekTable, String> {
-        Err("stub".into())
+        let mut r = ByteReader { rest: bytes };
+        if r.take(TABLE_MAGIC.len())? != TABLE_MAGIC {
+            return Err("gzip seek table: bad magic".into());
+        }
+        let version = r.u8()?;
+        if version != TABLE_VERSION {
+            return Err(format!("gzip seek table: unsupported version {version}"));
+        }
+        let uncompressed_size = r.u64()?;
+        let count = r.u64()?;
+        let max_count = r.rest.len() / MIN_ENCODED_CHECKPOINT;
+        let count = usize::try_from(count)
+            .ok()
+            .filter(|&c| c <= max_count)
+            .ok_or_else(|| {
+                format!(
+                    "gzip seek table: checkpoint count {count} exceeds what {} remaining bytes can hold",
+                    r.rest.len()
+                )
+            })?;
+        if count == 0 {
+            return Err("gzip seek table: no checkpoints".into());
+        }
+        let mut checkpoints: Vec<GzipCheckpoint> = Vec::with_capacity(count);
+        let mut decompressor = flate2::Decompress::new(false);
+        for i in 0..count {
+            let uncompressed = r.u64()?;
+            let compressed = r.u64()?;
+            let bits = r.u8()?;
+            let flags = r.u8()?;
+            let window_len = r.u32()? as usize;
+            let deflated_len = r.u32()? as usize;
+            let deflated = r.take(deflated_len)?;
+            let bad = |what: &str| format!("gzip seek table: checkpoint {i}: {what}");
+            if flags & !FLAG_MEMBER_START != 0 {
+                return Err(bad(&format!("unknown flags {flags:#x}")));
+            }
+            let member_start = flags & FLAG_MEMBER_START != 0;
+            if bits >= 8 {
+                return Err(bad(&format!("bit count {bits} is not below 8")));
+            }
+            if window_len > WINDOW_SIZE {
+                return Err(bad(&format!("window length {window_len} exceeds 32 KiB")));
+            }
+            if member_start && (bits != 0 || window_len != 0) {
+                return Err(bad("member start with bits or window"));
+            }
+            if bits > 0 && compressed == 0 {
+                return Err(bad("bits set at compressed offset 0"));
+            }
+            if window_len as u64 > uncompressed {
+                return Err(bad("window longer than the preceding output"));
+            }
+            if let Some(prev) = checkpoints.last() {
+                if uncompressed <= prev.uncompressed {
+                    return Err(bad("uncompressed offsets not increasing"));
+                }
+                if compressed < prev.compressed {
+                    return Err(bad("compressed offsets decreasing"));
+                }
+                if uncompressed >= uncompressed_size {
+                    return Err(bad("offset beyond the uncompressed size"));
+                }
+            } else if uncompressed != 0 || !member_start {
+                return Err(bad("first checkpoint is not a member start at offset 0"));
+            }
+            let window = if window_len == 0 {
+                if deflated_len != 0 {
+                    return Err(bad("data for an empty window"));
+                }
+                Vec::new()
+            } else {
+                inflate_window(&mut decompressor, deflated, window_len).map_err(|e| bad(&e))?
+            };
+            checkpoints.push(GzipCheckpoint {
+                uncompressed,
+                compressed,
+                bits,
+                member_start,
+                window,
+            });
+        }
+        if !r.rest.is_empty() {
+            return Err(format!("gzip seek table: {} trailing bytes", r.rest.len()));
+        }
+        Ok(GzipSeekTable {
+            checkpoints,
+            uncompressed_size,
+        })
     }
 }
+
+/// Compress `data` completely into `out` as one raw deflate stream.
+fn deflate_all(compressor: &mut flate2::Compress, data: &[u8], out: &mut Vec<u8>) {
+    out.reserve(data.len() + data.len() / 8 + 64);
+    loop {
+        let consumed = usize::try_from(compressor.total_in()).unwrap_or(usize::MAX);
+        let input = data.get(consumed..).unwrap_or(&[]);
+        match compressor.compress_vec(input, out, flate2::FlushCompress::Finish) {
+            Ok(flate2::Status::StreamEnd) => return,
+            Ok(_) => out.reserve(out.capacity().max(1024)),
+            // Cannot happen for a well-formed stream object; an empty window
+            // in the encoding is still self-consistent if it ever did.
+            Err(_) => {
+                out.clear();
+                return;
+            }
+        }
+    }
+}
+
+/// Inflate one encoded window, which must decode to exactly `len` bytes.
+fn inflate_window(
+    decompressor: &mut flate2::Decompress,
+    deflated: &[u8],
+    len: usize,
+) -> Result<Vec<u8>, String> {
+    decompressor.reset(false);
+    // One spare byte so that a window longer than declared is detected.
+    let mut window = Vec::with_capacity(len + 1);
+    match decompressor.decompress_vec(deflated, &mut window, flate2::FlushDecompress::Finish) {
+        Ok(flate2::Status::StreamEnd) => {}
+        Ok(_) => return Err("window data is truncated or too long".into()),
+        Err(e) => return Err(format!("corrupt window data: {e}")),
+    }
+    if window.len() != len {
+        return Err(format!(
+            "window inflates to {} bytes, expected {len}",
+            window.len()
+        ));
+    }
+    if decompressor.total_in() != deflated.len() as u64 {
+        return Err("garbage after window data".into());
+    }
+    Ok(window)
+}
+
+/// Bounds-checked little-endian reader over untrusted bytes.
+struct ByteReader<'a> {
+    /// Bytes not yet consumed.
+    rest: &'a [u8],
+}
+
+impl<'a> ByteReader<'a> {
+    /// Take the next `n` bytes or fail with a "truncated" error.
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.rest.len() < n {
+            return Err("gzip seek table: truncated".into());
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    /// Take `N` bytes as an array.
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+
+    /// Read one byte.
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    /// Read a little-endian u32.
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    /// Read a little-endian u64.
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+}
+
+/// Result of one `inflate` call.
+struct Step {
+    /// zlib return code.
+    ret: c_int,
+    /// Input bytes consumed (moved into inflate's bit buffer or state).
+    consumed: usize,
+    /// Output bytes produced.
+    produced: usize,
+}
+
+/// Owned zlib inflate stream; the `z_stream` is boxed so that its address never
+/// changes after `inflateInit2_`, and `inflateEnd` runs on drop.
+struct Inflater {
+    /// The initialized stream. `next_in`/`next_out` only point at caller
+    /// buffers for the duration of one `inflate` call and are reset to null
+    /// afterwards.
+    strm: Box<z::z_stream>,
+}
+
+impl Inflater {
+    /// `inflateInit2_` with the given `windowBits`.
+    fn new(window_bits: c_int) -> io::Result<Self> {
+        let mut strm = Box::new(z::z_stream::default());
+        // SAFETY: `strm` is a default-initialized z_stream (null buffers,
+        // allocator fields valid) living in a Box, so its address is stable
+        // for the lifetime of the stream; the version string is the library's
+        // own NUL-terminated version and the size is that of the struct the
+        // library defines.
+        let ret = unsafe {
+            z::inflateInit2_(
+                &mut *strm,
+                window_bits,
+                z::zlibVersion(),
+                std::mem::size_of::<z::z_stream>() as c_int,
+            )
+        };
+        if ret != z::Z_OK {
+            // Not initialized: nothing to inflateEnd, the Box is simply freed.
+            return Err(io::Error::other(format!("inflateInit2 failed ({ret})")));
+        }
+        Ok(Inflater { strm })
+    }
+
+    /// Run `inflate` on `input` writing into `out_ptr[..out_len]`.
+    ///
+    /// # Safety
+    /// `out_ptr` must be valid for writes of `out_len` bytes (they may be
+    /// uninitialized) for the duration of the call.
+    unsafe fn run(&mut self, input: &[u8], out_ptr: *mut u8, out_len: usize, flush: c_int) -> Step {
+        let in_len = input.len().min(c_uint::MAX as usize);
+        let out_len = out_len.min(c_uint::MAX as usize);
+        self.strm.next_in = input.as_ptr();
+        self.strm.avail_in = in_len as c_uint;
+        self.strm.next_out = out_ptr;
+        self.strm.avail_out = out_len as c_uint;
+        // SAFETY: the stream was initialized by inflateInit2_ and has not
+        // moved (boxed); next_in/avail_in describe the live `input` slice and
+        // next_out/avail_out a writable region per this function's contract.
+        let ret = unsafe { z::inflate(&mut *self.strm, flush) };
+        let consumed = in_len.saturating_sub(self.strm.avail_in as usize);
+        let produced = out_len.saturating_sub(self.strm.avail_out as usize);
+        self.strm.next_in = std::ptr::null();
+        self.strm.avail_in = 0;
+        self.strm.next_out = std::ptr::null_mut();
+        self.strm.avail_out = 0;
+        Step {
+            ret,
+            consumed,
+            produced,
+        }
+    }
+
+    /// Inflate into an initialized buffer.
+    fn inflate(&mut self, input: &[u8], out: &mut [u8], flush: c_int) -> Step {
+        // SAFETY: `out` is a valid mutable slice for the whole call.
+        unsafe { self.run(input, out.as_mut_ptr(), out.len(), flush) }
+    }
+
+    /// Inflate into possibly uninitialized memory; the first `produced` bytes
+    /// of `out` are initialized afterwards.
+    fn inflate_uninit(&mut self, input: &[u8], out: &mut [MaybeUninit<u8>], flush: c_int) -> Step {
+        // SAFETY: `out` is valid for writes of its length; inflate only writes
+        // (never reads) the output region.
+        unsafe { self.run(input, out.as_mut_ptr().cast::<u8>(), out.len(), flush) }
+    }
+
+    /// `strm.data_type`: bits held (low 6 bits), 64 = last block seen,
+    /// 128 = at a block boundary.
+    fn data_type(&self) -> c_int {
+        self.strm.data_type
+    }
+
+    /// The library's error message for the last call, if any.
+    fn msg(&self) -> String {
+        if self.strm.msg.is_null() {
+            return String::new();
+        }
+        // SAFETY: zlib only ever stores pointers to static NUL-terminated
+        // strings in `msg`.
+        unsafe { CStr::from_ptr(self.strm.msg) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// `inflatePrime`: feed `bits` low bits of `value` before the next input.
+    fn prime(&mut self, bits: u8, value: u8) -> io::Result<()> {
+        // SAFETY: the stream is initialized and boxed.
+        let ret =
+            unsafe { z::inflatePrime(&mut *self.strm, c_int::from(bits), c_int::from(value)) };
+        check_ok(ret, "inflatePrime")
+    }
+
+    /// `inflateSetDictionary` (raw mode only).
+    fn set_dictionary(&mut self, dict: &[u8]) -> io::Result<()> {
+        let len = c_uint::try_from(dict.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "window too large"))?;
+        // SAFETY: the stream is initialized and boxed; `dict` is a live slice
+        // of `len` bytes which inflate copies before returning.
+        let ret = unsafe { z::inflateSetDictionary(&mut *self.strm, dict.as_ptr(), len) };
+        check_ok(ret, "inflateSetDictionary")
+    }
+
+    /// Copy the current sliding window (last up to 32 KiB of output) into `out`.
+    fn get_dictionary(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
+        let mut len: c_uint = 0;
+        // SAFETY: a null dictionary pointer only queries the length.
+        let ret = unsafe { z::inflateGetDictionary(&*self.strm, std::ptr::null_mut(), &mut len) };
+        check_ok(ret, "inflateGetDictionary")?;
+        let len = len as usize;
+        if len > WINDOW_SIZE {
+            return Err(io::Error::other("inflate window larger than 32 KiB"));
+        }
+        let mut buf = vec![0u8; len];
+        let mut got: c_uint = 0;
+        // SAFETY: `buf` has room for `len` bytes, the exact dictionary length
+        // just reported by the same (unchanged) stream.
+        let ret = unsafe { z::inflateGetDictionary(&*self.strm, buf.as_mut_ptr(), &mut got) };
+        check_ok(ret, "inflateGetDictionary")?;
+        if got as usize != len {
+            return Err(io::Error::other("inflate window length changed"));
+        }
+        *out = buf;
+        Ok(())
+    }
+
+    /// `inflateReset`: start a new stream with the same parameters.
+    fn reset(&mut self) -> io::Result<()> {
+        // SAFETY: the stream is initialized and boxed.
+        let ret = unsafe { z::inflateReset(&mut *self.strm) };
+        check_ok(ret, "inflateReset")
+    }
+
+    /// `inflateReset2`: start a new stream with a different `windowBits`.
+    fn reset2(&mut self, window_bits: c_int) -> io::Result<()> {
+        // SAFETY: the stream is initialized and boxed.
+        let ret = unsafe { z::inflateReset2(&mut *self.strm, window_bits) };
+        check_ok(ret, "inflateReset2")
+    }
+}
+
+// SAFETY: the z_stream and the inflate state it points to are exclusively
+// owned by this Inflater (allocated through the Rust global allocator, no
+// thread-local data), and next_in/next_out never point at borrowed buffers
+// between calls, so moving the Inflater to another thread is sound.
+unsafe impl Send for Inflater {}
+
+impl Drop for Inflater {
+    fn drop(&mut self) {
+        // SAFETY: the stream was successfully initialized (an Inflater only
+        // exists after inflateInit2_ returned Z_OK) and is ended exactly once.
+        unsafe {
+            z::inflateEnd(&mut *self.strm);
+        }
+    }
+}
+
+/// Map a non-`Z_OK` return of a setup call to an error.
+fn check_ok(ret: c_int, what: &str) -> io::Result<()> {
+    if ret == z::Z_OK {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("{what} failed ({ret})")))
+    }
+}
+
+/// Error for a failed `inflate` call.
+fn inflate_error(inf: &Inflater, ret: c_int, offset: u64) -> io::Error {
+    let msg = inf.msg();
+    let what = match ret {
+        z::Z_NEED_DICT => "unexpected preset dictionary".to_string(),
+        z::Z_MEM_ERROR => "out of memory".to_string(),
+        _ if msg.is_empty() => format!("inflate error {ret}"),
+        _ => msg,
+    };
+    let kind = if ret == z::Z_MEM_ERROR {
+        io::ErrorKind::OutOfMemory
+    } else {
+        io::ErrorKind::InvalidData
+    };
+    io::Error::new(
+        kind,
+        format!("corrupt gzip data near compressed offset {offset}: {what}"),
+    )
+}
+
+/// Error for offset arithmetic that would overflow.
+fn overflow() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "gzip offset overflow")
+}
+
+/// Where the [`GzipIndexer`] is in the gzip container format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum IndexState {
+    /// Inside a member (header, deflate data or trailer).
+    Member,
+    /// A member just ended; the next byte decides what follows.
+    Between,
+    /// Trailing zero padding; only zero bytes may follow until EOF.
+    Zeros,
+    /// End of input reached cleanly.
+    Done,
+}
+
+/// Wraps the compressed byte stream; `Read` yields the uncompressed bytes while recording checkpoints every `span_bytes` of output.
 pub struct GzipIndexer<R: Read> {
+    /// Compressed input.
     inner: R,
+    /// The gzip-mode inflater (None if initialization failed; the error is
+    /// then in `error`).
+    inf: Option<Inflater>,
+    /// Minimum uncompressed distance between checkpoints.
+    span: u64,
+    /// Compressed input buffer.
+    inbuf: Box<[u8]>,
+    /// Next unconsumed byte in `inbuf`.
+    in_pos: usize,
+    /// End of valid data in `inbuf`.
+    in_end: usize,
+    /// Compressed offset of `inbuf[0]`.
+    in_base: u64,
+    /// The inner reader reported end of input.
+    in_eof: bool,
+    /// Output buffer for small reads (allocated on first use).
+    outbuf: Vec<u8>,
+    /// Next byte of `outbuf` to hand out.
+    out_pos: usize,
+    /// End of buffered output in `outbuf`.
+    out_end: usize,
+    /// Uncompressed bytes produced so far.
+    total_out: u64,
+    /// Uncompressed bytes produced by the current member.
+    member_out: u64,
+    /// Uncompressed offset of the last checkpoint.
+    last_cp: u64,
+    /// Checkpoints recorded so far.
+    checkpoints: Vec<GzipCheckpoint>,
+    /// Container state.
+    state: IndexState,
+    /// Sticky error: once the stream failed, every later call fails the same way.
+    error: Option<(io::ErrorKind, String)>,
 }
+
 impl<R: Read> GzipIndexer<R> {
+    /// Start indexing `inner` (positioned at the start of the gzip file),
+    /// recording a checkpoint at the first deflate block boundary after every
+    /// `span_bytes` (at least 1) of uncompressed output.
     pub fn new(inner: R, span_bytes: u64) -> Self {
-        GzipIndexer { inner }
+        let (inf, error) = match Inflater::new(WBITS_GZIP) {
+            Ok(inf) => (Some(inf), None),
+            Err(e) => (None, Some((e.kind(), e.to_string()))),
+        };
+        GzipIndexer {
+            inner,
+            inf,
+            span: span_bytes.max(1),
+            inbuf: vec![0u8; IN_CHUNK].into_boxed_slice(),
+            in_pos: 0,
+            in_end: 0,
+            in_base: 0,
+            in_eof: false,
+            outbuf: Vec::new(),
+            out_pos: 0,
+            out_end: 0,
+            total_out: 0,
+            member_out: 0,
+            last_cp: 0,
+            checkpoints: vec![GzipCheckpoint {
+                uncompressed: 0,
+                compressed: 0,
+                bits: 0,
+                member_start: true,
+                window: Vec::new(),
+            }],
+            state: IndexState::Member,
+            error,
+        }
     }
-    pub fn finish(self) -> io::Result<GzipSeekTable> {
-        Err(io::Error::other("stub"))
+
+    /// Finish indexing and return the seek table; call after reading to EOF.
+    ///
+    /// If the caller stopped reading early, the rest of the input is drained
+    /// (decompressed, verified and indexed) first. Fails with the error that
+    /// made the stream invalid (corrupt or truncated data, CRC/length
+    /// mismatch, trailing garbage), with the compressed offset in the message.
+    pub fn finish(mut self) -> io::Result<GzipSeekTable> {
+        self.out_pos = 0;
+        self.out_end = 0;
+        let mut scratch = std::mem::take(&mut self.outbuf);
+        scratch.resize(OUT_CHUNK, 0);
+        while self.fill(&mut scratch)? > 0 {}
+        let size = self.total_out;
+        let mut checkpoints = self.checkpoints;
+        // Boundaries followed only by empty blocks or empty members can yield
+        // checkpoints at the very end; they would describe empty spans.
+        while checkpoints.len() > 1 && checkpoints.last().is_some_and(|c| c.uncompressed >= size) {
+            checkpoints.pop();
+        }
+        Ok(GzipSeekTable {
+            checkpoints,
+            uncompressed_size: size,
+        })
     }
+
+    /// Compressed bytes consumed so far (for a progress bar).
     pub fn compressed_position(&self) -> u64 {
-        0
+        self.in_base.saturating_add(self.in_pos as u64)
+    }
+
+    /// Absolute compressed offset of the next unconsumed input byte.
+    fn in_offset(&self) -> io::Result<u64> {
+        self.in_base
+            .checked_add(self.in_pos as u64)
+            .ok_or_else(overflow)
+    }
+
+    /// Refill the (fully consumed) input buffer; returns false at EOF.
+    fn refill(&mut self) -> io::Result<bool> {
+        self.in_base = self.in_offset()?;
+        self.in_pos = 0;
+        self.in_end = 0;
+        loop {
+            match self.inner.read(&mut self.inbuf) {
+                Ok(n) => {
+                    self.in_end = n.min(self.inbuf.len());
+                    return Ok(n > 0);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Produce uncompressed bytes into `dst`, remembering any error.
+    /// Returns 0 only at the clean end of the input (or for an empty `dst`).
+    fn fill(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        if let Some((kind, msg)) = &self.error {
+            return Err(io::Error::new(*kind, msg.clone()));
+        }
+        match self.fill_inner(dst) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                // Input I/O errors that may be transient are not sticky.
+                if e.kind() != io::ErrorKind::Interrupted && e.kind() != io::ErrorKind::WouldBlock {
+                    self.error = Some((e.kind(), e.to_string()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The indexing state machine; see [`GzipIndexer::fill`].
+    fn fill_inner(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        let mut produced = 0usize;
+        let mut stalls = 0u32;
+        let mut last_dt: c_int = -1;
+        while produced < dst.len() {
+            if self.in_pos == self.in_end && !self.in_eof && self.state != IndexState::Done {
+                // Never block on more input once we have something to return.
+                if produced > 0 {
+                    break;
+                }
+                if !self.refill()? {
+                    self.in_eof = true;
+                }
+                continue;
+            }
+            // From here on, an empty input buffer means end of input.
+            let at_eof = self.in_pos == self.in_end;
+            match self.state {
+                IndexState::Done => break,
+                IndexState::Zeros | IndexState::Between if at_eof => {
+                    self.state = IndexState::Done;
+                    break;
+                }
+                IndexState::Zeros => {
+                    let rest = &self.inbuf[self.in_pos..self.in_end];
+                    if let Some(p) = rest.iter().position(|&b| b != 0) {
+                        let at = self
+                            .in_offset()?
+                            .checked_add(p as u64)
+                            .ok_or_else(overflow)?;
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("trailing garbage after gzip data at compressed offset {at}"),
+                        ));
+                    }
+                    self.in_pos = self.in_end;
+                }
+                IndexState::Between => match self.inbuf[self.in_pos] {
+                    0x1f => {
+                        if self.total_out - self.last_cp >= self.span {
+                            let compressed = self.in_offset()?;
+                            self.checkpoints.push(GzipCheckpoint {
+                                uncompressed: self.total_out,
+                                compressed,
+                                bits: 0,
+                                member_start: true,
+                                window: Vec::new(),
+                            });
+                            self.last_cp = self.total_out;
+                        }
+                        self.inflater()?.reset()?;
+                        self.member_out = 0;
+                        self.state = IndexState::Member;
+                    }
+                    0 => self.state = IndexState::Zeros,
+                    _ => {
+                        let at = self.in_offset()?;
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("trailing garbage after gzip member at compressed offset {at}"),
+                        ));
+                    }
+                },
+                IndexState::Member => {
+                    let (in_pos, in_end) = (self.in_pos, self.in_end);
+                    let inf = self
+                        .inf
+                        .as_mut()
+                        .ok_or_else(|| io::Error::other("no inflater"))?;
+                    let step = inf.inflate(
+                        &self.inbuf[in_pos..in_end],
+                        &mut dst[produced..],
+                        z::Z_BLOCK,
+                    );
+                    self.in_pos = in_pos + step.consumed.min(in_end - in_pos);
+                    produced += step.produced;
+                    let n = step.produced as u64;
+                    self.total_out = self.total_out.checked_add(n).ok_or_else(overflow)?;
+                    self.member_out += n;
+                    match step.ret {
+                        z::Z_OK | z::Z_BUF_ERROR => {
+                            // At end of input inflate may still hold bits and
+                            // pending output, so keep calling it until it
+                            // visibly stops changing state.
+                            let dt = self.inflater()?.data_type();
+                            if step.consumed == 0 && step.produced == 0 && dt == last_dt {
+                                stalls += 1;
+                                if stalls > MAX_STALLS {
+                                    return Err(self.stuck_error(at_eof)?);
+                                }
+                            } else {
+                                stalls = 0;
+                            }
+                            last_dt = dt;
+                            if dt & 128 != 0
+                                && dt & 64 == 0
+                                && self.member_out > 0
+                                && self.total_out - self.last_cp >= self.span
+                            {
+                                self.checkpoint(dt)?;
+                            }
+                        }
+                        z::Z_STREAM_END => {
+                            // Give back whole bytes still held in the bit
+                            // buffer (normally none after the trailer).
+                            let held = (self.inflater()?.data_type() & 63) as usize / 8;
+                            if held > self.in_pos {
+                                return Err(io::Error::other(
+                                    "inflate holds bytes from a previous buffer",
+                                ));
+                            }
+                            self.in_pos -= held;
+                            self.state = IndexState::Between;
+                        }
+                        ret => {
+                            let at = self.in_offset()?;
+                            let first_header = self.total_out == 0
+                                && self.checkpoints.len() == 1
+                                && self.in_base == 0;
+                            let inf = self.inflater()?;
+                            let msg = inf.msg();
+                            if first_header && msg.contains("header") {
+                                return Err(io::Error::new(
+                                    io::ErrorKind::InvalidData,
+                                    format!("not a gzip stream ({msg}) at compressed offset 0"),
+                                ));
+                            }
+                            return Err(inflate_error(inf, ret, at));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(produced)
+    }
+
+    /// Error for an inflate that stopped making progress (truncated input
+    /// when at end of input).
+    fn stuck_error(&self, at_eof: bool) -> io::Result<io::Error> {
+        let at = self.in_offset()?;
+        Ok(if !at_eof {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("inflate made no progress at compressed offset {at}"),
+            )
+        } else if at == 0 {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "not a gzip stream (empty input)",
+            )
+        } else {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("truncated gzip stream at compressed offset {at}"),
+            )
+        })
+    }
+
+    /// The inflater, or an error if initialization failed.
+    fn inflater(&mut self) -> io::Result<&mut Inflater> {
+        self.inf
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no inflater"))
+    }
+
+    /// Record a checkpoint at the block boundary the inflater stopped at;
+    /// `dt` is its `data_type`.
+    fn checkpoint(&mut self, dt: c_int) -> io::Result<()> {
+        let held = (dt & 63) as u64;
+        let bitpos = self
+            .in_offset()?
+            .checked_mul(8)
+            .and_then(|b| b.checked_sub(held))
+            .ok_or_else(overflow)?;
+        let compressed = bitpos.div_ceil(8);
+        // 0..=7 by construction.
+        let bits = (compressed * 8 - bitpos) as u8;
+        let mut window = Vec::new();
+        self.inflater()?.get_dictionary(&mut window)?;
+        self.checkpoints.push(GzipCheckpoint {
+            uncompressed: self.total_out,
+            compressed,
+            bits,
+            member_start: false,
+            window,
+        });
+        self.last_cp = self.total_out;
+        Ok(())
     }
 }
+
 impl<R: Read> Read for GzipIndexer<R> {
-    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
-        Err(io::Error::other("stub"))
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.out_pos < self.out_end {
+            let n = buf.len().min(self.out_end - self.out_pos);
+            buf[..n].copy_from_slice(&self.outbuf[self.out_pos..self.out_pos + n]);
+            self.out_pos += n;
+            return Ok(n);
+        }
+        if buf.len() >= DIRECT_THRESHOLD {
+            return self.fill(buf);
+        }
+        let mut ob = std::mem::take(&mut self.outbuf);
+        if ob.len() < OUT_CHUNK {
+            ob.resize(OUT_CHUNK, 0);
+        }
+        let res = self.fill(&mut ob);
+        self.outbuf = ob;
+        let got = res?;
+        self.out_pos = 0;
+        self.out_end = got;
+        let n = buf.len().min(got);
+        buf[..n].copy_from_slice(&self.outbuf[..n]);
+        self.out_pos = n;
+        Ok(n)
     }
 }
+
+/// Positional, buffered reader over the compressed file for [`decode_span`].
+struct FileInput<'a> {
+    /// The gzip file.
+    file: &'a File,
+    /// Buffered compressed bytes.
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    base: u64,
+    /// Next unconsumed byte in `buf`.
+    pos: usize,
+    /// End of valid data in `buf`.
+    end: usize,
+}
+
+impl FileInput<'_> {
+    /// Absolute offset of the next unconsumed byte.
+    fn offset(&self) -> io::Result<u64> {
+        self.base.checked_add(self.pos as u64).ok_or_else(overflow)
+    }
+
+    /// The unconsumed buffered bytes.
+    fn avail(&self) -> &[u8] {
+        &self.buf[self.pos..self.end]
+    }
+
+    /// Consume `n` buffered bytes.
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.end);
+    }
+
+    /// Move to absolute offset `at` (keeping buffered data when possible).
+    fn seek(&mut self, at: u64) {
+        if at >= self.base && at - self.base <= self.end as u64 {
+            self.pos = (at - self.base) as usize;
+        } else {
+            self.base = at;
+            self.pos = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Read more input at the current offset; returns false at end of file.
+    fn refill(&mut self) -> io::Result<bool> {
+        self.base = self.offset()?;
+        self.pos = 0;
+        self.end = 0;
+        loop {
+            match self.file.read_at(&mut self.buf, self.base) {
+                Ok(n) => {
+                    self.end = n.min(self.buf.len());
+                    return Ok(n > 0);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// Decode span `i` of the gzip file `file` into `out`.
+///
+/// `out` is cleared first and holds exactly `table.span_range(i)` bytes on
+/// success. Only positional reads (`FileExt::read_at`) are used, so this may
+/// be called concurrently from many threads on one `&File`. Errors (span out
+/// of range, I/O errors, truncated or corrupt data, or a table that does not
+/// match the file) are `io::Error`s whose message includes the compressed
+/// offset. A span may cross gzip member boundaries; CRCs are not checked here
+/// (the indexing pass verified them).
 pub fn decode_span(
-    file: &std::fs::File,
+    file: &File,
     table: &GzipSeekTable,
     i: usize,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
-    Err(io::Error::other("stub"))
+    out.clear();
+    let cp = table.checkpoints.get(i).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("gzip span {i} out of range ({} spans)", table.span_count()),
+        )
+    })?;
+    let (start, end) = table.span_range(i);
+    let want = usize::try_from(end - start)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "gzip span too large"))?;
+    if want == 0 {
+        return Ok(());
+    }
+    if cp.bits >= 8 || cp.window.len() > WINDOW_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "invalid gzip checkpoint",
+        ));
+    }
+
+    // Size the first read to cover the whole span when the next checkpoint
+    // tells us where it ends.
+    let first_read = table
+        .checkpoints
+        .get(i + 1)
+        .and_then(|next| next.compressed.checked_sub(cp.compressed))
+        .and_then(|len| usize::try_from(len).ok())
+        .map_or(IN_CHUNK, |len| {
+            len.saturating_add(64).clamp(64 * 1024, MAX_SPAN_READ)
+        });
+    let mut input = FileInput {
+        file,
+        buf: vec![0u8; first_read],
+        base: cp.compressed,
+        pos: 0,
+        end: 0,
+    };
+
+    let mut inf;
+    if cp.member_start {
+        inf = Inflater::new(WBITS_GZIP)?;
+    } else {
+        inf = Inflater::new(WBITS_RAW)?;
+        if cp.bits > 0 {
+            let at = cp.compressed.checked_sub(1).ok_or_else(overflow)?;
+            let mut byte = [0u8; 1];
+            file.read_exact_at(&mut byte, at).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("reading gzip data at compressed offset {at}: {e}"),
+                )
+            })?;
+            inf.prime(cp.bits, byte[0] >> (8 - cp.bits))?;
+        }
+        if !cp.window.is_empty() {
+            inf.set_dictionary(&cp.window)?;
+        }
+    }
+    let mut raw = !cp.member_start;
+
+    out.reserve(want.min(OUT_RESERVE_STEP));
+    let mut stalls = 0u32;
+    let mut last_dt: c_int = -1;
+    let mut eof = false;
+    while out.len() < want {
+        if input.avail().is_empty() && !eof && !input.refill()? {
+            // Inflate may still hold the last bits and pending output; the
+            // stall check below reports truncation once it stops changing.
+            eof = true;
+        }
+        if out.capacity() == out.len() {
+            out.reserve((want - out.len()).min(OUT_RESERVE_STEP));
+        }
+        let room = want - out.len();
+        let spare = out.spare_capacity_mut();
+        let spare_len = spare.len().min(room);
+        let step = inf.inflate_uninit(input.avail(), &mut spare[..spare_len], z::Z_NO_FLUSH);
+        let produced = step.produced.min(spare_len);
+        // SAFETY: inflate initialized the first `produced` bytes of the spare
+        // capacity, and `produced` does not exceed it.
+        unsafe { out.set_len(out.len() + produced) };
+        input.consume(step.consumed);
+        match step.ret {
+            z::Z_OK | z::Z_BUF_ERROR => {
+                let dt = inf.data_type();
+                if step.consumed == 0 && produced == 0 && dt == last_dt {
+                    stalls += 1;
+                    if stalls > MAX_STALLS {
+                        let at = input.offset()?;
+                        return Err(if eof {
+                            io::Error::new(
+                                io::ErrorKind::UnexpectedEof,
+                                format!(
+                                    "truncated gzip stream at compressed offset {at} (span {i})"
+                                ),
+                            )
+                        } else {
+                            io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                format!(
+                                    "inflate made no progress at compressed offset {at} (span {i})"
+                                ),
+                            )
+                        });
+                    }
+                } else {
+                    stalls = 0;
+                }
+                last_dt = dt;
+            }
+            z::Z_STREAM_END => {
+                if out.len() >= want {
+                    break;
+                }
+                // The member ended inside the span: continue with the next
+                // member. Give back whole bytes held in the bit buffer, skip
+                // the 8-byte trailer if raw inflate left it unread.
+                let held = (inf.data_type() & 63) as u64 / 8;
+                let mut next = input.offset()?.checked_sub(held).ok_or_else(overflow)?;
+                if raw {
+                    next = next.checked_add(8).ok_or_else(overflow)?;
+                }
+                input.seek(next);
+                eof = false;
+                stalls = 0;
+                last_dt = -1;
+                inf.reset2(WBITS_GZIP)?;
+                raw = false;
+            }
+            ret => return Err(inflate_error(&inf, ret, input.offset()?)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::write::GzEncoder;
+    use flate2::Compression;
+    use std::io::Write;
+    use std::sync::OnceLock;
+
+    const MIB: u64 = 1024 * 1024;
+
+    /// Deterministic, semi-compressible text: words picked by an LCG.
+    fn gen_data(len: usize, seed: u64) -> Vec<u8> {
+        const WORDS: &[&str] = &[
+            "alpha",
+            "bravo",
+            "charlie",
+            "delta",
+            "echo",
+            "foxtrot",
+            "golf",
+            "hotel",
+            "india",
+            "juliet",
+            "kilo",
+            "lima",
+            "mike",
+            "november",
+            "oscar",
+            "papa",
+            "quebec",
+            "romeo",
+            "sierra",
+            "tango",
+            "uniform",
+            "victor",
+            "whiskey",
+            "xray",
+            "yankee",
+            "zulu",
+            "\n",
+            "snapshot",
+            "tarball",
+            "filesystem",
+            "0123456789",
+            "/usr/lib/",
+            ".so.1",
+        ];
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut out = Vec::with_capacity(len + 32);
+        while out.len() < len {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let r = state >> 33;
+            if r % 97 == 3 {
+                // A sprinkle of incompressible-ish bytes.
+                out.extend_from_slice(&state.to_le_bytes());
+            } else {
+                out.extend_from_slice(WORDS[(r as usize) % WORDS.len()].as_bytes());
+                out.push(b' ');
+            }
+        }
+        out.truncate(len);
+        out
+    }
+
+    /// The shared ~20 MiB test input.
+    fn data() -> &'static [u8] {
+        static DATA: OnceLock<Vec<u8>> = OnceLock::new();
+        DATA.get_or_init(|| gen_data(20 * MIB as usize + 12345, 7))
+    }
+
+    fn gzip(data: &[u8], level: u32) -> Vec<u8> {
+        let mut enc = GzEncoder::new(Vec::new(), Compression::new(level));
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    /// Single-member gzip of `data()` (cached).
+    fn single() -> &'static [u8] {
+        static GZ: OnceLock<Vec<u8>> = OnceLock::new();
+        GZ.get_or_init(|| gzip(data(), 2))
+    }
+
+    /// Multi-member gzip of `data()`: uneven pieces, including empty members.
+    fn multi() -> &'static [u8] {
+        static GZ: OnceLock<Vec<u8>> = OnceLock::new();
+        GZ.get_or_init(|| {
+            let d = data();
+            let m = MIB as usize;
+            // (end, level) pieces; level 1 (zlib-rs "quick" strategy) emits
+            // multi-megabyte blocks.
+            let pieces = [
+                (m + m / 2, 1),
+                (m + m / 2, 1),
+                (3 * m + 900, 1),
+                (9 * m, 2),
+                (10 * m + m / 2, 1),
+                (d.len(), 2),
+            ];
+            let mut out = Vec::new();
+            let mut start = 0;
+            for (end, level) in pieces {
+                out.extend_from_slice(&gzip(&d[start..end], level));
+                start = end;
+            }
+            out.extend_from_slice(&gzip(&[], 1));
+            out
+        })
+    }
+
+    fn write_tmp(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(bytes).unwrap();
+        f.flush().unwrap();
+        f
+    }
+
+    /// Index `gz` reading through the indexer with reads of `read_size`.
+    fn index(gz: &[u8], span: u64, read_size: usize) -> io::Result<(Vec<u8>, GzipSeekTable)> {
+        let mut ix = GzipIndexer::new(gz, span);
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; read_size];
+        loop {
+            let n = ix.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(ix.compressed_position(), gz.len() as u64);
+        Ok((out, ix.finish()?))
+    }
+
+    fn check_table(t: &GzipSeekTable, size: u64, span: u64) {
+        assert_eq!(t.uncompressed_size, size);
+        assert!(!t.checkpoints.is_empty());
+        assert_eq!(t.checkpoints[0].uncompressed, 0);
+        assert!(t.checkpoints[0].member_start);
+        for w in t.checkpoints.windows(2) {
+            assert!(w[1].uncompressed - w[0].uncompressed >= span);
+            assert!(w[1].compressed >= w[0].compressed);
+            assert!(w[1].uncompressed < size);
+        }
+        for cp in &t.checkpoints {
+            assert!(cp.bits < 8);
+            if cp.member_start {
+                assert!(cp.window.is_empty());
+            } else {
+                assert!(!cp.window.is_empty() && cp.window.len() <= WINDOW_SIZE);
+                assert!(cp.window.len() as u64 <= cp.uncompressed);
+            }
+        }
+        let total: u64 = (0..t.span_count())
+            .map(|i| {
+                let (s, e) = t.span_range(i);
+                e - s
+            })
+            .sum();
+        assert_eq!(total, size);
+        // Round-trip through the encoding.
+        let mut enc = Vec::new();
+        t.encode(&mut enc);
+        assert_eq!(&GzipSeekTable::decode(&enc).unwrap(), t);
+    }
+
+    fn check_all_spans(gz: &[u8], t: &GzipSeekTable, data: &[u8]) {
+        let f = write_tmp(gz);
+        let mut out = Vec::new();
+        for i in 0..t.span_count() {
+            decode_span(f.as_file(), t, i, &mut out).unwrap();
+            let (s, e) = t.span_range(i);
+            assert_eq!(out.len() as u64, e - s, "span {i}");
+            assert!(out == data[s as usize..e as usize], "span {i} content");
+        }
+    }
+
+    #[test]
+    fn single_member() {
+        let (out, t) = index(single(), MIB, 1 << 20).unwrap();
+        assert!(out == data());
+        check_table(&t, data().len() as u64, MIB);
+        let n = t.span_count() as u64;
+        assert!((15..=21).contains(&n), "span count {n}");
+        assert!(t.max_span_len() < 2 * MIB);
+        check_all_spans(single(), &t, data());
+    }
+
+    #[test]
+    fn small_reads_yield_same_data() {
+        let (out, t) = index(single(), MIB, 509).unwrap();
+        assert!(out == data());
+        let (_, t2) = index(single(), MIB, 1 << 16).unwrap();
+        assert_eq!(t, t2);
+    }
+
+    #[test]
+    fn multi_member() {
+        let (out, t) = index(multi(), MIB, 1 << 17).unwrap();
+        assert!(out == data());
+        check_table(&t, data().len() as u64, MIB);
+        check_all_spans(multi(), &t, data());
+    }
+
+    #[test]
+    fn member_start_checkpoints() {
+        // Each 2 MiB zero run at level 9 is a single (final) deflate block,
+        // so the member that follows it must start with a checkpoint.
+        let text = &data()[..MIB as usize + 77];
+        let zeros = vec![0u8; 2 * MIB as usize];
+        let mut d = Vec::new();
+        let mut gz = Vec::new();
+        for _ in 0..3 {
+            for (piece, level) in [(&zeros[..], 9), (text, 6)] {
+                d.extend_from_slice(piece);
+                gz.extend_from_slice(&gzip(piece, level));
+            }
+        }
+        let (out, t) = index(&gz, MIB, 1 << 16).unwrap();
+        assert!(out == d);
+        check_table(&t, d.len() as u64, MIB);
+        let starts: Vec<u64> = t
+            .checkpoints
+            .iter()
+            .filter(|c| c.member_start)
+            .map(|c| c.uncompressed)
+            .collect();
+        let step = (zeros.len() + text.len()) as u64;
+        for k in 0..3 {
+            assert!(
+                starts.contains(&(k * step + zeros.len() as u64)),
+                "{starts:?}"
+            );
+        }
+        check_all_spans(&gz, &t, &d);
+    }
+
+    #[test]
+    fn spans_crossing_members() {
+        // Many small members and a span larger than each of them.
+        let d = &data()[..3 * MIB as usize];
+        let mut gz = Vec::new();
+        for chunk in d.chunks(100_000) {
+            gz.extend_from_slice(&gzip(chunk, 6));
+        }
+        let (out, t) = index(&gz, 256 * 1024, 1 << 16).unwrap();
+        assert!(out == d);
+        check_table(&t, d.len() as u64, 256 * 1024);
+        check_all_spans(&gz, &t, d);
+    }
+
+    #[test]
+    fn pigz_output() {
+        let pigz = std::path::Path::new("/usr/bin/pigz");
+        if !pigz.exists() {
+            println!("pigz not installed; skipping");
+            return;
+        }
+        let mut child = std::process::Command::new(pigz)
+            .args(["-c", "-p", "2"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || stdin.write_all(data()).unwrap());
+        let mut gz = Vec::new();
+        child.stdout.take().unwrap().read_to_end(&mut gz).unwrap();
+        writer.join().unwrap();
+        assert!(child.wait().unwrap().success());
+        // Concatenate two pigz outputs as well.
+        let mut gz2 = gz.clone();
+        gz2.extend_from_slice(&gz);
+        let (out, t) = index(&gz, MIB, 1 << 20).unwrap();
+        assert!(out == data());
+        check_table(&t, data().len() as u64, MIB);
+        check_all_spans(&gz, &t, data());
+        let (out2, t2) = index(&gz2, MIB, 1 << 20).unwrap();
+        assert_eq!(out2.len(), 2 * data().len());
+        check_table(&t2, out2.len() as u64, MIB);
+        check_all_spans(&gz2, &t2, &out2);
+    }
+
+    #[test]
+    fn empty_input_gzip() {
+        let gz = gzip(&[], 6);
+        let (out, t) = index(&gz, MIB, 4096).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(t.span_count(), 1);
+        assert_eq!(t.uncompressed_size, 0);
+        assert_eq!(t.span_of(0), None);
+        assert_eq!(t.max_span_len(), 0);
+        check_table(&t, 0, MIB);
+        let f = write_tmp(&gz);
+        let mut buf = vec![1, 2, 3];
+        decode_span(f.as_file(), &t, 0, &mut buf).unwrap();
+        assert!(buf.is_empty());
+        assert!(decode_span(f.as_file(), &t, 1, &mut buf).is_err());
+    }
+
+    #[test]
+    fn empty_file_is_error() {
+        let err = index(&[], MIB, 4096).unwrap_err();
+        assert!(err.to_string().contains("not a gzip stream"), "{err}");
+        let err = GzipIndexer::new(&[][..], MIB).finish().unwrap_err();
+        assert!(err.to_string().contains("not a gzip stream"), "{err}");
+        let err = index(b"hello world, definitely not gzip", MIB, 4096).unwrap_err();
+        assert!(err.to_string().contains("not a gzip stream"), "{err}");
+    }
+
+    #[test]
+    fn stored_blocks_level0() {
+        let d = &data()[..5 * MIB as usize + 3];
+        let gz = gzip(d, 0);
+        let (out, t) = index(&gz, MIB, 1 << 16).unwrap();
+        assert!(out == d);
+        check_table(&t, d.len() as u64, MIB);
+        assert!(t.span_count() >= 5);
+        check_all_spans(&gz, &t, d);
+    }
+
+    #[test]
+    fn huge_blocks() {
+        // Long zero runs compress into blocks covering megabytes of output.
+        let mut d = vec![0u8; 12 * MIB as usize];
+        d.extend_from_slice(&data()[..2 * MIB as usize]);
+        d.extend(std::iter::repeat_n(b'x', 5 * MIB as usize));
+        let gz = gzip(&d, 9);
+        let (out, t) = index(&gz, MIB, 1 << 20).unwrap();
+        assert!(out == d);
+        check_table(&t, d.len() as u64, MIB);
+        assert!(t.max_span_len() > MIB);
+        check_all_spans(&gz, &t, &d);
+    }
+
+    #[test]
+    fn tiny_span_every_boundary() {
+        let d = &data()[..2 * MIB as usize];
+        let gz = gzip(d, 6);
+        let (out, t) = index(&gz, 1, 1 << 16).unwrap();
+        assert!(out == d);
+        check_table(&t, d.len() as u64, 1);
+        assert!(t.span_count() > 10);
+        assert!(t.checkpoints.iter().any(|c| c.bits != 0));
+        check_all_spans(&gz, &t, d);
+        // A span larger than the whole file gives one span.
+        let (_, t) = index(&gz, u64::MAX, 1 << 16).unwrap();
+        assert_eq!(t.span_count(), 1);
+        check_all_spans(&gz, &t, d);
+    }
+
+    #[test]
+    fn random_order_and_concurrent_spans() {
+        let (_, t) = index(multi(), MIB, 1 << 20).unwrap();
+        let f = write_tmp(multi());
+        let d = data();
+        let n = t.span_count();
+        let mut state = 12345u64;
+        let mut out = Vec::new();
+        for _ in 0..40 {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let i = (state >> 33) as usize % n;
+            decode_span(f.as_file(), &t, i, &mut out).unwrap();
+            let (s, e) = t.span_range(i);
+            assert!(out == d[s as usize..e as usize], "span {i}");
+        }
+        std::thread::scope(|sc| {
+            for k in 0..4 {
+                let (t, f) = (&t, f.as_file());
+                sc.spawn(move || {
+                    let mut out = Vec::new();
+                    for i in (k..n).step_by(4).rev() {
+                        decode_span(f, t, i, &mut out).unwrap();
+                        let (s, e) = t.span_range(i);
+                        assert!(out == d[s as usize..e as usize]);
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn indexer_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<GzipIndexer<std::fs::File>>();
+        assert_send::<GzipSeekTable>();
+    }
+
+    #[test]
+    fn span_of_lookup() {
+        let (_, t) = index(single(), MIB, 1 << 20).unwrap();
+        for i in 0..t.span_count() {
+            let (s, e) = t.span_range(i);
+            assert_eq!(t.span_of(s), Some(i));
+            assert_eq!(t.span_of(e - 1), Some(i));
+        }
+        assert_eq!(t.span_of(t.uncompressed_size), None);
+        assert_eq!(t.span_of(u64::MAX), None);
+        assert_eq!(
+            t.span_range(t.span_count()),
+            (t.uncompressed_size, t.uncompressed_size)
+        );
+    }
+
+    #[test]
+    fn trailing_zeros_ok_garbage_err() {
+        let d = &data()[..300_000];
+        let mut gz = gzip(d, 6);
+        gz.extend_from_slice(&[0u8; 1000]);
+        let (out, _) = index(&gz, 65536, 4096).unwrap();
+        assert!(out == d);
+        gz.push(1);
+        assert!(index(&gz, 65536, 4096).is_err());
+        let mut gz = gzip(d, 6);
+        gz.extend_from_slice(b"garbage");
+        let err = index(&gz, 65536, 4096).unwrap_err();
+        assert!(err.to_string().contains("trailing garbage"), "{err}");
+        // finish() alone drains and verifies everything.
+        let err = GzipIndexer::new(&gz[..], 65536).finish().unwrap_err();
+        assert!(err.to_string().contains("trailing garbage"), "{err}");
+    }
+
+    #[test]
+    fn output_full_near_end_of_input() {
+        // First read sized to end just before the end of the data, so that
+        // inflate may hold the last input bits and pending output when the
+        // input is exhausted.
+        let d = &data()[..60_000];
+        for gz in [gzip(d, 6), gzip(d, 1), gzip(d, 0)] {
+            for k in (1..600).step_by(7) {
+                let mut ix = GzipIndexer::new(&gz[..], 4096);
+                let mut buf = vec![0u8; d.len() - k];
+                let mut got = 0;
+                while got < buf.len() {
+                    let n = ix.read(&mut buf[got..]).unwrap();
+                    assert!(n > 0);
+                    got += n;
+                }
+                let mut rest = Vec::new();
+                ix.read_to_end(&mut rest).unwrap();
+                assert_eq!(rest.len(), k);
+                assert!(buf == d[..d.len() - k] && rest == d[d.len() - k..]);
+                assert_eq!(ix.finish().unwrap().uncompressed_size, d.len() as u64);
+            }
+        }
+    }
+
+    /// A reader that hands out its data a few bytes at a time.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        n: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.n = self.n % 7 + 1;
+            let k = self.n.min(buf.len()).min(self.data.len());
+            buf[..k].copy_from_slice(&self.data[..k]);
+            self.data = &self.data[k..];
+            Ok(k)
+        }
+    }
+
+    #[test]
+    fn trickling_input() {
+        let d = &data()[..150_000];
+        let mut gz = gzip(&d[..70_000], 6);
+        gz.extend_from_slice(&gzip(&d[70_000..], 0));
+        gz.extend_from_slice(&[0u8; 20]);
+        let (_, want) = index(&gz, 8192, 1 << 16).unwrap();
+        let mut ix = GzipIndexer::new(Trickle { data: &gz, n: 0 }, 8192);
+        let mut out = Vec::new();
+        ix.read_to_end(&mut out).unwrap();
+        assert!(out == d);
+        assert_eq!(ix.finish().unwrap(), want);
+    }
+
+    #[test]
+    fn finish_drains_remaining_input() {
+        let mut ix = GzipIndexer::new(single(), MIB);
+        let mut buf = vec![0u8; 1000];
+        ix.read_exact(&mut buf).unwrap();
+        let t = ix.finish().unwrap();
+        let (_, t2) = index(single(), MIB, 1 << 20).unwrap();
+        assert_eq!(t, t2);
+    }
+
+    #[test]
+    fn corrupt_and_truncated_data() {
+        let gz = &gzip(&data()[..4 * MIB as usize], 2)[..];
+        // Flip bytes at several places: indexing must fail, not panic.
+        for frac in [2usize, 3, 5, 7] {
+            let mut bad = gz.to_vec();
+            let at = bad.len() / frac;
+            bad[at] ^= 0x55;
+            let err = index(&bad, 512 * 1024, 1 << 20).unwrap_err();
+            assert!(err.to_string().contains("offset"), "{err}");
+        }
+        // Corrupt trailer (CRC).
+        let mut bad = gz.to_vec();
+        let n = bad.len();
+        bad[n - 6] ^= 1;
+        let err = index(&bad, 512 * 1024, 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("offset"), "{err}");
+        // Truncation at many lengths.
+        for cut in [
+            1usize,
+            5,
+            10,
+            11,
+            100,
+            gz.len() / 2,
+            gz.len() - 8,
+            gz.len() - 1,
+        ] {
+            let err = index(&gz[..cut], 512 * 1024, 1 << 20).unwrap_err();
+            assert!(
+                err.to_string().contains("truncated") || err.to_string().contains("offset"),
+                "{cut}: {err}"
+            );
+        }
+        // Every truncation of a small stream is an error.
+        let small = gzip(&data()[..20_000], 6);
+        for cut in 0..small.len() {
+            assert!(index(&small[..cut], 4096, 4096).is_err(), "cut {cut}");
+        }
+        // decode_span on damaged files with the good table: error or wrong
+        // bytes, never a panic.
+        let (_, t) = index(gz, 512 * 1024, 1 << 20).unwrap();
+        let mut bad = gz.to_vec();
+        for k in (1000..bad.len()).step_by(bad.len() / 50) {
+            bad[k] ^= 0xa5;
+        }
+        let f = write_tmp(&bad);
+        let mut out = Vec::new();
+        for i in 0..t.span_count() {
+            let _ = decode_span(f.as_file(), &t, i, &mut out);
+        }
+        let f = write_tmp(&gz[..gz.len() / 2]);
+        let last = t.span_count() - 1;
+        let err = decode_span(f.as_file(), &t, last, &mut out).unwrap_err();
+        assert!(err.to_string().contains("offset"), "{err}");
+    }
+
+    #[test]
+    fn hostile_tables_do_not_panic() {
+        let (_, t) = index(multi(), MIB, 1 << 20).unwrap();
+        let f = write_tmp(multi());
+        let mut out = Vec::new();
+        // Shifted offsets / bits: errors or garbage, never panics.
+        for delta in [1u64, 7, 1000] {
+            let mut bad = t.clone();
+            for cp in &mut bad.checkpoints {
+                cp.compressed = cp.compressed.wrapping_add(delta);
+                cp.bits = (cp.bits + 3) % 8;
+            }
+            for i in 0..bad.span_count() {
+                let _ = decode_span(f.as_file(), &bad, i, &mut out);
+            }
+        }
+        let mut bad = t.clone();
+        bad.uncompressed_size = u64::MAX;
+        let last = bad.span_count() - 1;
+        assert!(decode_span(f.as_file(), &bad, last, &mut out).is_err());
+    }
+
+    #[test]
+    fn decode_rejects_garbled_encodings() {
+        let d = &data()[..3 * MIB as usize];
+        let (_, t) = index(&gzip(d, 2), 512 * 1024, 1 << 20).unwrap();
+        let mut enc = Vec::new();
+        t.encode(&mut enc);
+        assert_eq!(GzipSeekTable::decode(&enc).unwrap(), t);
+        for cut in 0..enc.len() {
+            if cut < 200 || cut % 97 == 0 || enc.len() - cut < 200 {
+                assert!(GzipSeekTable::decode(&enc[..cut]).is_err(), "cut {cut}");
+            }
+        }
+        let mut long = enc.clone();
+        long.push(0);
+        assert!(GzipSeekTable::decode(&long).is_err());
+        // Byte flips: must never panic; flips in the header fields must fail.
+        let mut state = 99u64;
+        for k in 0..1000 {
+            let mut bad = enc.clone();
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let at = if k < 200 {
+                k % 64
+            } else {
+                (state >> 20) as usize % bad.len()
+            };
+            bad[at] ^= 1 << ((state >> 60) % 8);
+            // (A flip in the padding bits of a deflated window may go
+            // unnoticed; anything else yields Err or a different table.)
+            let _ = GzipSeekTable::decode(&bad);
+        }
+        // Huge counts and window lengths are rejected without allocating.
+        let mut bad = enc.clone();
+        bad[13..21].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(GzipSeekTable::decode(&bad).is_err());
+        let mut bad = enc.clone();
+        // First checkpoint's window_len field.
+        bad[21 + 18..21 + 22].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(GzipSeekTable::decode(&bad).is_err());
+        for bytes in [&b""[..], b"GZST", b"GZST\x01", b"XXXX\x01\0\0\0\0\0\0\0\0"] {
+            assert!(GzipSeekTable::decode(bytes).is_err());
+        }
+    }
 }

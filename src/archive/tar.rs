@@ -489,6 +489,9 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
             kind = MemberKind::Dir;
         }
 
+        // Names are C strings to GNU tar: anything after a NUL is not part of them.
+        truncate_at_nul(&mut path);
+        truncate_at_nul(&mut link);
         let data_start = self.pos;
         let padded = round_up(stored)
             .ok_or_else(|| self.err(Some(&path), header_offset, "size overflow"))?;
@@ -755,6 +758,12 @@ fn round_up(size: u64) -> Option<u64> {
     size.checked_add(padding(size))
 }
 
+fn truncate_at_nul(v: &mut Vec<u8>) {
+    if let Some(i) = v.iter().position(|&b| b == 0) {
+        v.truncate(i);
+    }
+}
+
 fn trim_nul(mut v: Vec<u8>) -> Vec<u8> {
     while v.last() == Some(&0) {
         v.pop();
@@ -792,11 +801,28 @@ fn verify_checksum(block: &[u8; 512]) -> std::result::Result<(), String> {
     }
 }
 
+/// Parses PAX records (`"<len> <key>=<value>\n"`). Records are length-prefixed, so a
+/// value may contain newlines (the `tar` crate's iterator splits on them; GNU tar does not).
 fn parse_pax(raw: &[u8]) -> std::result::Result<PaxRecords, String> {
     let mut out = Vec::new();
-    for ext in tar::PaxExtensions::new(raw) {
-        let ext = ext.map_err(|e| format!("malformed PAX header: {e}"))?;
-        out.push((ext.key_bytes().to_vec(), ext.value_bytes().to_vec()));
+    let mut rest = raw;
+    while !rest.is_empty() {
+        if rest.iter().all(|&b| b == 0) {
+            break;
+        }
+        let bad = || "malformed PAX record".to_string();
+        let space = rest.iter().position(|&b| b == b' ').ok_or_else(bad)?;
+        let len: usize = std::str::from_utf8(&rest[..space])
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(bad)?;
+        if len <= space + 1 || len > rest.len() || rest[len - 1] != b'\n' {
+            return Err(bad());
+        }
+        let record = &rest[space + 1..len - 1];
+        let eq = record.iter().position(|&b| b == b'=').ok_or_else(bad)?;
+        out.push((record[..eq].to_vec(), record[eq + 1..].to_vec()));
+        rest = &rest[len..];
     }
     Ok(out)
 }
@@ -956,6 +982,15 @@ mod tests {
         assert_eq!(ms[0].mode, 0o4755);
         assert_eq!(ms[0].xattrs[0], (b"user.k".to_vec(), b"v".to_vec()));
         assert_eq!(ms[0].xattrs[1], (b"user.Ab".to_vec(), b"hi".to_vec()));
+    }
+
+    #[test]
+    fn pax_values_may_contain_newlines() {
+        let recs = parse_pax(b"18 comment=a\nb\nc\n\n10 path=x\n").unwrap();
+        assert_eq!(recs[0], (b"comment".to_vec(), b"a\nb\nc\n".to_vec()));
+        assert_eq!(recs[1], (b"path".to_vec(), b"x".to_vec()));
+        assert!(parse_pax(b"99 path=x\n").is_err());
+        assert!(parse_pax(b"5 path\n").is_err());
     }
 
     #[test]
