@@ -11,5 +11,6 @@ pub mod cli;
 pub mod error;
 pub mod fs;
 pub mod index;
+pub mod snapshot;
 
 pub use error::{Error, Result};

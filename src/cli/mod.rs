@@ -1,6 +1,7 @@
 //! Command-line glue: clap structs, checked into per-subcommand configs, and dispatch.
 //! One file per subcommand.
 
+mod create;
 mod index;
 mod mount;
 mod umount;
@@ -28,6 +29,8 @@ enum Command {
     Mount(mount::MountArgs),
     /// Unmount a snapfs mount (also cleans up a mount whose daemon died).
     Umount(umount::UmountArgs),
+    /// Capture a plain directory into a new seekable, self-indexed snapshot.
+    Create(create::CreateArgs),
 }
 
 /// Parses the arguments and runs the subcommand.
@@ -37,6 +40,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Index(a) => index::run(a),
         Command::Mount(a) => mount::run(a),
         Command::Umount(a) => umount::run(a),
+        Command::Create(a) => create::run(a),
     }
 }
 

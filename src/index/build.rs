@@ -121,8 +121,9 @@ struct Node {
     children: HashMap<Box<[u8]>, u32>,
 }
 
-/// The in-memory tree of one pass.
-struct TreeBuilder<'a> {
+/// The in-memory tree of one pass: feed it members in archive order, then `finish`.
+/// Used by the indexing pass and by the snapshot writer (which knows its offsets).
+pub struct TreeBuilder<'a> {
     archive: &'a Path,
     nodes: Vec<Node>,
     skipped: u64,
@@ -132,7 +133,9 @@ struct TreeBuilder<'a> {
 const ROOT: u32 = 0;
 
 impl<'a> TreeBuilder<'a> {
-    fn new(archive: &'a Path, archive_mtime_ns: i64) -> Self {
+    /// A builder for `archive` (named in warnings); implicit directories get
+    /// `archive_mtime_ns` as their mtime.
+    pub fn new(archive: &'a Path, archive_mtime_ns: i64) -> Self {
         let root = Node {
             kind: MemberKind::Dir,
             mode: 0o755,
@@ -196,7 +199,8 @@ impl<'a> TreeBuilder<'a> {
         Some(cur)
     }
 
-    fn add(&mut self, m: Member) {
+    /// Applies one member with GNU tar semantics (skips, with a warning, what tar refuses).
+    pub fn add(&mut self, m: Member) {
         if m.path.first() == Some(&b'/') && !self.warned_absolute {
             self.warned_absolute = true;
             log::warn!(
@@ -307,8 +311,9 @@ impl<'a> TreeBuilder<'a> {
         n
     }
 
-    /// Numbers the reachable nodes breadth-first and lays out the records.
-    fn finish(self) -> Result<Index> {
+    /// Numbers the reachable nodes breadth-first and lays out the records. The caller
+    /// fills in `id`, `span_bytes`, `stream_size` and `table`.
+    pub fn finish(self) -> Result<Index> {
         let too_big = || {
             Error::archive(
                 self.archive,

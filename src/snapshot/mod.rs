@@ -1,0 +1,1 @@
+//! STUB: cutting snapshots (being written).
