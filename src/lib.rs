@@ -11,6 +11,7 @@ pub mod cli;
 pub mod error;
 pub mod fs;
 pub mod index;
+pub mod layers;
 pub mod snapshot;
 
 pub use error::{Error, Result};

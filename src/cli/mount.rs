@@ -18,7 +18,8 @@ use crate::error::{Error, Result};
 use crate::fs::SnapFs;
 use crate::index::build::BuildOptions;
 use crate::index::store;
-use crate::index::tree::IndexTree;
+use crate::index::tree::{IndexTree, Tree};
+use crate::layers::LayeredTree;
 
 /// Arguments of `snapfs mount`.
 #[derive(Args, Debug)]
@@ -49,13 +50,9 @@ pub struct MountArgs {
 /// Runs `snapfs mount`.
 pub fn run(args: MountArgs) -> Result<ExitCode> {
     let (archives, mountpoint) = split_paths(&args.paths)?;
-    if archives.len() > 1 {
-        return Err(Error::Usage(
-            "stacking several archives as layers is not supported yet".into(),
-        ));
+    for a in archives {
+        super::check_archive(a)?;
     }
-    let archive_path = &archives[0];
-    super::check_archive(archive_path)?;
     match std::fs::metadata(mountpoint) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -71,16 +68,17 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
             // SAFETY: the parent passed us this fd, open and owned by nobody else here.
             unsafe { File::from(OwnedFd::from_raw_fd(fd)) }
         });
-        return serve(&args, archive_path, mountpoint, ready);
+        return serve(&args, archives, mountpoint, ready);
     }
-    // Build or refresh the index here, where a progress bar and warnings can be seen.
-    let archive = Archive::open(archive_path)?;
+    // Build or refresh the indexes here, where a progress bar and warnings can be seen.
     let opts = BuildOptions {
         span_bytes: args.span.max(64 << 10),
     };
-    let (index, _) = super::index::obtain(&archive, &opts, None, false)?;
-    store::cache_file_for(&archive, &index)?;
-    drop(index);
+    for path in archives {
+        let archive = Archive::open(path)?;
+        let (index, _) = super::index::obtain(&archive, &opts, None, false)?;
+        store::cache_file_for(&archive, &index)?;
+    }
     daemonize(&args.paths, &args)
 }
 
@@ -204,11 +202,11 @@ fn mount_config(args: &MountArgs, archive: &Path) -> Config {
 /// Mounts and serves until unmounted or signalled. Reports readiness on `ready`.
 fn serve(
     args: &MountArgs,
-    archive_path: &Path,
+    archives: &[PathBuf],
     mountpoint: &Path,
     mut ready: Option<File>,
 ) -> Result<ExitCode> {
-    let result = setup(args, archive_path, mountpoint);
+    let result = setup(args, archives, mountpoint);
     let session = match result {
         Ok(s) => s,
         Err(e) => {
@@ -239,27 +237,42 @@ fn serve(
 
 fn setup(
     args: &MountArgs,
-    archive_path: &Path,
+    archives: &[PathBuf],
     mountpoint: &Path,
-) -> Result<fuser::Session<SnapFs<IndexTree>>> {
+) -> Result<fuser::Session<SnapFs<Box<dyn Tree>>>> {
     block_signals();
-    let archive = Archive::open(archive_path)?;
     let opts = BuildOptions {
         span_bytes: args.span.max(64 << 10),
     };
-    let (index, _) = store::load_or_build(&archive, &opts, None, false, &Default::default())?;
-    let cache_file = store::cache_file_for(&archive, &index)?;
-    let table = index.table.clone();
-    let index = Arc::new(index);
-    let (file, path) = (archive.file, archive.path);
-    let stream = match cache_file {
-        Some(c) => StreamReader::with_cache_file(file, path.clone(), table, c),
-        None => StreamReader::new(file, path.clone(), table, args.cache_size),
+    let mut trees: Vec<Box<dyn Tree>> = Vec::with_capacity(archives.len());
+    // The span cache cap is shared out between the layers.
+    let cache_each = args.cache_size / archives.len() as u64;
+    for path in archives {
+        trees.push(Box::new(open_tree(path, &opts, cache_each)?));
+    }
+    let tree: Box<dyn Tree> = if trees.len() == 1 {
+        trees
+            .pop()
+            .ok_or_else(|| Error::Usage("no archive".into()))?
+    } else {
+        Box::new(LayeredTree::new(trees)?)
     };
-    let tree = IndexTree::new(index, stream);
-    let config = mount_config(args, &path);
+    let config = mount_config(args, &archives[archives.len() - 1]);
     fuser::Session::new(SnapFs::new(tree), mountpoint, &config)
         .map_err(|e| Error::io("cannot mount on", mountpoint, e))
+}
+
+/// The read-only tree of one archive, its index loaded (or built).
+fn open_tree(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Result<IndexTree> {
+    let archive = Archive::open(path)?;
+    let (index, _) = store::load_or_build(&archive, opts, None, false, &Default::default())?;
+    let cache_file = store::cache_file_for(&archive, &index)?;
+    let table = index.table.clone();
+    let stream = match cache_file {
+        Some(c) => StreamReader::with_cache_file(archive.file, archive.path, table, c),
+        None => StreamReader::new(archive.file, archive.path, table, cache_bytes),
+    };
+    Ok(IndexTree::new(Arc::new(index), stream))
 }
 
 const SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
