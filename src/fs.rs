@@ -429,6 +429,7 @@ fn negative_attr() -> FileAttr {
         mtime: 0,
         mtime_nsec: 0,
         rdev: 0,
+        implicit: false,
     });
     a.ino = INodeNo(0);
     a

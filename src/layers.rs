@@ -43,6 +43,19 @@ pub struct LayeredTree {
     nodes: Vec<Node>,
     dirents: Vec<Dirent>,
     names: Vec<u8>,
+    /// Names referring to each node (the merged link count of non-directories).
+    links: Vec<u32>,
+}
+
+/// The source whose metadata a merged directory shows: the topmost one the archive
+/// lists explicitly (a parent implied by a deeper member must not override it).
+fn metadata_source(t: &LayeredTree, sources: &[(u32, u64)]) -> Result<(u32, u64)> {
+    for &(layer, ino) in sources {
+        if !t.layers[layer as usize].attr(ino)?.implicit {
+            return Ok((layer, ino));
+        }
+    }
+    Ok(sources[0])
 }
 
 /// A listing of one directory of one layer.
@@ -73,7 +86,9 @@ fn list(tree: &dyn Tree, ino: u64) -> Result<Listing> {
 }
 
 enum Decision {
-    Dir(Vec<(u32, u64)>),
+    /// A directory and its sources, top first; `closed` once a lower layer had a
+    /// non-directory under this name (which hides everything below it).
+    Dir(Vec<(u32, u64)>, bool),
     Leaf(u32, u64),
 }
 
@@ -88,6 +103,7 @@ impl LayeredTree {
             nodes: Vec::new(),
             dirents: Vec::new(),
             names: Vec::new(),
+            links: vec![1],
         };
         let top = (t.layers.len() - 1) as u32;
         let root_sources: Vec<(u32, u64)> = (0..=top).rev().map(|l| (l, ROOT_INO)).collect();
@@ -117,17 +133,17 @@ impl LayeredTree {
                         None => {
                             position.insert(name.clone(), decided.len());
                             let d = if is_dir {
-                                Decision::Dir(vec![(layer, child)])
+                                Decision::Dir(vec![(layer, child)], false)
                             } else {
                                 Decision::Leaf(layer, child)
                             };
                             decided.push((name, d));
                         }
-                        Some(&i) => {
-                            if let (Decision::Dir(v), true) = (&mut decided[i].1, is_dir) {
-                                v.push((layer, child));
-                            }
-                        }
+                        Some(&i) => match &mut decided[i].1 {
+                            Decision::Dir(v, false) if is_dir => v.push((layer, child)),
+                            Decision::Dir(_, closed) => *closed = true,
+                            Decision::Leaf(..) => {}
+                        },
                     }
                 }
                 hidden.extend(listing.whiteouts);
@@ -142,6 +158,7 @@ impl LayeredTree {
                 let ino = match d {
                     Decision::Leaf(layer, ino) => {
                         *leaf_ino.entry((layer, ino)).or_insert_with(|| {
+                            t.links.push(0);
                             t.nodes.push(Node {
                                 layer,
                                 ino,
@@ -154,9 +171,10 @@ impl LayeredTree {
                             t.nodes.len() as u32
                         })
                     }
-                    Decision::Dir(sources) => {
+                    Decision::Dir(sources, _) => {
                         subdirs += 1;
-                        let (layer, ino) = sources[0];
+                        let (layer, ino) = metadata_source(&t, &sources)?;
+                        t.links.push(0);
                         t.nodes.push(Node {
                             layer,
                             ino,
@@ -170,6 +188,9 @@ impl LayeredTree {
                         t.nodes.len() as u32
                     }
                 };
+                if let Some(links) = t.links.get_mut(ino as usize - 1) {
+                    *links += 1;
+                }
                 let name_off = u32::try_from(t.names.len()).map_err(|_| too_big())?;
                 t.names.extend_from_slice(&name);
                 t.dirents.push(Dirent {
@@ -216,8 +237,10 @@ impl Tree for LayeredTree {
         let n = self.node(ino)?;
         let mut a = self.layer(n).attr(n.ino)?;
         a.ino = ino;
-        if a.mode & libc::S_IFMT == libc::S_IFDIR {
+        if n.dir {
             a.nlink = 2 + n.subdirs;
+        } else {
+            a.nlink = self.links[ino as usize - 1].max(1);
         }
         Ok(a)
     }

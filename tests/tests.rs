@@ -13,5 +13,6 @@ mod cli;
 mod formats;
 mod hostile;
 mod index;
+mod layers;
 mod regression;
 mod semantics;

@@ -13,7 +13,7 @@ use crate::archive::tar::{
 use crate::archive::zstd::ZstdIndexer;
 use crate::archive::{Archive, Compression, CountingReader, Progress, SeekTable};
 use crate::error::{Error, Result};
-use crate::index::{DirentRecord, Index, InodeRecord, XattrRecord, FLAG_SPARSE};
+use crate::index::{DirentRecord, Index, InodeRecord, XattrRecord, FLAG_IMPLICIT, FLAG_SPARSE};
 
 /// Options that shape an index (stored in it; a change means a rebuild).
 #[derive(Debug, Clone, Copy)]
@@ -119,6 +119,8 @@ struct Node {
     link: Vec<u8>,
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     children: HashMap<Box<[u8]>, u32>,
+    /// Created for a deeper member; no member names it.
+    implicit: bool,
 }
 
 /// The in-memory tree of one pass: feed it members in archive order, then `finish`.
@@ -150,6 +152,7 @@ impl<'a> TreeBuilder<'a> {
             link: Vec::new(),
             xattrs: Vec::new(),
             children: HashMap::new(),
+            implicit: true,
         };
         TreeBuilder {
             archive,
@@ -183,6 +186,7 @@ impl<'a> TreeBuilder<'a> {
             link: Vec::new(),
             xattrs: Vec::new(),
             children: HashMap::new(),
+            implicit: true,
         }
     }
 
@@ -380,6 +384,11 @@ impl<'a> TreeBuilder<'a> {
                 mtime_nsec: node.mtime_nsec,
                 rdev: node.rdev,
                 size: node.size,
+                flags: if node.implicit && node.kind == MemberKind::Dir {
+                    FLAG_IMPLICIT
+                } else {
+                    0
+                },
                 ..Default::default()
             };
             match node.kind {
@@ -450,7 +459,13 @@ impl<'a> TreeBuilder<'a> {
 }
 
 fn set_meta(n: &mut Node, m: &Member) {
-    n.mode = m.mode & 0o7777;
+    n.implicit = false;
+    // Symlink permissions are always 0777 on Linux, whatever the archive says.
+    n.mode = if m.kind == MemberKind::Symlink {
+        0o777
+    } else {
+        m.mode & 0o7777
+    };
     n.uid = clamp_id(m.uid);
     n.gid = clamp_id(m.gid);
     n.mtime = m.mtime;

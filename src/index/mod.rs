@@ -15,6 +15,8 @@ pub const ROOT_INO: u64 = 1;
 
 /// `InodeRecord::flags`: the file is sparse (`first`/`count` index `segments`).
 pub const FLAG_SPARSE: u32 = 1;
+/// `InodeRecord::flags`: a directory created for a deeper member, not listed itself.
+pub const FLAG_IMPLICIT: u32 = 2;
 
 /// One inode. Inode number = position in `Index::inodes` + 1.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

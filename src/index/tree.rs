@@ -30,6 +30,8 @@ pub struct Attr {
     pub mtime_nsec: u32,
     /// Device number.
     pub rdev: u32,
+    /// A directory the archive does not list itself (created for a deeper member).
+    pub implicit: bool,
 }
 
 /// Filesystem statistics.
@@ -127,6 +129,7 @@ impl Tree for IndexTree {
             mtime: r.mtime,
             mtime_nsec: r.mtime_nsec,
             rdev: r.rdev,
+            implicit: r.flags & crate::index::FLAG_IMPLICIT != 0,
         })
     }
 
