@@ -76,6 +76,9 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     };
     for path in archives {
         let archive = Archive::open(path)?;
+        if store::find_current(&archive).is_some() {
+            continue;
+        }
         let (index, _) = super::index::obtain(&archive, &opts, None, false)?;
         store::cache_file_for(&archive, &index)?;
     }

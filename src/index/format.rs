@@ -200,52 +200,57 @@ pub fn decode(bytes: &[u8]) -> Result<Index, String> {
     let n_xattrs = c.count(XATTR_BYTES)?;
     let n_segments = c.count(SEGMENT_BYTES)?;
     let n_table = c.count(1)?;
-    let mut inodes = Vec::with_capacity(n_inodes);
-    for _ in 0..n_inodes {
-        inodes.push(InodeRecord {
-            mode: c.u32()?,
-            nlink: c.u32()?,
-            uid: c.u32()?,
-            gid: c.u32()?,
-            mtime: c.u64()? as i64,
-            mtime_nsec: c.u32()?,
-            rdev: c.u32()?,
-            size: c.u64()?,
-            data: c.u64()?,
-            first: c.u32()?,
-            count: c.u32()?,
-            xattr_first: c.u32()?,
-            xattr_count: c.u32()?,
-            parent: c.u32()?,
-            flags: c.u32()?,
-        });
-    }
-    let mut dirents = Vec::with_capacity(n_dirents);
-    for _ in 0..n_dirents {
-        dirents.push(DirentRecord {
-            name_off: c.u32()?,
-            name_len: c.u32()?,
-            ino: c.u32()?,
-        });
-    }
+    // Each section is one bounds-checked slice, then parsed record by record.
+    let inodes = c
+        .take(n_inodes * INODE_BYTES)?
+        .chunks_exact(INODE_BYTES)
+        .map(|r| InodeRecord {
+            mode: le32(r, 0),
+            nlink: le32(r, 4),
+            uid: le32(r, 8),
+            gid: le32(r, 12),
+            mtime: le64(r, 16) as i64,
+            mtime_nsec: le32(r, 24),
+            rdev: le32(r, 28),
+            size: le64(r, 32),
+            data: le64(r, 40),
+            first: le32(r, 48),
+            count: le32(r, 52),
+            xattr_first: le32(r, 56),
+            xattr_count: le32(r, 60),
+            parent: le32(r, 64),
+            flags: le32(r, 68),
+        })
+        .collect();
+    let dirents = c
+        .take(n_dirents * DIRENT_BYTES)?
+        .chunks_exact(DIRENT_BYTES)
+        .map(|r| DirentRecord {
+            name_off: le32(r, 0),
+            name_len: le32(r, 4),
+            ino: le32(r, 8),
+        })
+        .collect();
     let names = c.take(n_names)?.to_vec();
-    let mut xattrs = Vec::with_capacity(n_xattrs);
-    for _ in 0..n_xattrs {
-        xattrs.push(XattrRecord {
-            name_off: c.u32()?,
-            name_len: c.u32()?,
-            value_off: c.u32()?,
-            value_len: c.u32()?,
-        });
-    }
-    let mut segments = Vec::with_capacity(n_segments);
-    for _ in 0..n_segments {
-        segments.push(Segment {
-            logical: c.u64()?,
-            stream: c.u64()?,
-            len: c.u64()?,
-        });
-    }
+    let xattrs = c
+        .take(n_xattrs * XATTR_BYTES)?
+        .chunks_exact(XATTR_BYTES)
+        .map(|r| XattrRecord {
+            name_off: le32(r, 0),
+            name_len: le32(r, 4),
+            value_off: le32(r, 8),
+            value_len: le32(r, 12),
+        })
+        .collect();
+    let segments = c
+        .take(n_segments * SEGMENT_BYTES)?
+        .chunks_exact(SEGMENT_BYTES)
+        .map(|r| Segment {
+            logical: le64(r, 0),
+            stream: le64(r, 8),
+            len: le64(r, 16),
+        })
+        .collect();
     let table_bytes = c.take(n_table)?;
     if c.pos != body.len() {
         return Err("trailing bytes after the index".into());
@@ -269,6 +274,48 @@ pub fn decode(bytes: &[u8]) -> Result<Index, String> {
     };
     validate(&index)?;
     Ok(index)
+}
+
+/// Little-endian u32 at `at` of a record slice (callers pass fixed-size records).
+fn le32(r: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([r[at], r[at + 1], r[at + 2], r[at + 3]])
+}
+
+/// Little-endian u64 at `at` of a record slice.
+fn le64(r: &[u8], at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&r[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+/// Reads just the header of an index file and checks magic, version and checksum,
+/// without decoding the records: enough to know whether it is current.
+pub fn peek(bytes: &[u8]) -> Result<Header, String> {
+    if bytes.len() < HEADER_BYTES + 4 || &bytes[..8] != MAGIC {
+        return Err("not a snapfs index".into());
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    let mut c = Cursor {
+        bytes: body,
+        pos: 8,
+    };
+    if c.u32()? != VERSION {
+        return Err("other index version".into());
+    }
+    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
+        return Err("index checksum mismatch (corrupt file)".into());
+    }
+    let _flags = c.u32()?;
+    let id = ArchiveId {
+        size: c.u64()?,
+        mtime_ns: c.u64()? as i64,
+        head_crc: c.u32()?,
+        tail_crc: c.u32()?,
+    };
+    Ok(Header {
+        id,
+        span_bytes: c.u64()?,
+    })
 }
 
 fn range_ok(off: u64, len: u64, limit: usize) -> bool {

@@ -76,11 +76,27 @@ pub fn load(path: &Path, archive: &Archive, required_span: Option<u64>) -> Resul
     Ok(index)
 }
 
+/// The path of a current, intact index of `archive`, checked cheaply (header and
+/// checksum only; the full validation happens when it is loaded).
+pub fn find_current(archive: &Archive) -> Option<PathBuf> {
+    candidates(&archive.path).into_iter().find(|p| {
+        fs::read(p)
+            .ok()
+            .and_then(|b| format::peek(&b).ok())
+            .is_some_and(|h| h.id == archive.id)
+    })
+}
+
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir)?;
     let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+    // Readable by whoever can read the archive beside it.
+    fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
