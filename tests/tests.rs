@@ -10,6 +10,7 @@ mod tree;
 mod util;
 
 mod cli;
+mod create;
 mod formats;
 mod hostile;
 mod index;
