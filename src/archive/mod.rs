@@ -3,6 +3,7 @@
 //! uncompressed tar stream ([`StreamReader`]). Knows nothing of paths or FUSE.
 
 pub mod gzip;
+pub mod pipe;
 pub mod tar;
 pub mod zstd;
 

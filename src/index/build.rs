@@ -11,7 +11,7 @@ use crate::archive::tar::{
     Data, FileStream, Member, MemberKind, MemberReader, ReadStream, Segment,
 };
 use crate::archive::zstd::ZstdIndexer;
-use crate::archive::{Archive, Compression, CountingReader, Progress, SeekTable};
+use crate::archive::{pipe, Archive, Compression, CountingReader, Progress, SeekTable};
 use crate::error::{Error, Result};
 use crate::index::{DirentRecord, Index, InodeRecord, XattrRecord, FLAG_IMPLICIT, FLAG_SPARSE};
 
@@ -53,12 +53,14 @@ pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) 
         Compression::Gzip => {
             let input =
                 CountingReader::new(BufReader::with_capacity(1 << 20, file), progress.clone());
-            let indexer = GzipIndexer::new(input, opts.span_bytes);
-            let mut reader = MemberReader::new(ReadStream(indexer), path);
+            let (piped, producer) = pipe::spawn(GzipIndexer::new(input, opts.span_bytes));
+            let mut reader = MemberReader::new(ReadStream(piped), path);
             while let Some(m) = reader.next_member()? {
                 tree.add(m);
             }
-            let table = reader.into_inner().0.finish().map_err(gz_err)?;
+            drop(reader);
+            let indexer = producer.join().map_err(|_| panicked(path))?;
+            let table = indexer.finish().map_err(gz_err)?;
             let size = table.uncompressed_size;
             (SeekTable::Gzip(table), size)
         }
@@ -66,11 +68,14 @@ pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) 
             let input =
                 CountingReader::new(BufReader::with_capacity(1 << 20, file), progress.clone());
             let indexer = ZstdIndexer::new(input, opts.span_bytes).map_err(zs_err)?;
-            let mut reader = MemberReader::new(ReadStream(indexer), path);
+            let (piped, producer) = pipe::spawn(indexer);
+            let mut reader = MemberReader::new(ReadStream(piped), path);
             while let Some(m) = reader.next_member()? {
                 tree.add(m);
             }
-            let table = reader.into_inner().0.finish().map_err(zs_err)?;
+            drop(reader);
+            let indexer = producer.join().map_err(|_| panicked(path))?;
+            let table = indexer.finish().map_err(zs_err)?;
             let size = table.uncompressed_size;
             (SeekTable::Zstd(table), size)
         }
@@ -81,6 +86,10 @@ pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) 
     index.table = std::sync::Arc::new(table);
     index.stream_size = stream_size;
     Ok(index)
+}
+
+fn panicked(path: &Path) -> Error {
+    Error::archive(path, None, None, "the decompression thread panicked")
 }
 
 /// Why a member name cannot be used.
