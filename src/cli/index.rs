@@ -27,6 +27,24 @@ pub struct IndexArgs {
     force: bool,
 }
 
+/// The index of `archive`: the one embedded in a snapshot cut by snapfs (unless
+/// `force`), else a persisted one, else a new one (saved). This is the one place
+/// that knows both the snapshot format and the index store.
+pub fn load(
+    archive: &Archive,
+    opts: &BuildOptions,
+    required_span: Option<u64>,
+    force: bool,
+    progress: &Progress,
+) -> Result<(Index, Origin)> {
+    if !force {
+        if let Some(index) = crate::snapshot::read_embedded(archive)? {
+            return Ok((index, Origin::Embedded));
+        }
+    }
+    store::load_or_build(archive, opts, required_span, force, progress)
+}
+
 /// Loads or builds the index of `archive`, with a progress bar on a terminal.
 pub fn obtain(
     archive: &Archive,
@@ -48,8 +66,7 @@ pub fn obtain(
         bar
     });
     let result = std::thread::scope(|s| {
-        let worker =
-            s.spawn(|| store::load_or_build(archive, opts, required_span, force, &progress));
+        let worker = s.spawn(|| load(archive, opts, required_span, force, &progress));
         if let Some(bar) = &bar {
             while !worker.is_finished() {
                 bar.set_position(progress.load(Ordering::Relaxed));
@@ -83,10 +100,11 @@ pub fn run(args: IndexArgs) -> Result<ExitCode> {
         Origin::Loaded(p) => ("index is up to date", p.display().to_string()),
         Origin::Built(p) => ("indexed", p.display().to_string()),
         Origin::BuiltUnsaved(why) => ("indexed (not saved)", why.clone()),
+        Origin::Embedded => ("embedded index is valid", "inside the archive".to_string()),
     };
     let index_bytes = match &origin {
         Origin::Loaded(p) | Origin::Built(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
-        Origin::BuiltUnsaved(_) => 0,
+        Origin::BuiltUnsaved(_) | Origin::Embedded => 0,
     };
     println!(
         "{verb}: {} ({}, {:.1} MiB stream): {entries} entries, {} skipped, {} seek points, in {secs:.3} s ({:.0} MB/s); index {:.1} KiB at {where_}",

@@ -25,6 +25,8 @@ pub enum Origin {
     Built(PathBuf),
     /// Built now; could not be saved anywhere (reason).
     BuiltUnsaved(String),
+    /// Read from the index embedded in a snapshot written by snapfs.
+    Embedded,
 }
 
 /// The snapfs cache directory (`$XDG_CACHE_HOME/snapfs` or `~/.cache/snapfs`).
