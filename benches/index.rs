@@ -128,7 +128,7 @@ fn write_small_tar(path: &Path, files: usize) {
     }
     for i in 0..files {
         // Skewed towards small files, like source trees: 16 KiB * u^2.
-        let u = rng.below(1 << 16) as u64;
+        let u = rng.below(1 << 16);
         let size = ((16384 * u * u) >> 32) as usize;
         let off = rng.below((pool.len() - size) as u64) as usize;
         append(
