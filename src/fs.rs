@@ -1,6 +1,8 @@
 //! The FUSE adapter, and the only `fuser` import: turns kernel requests into [`Tree`]
-//! calls and replies. Sets the cache policy of an immutable tree (long TTLs, keep-cache,
-//! cached dirs and symlinks, big reads) and answers every modifying call with EROFS.
+//! calls and replies. Sets the cache policy: an immutable tree gets long TTLs,
+//! keep-cache, cached dirs and negative entries; a writable tree ([`Tree::writable`],
+//! the upper view) gets short TTLs and no page or dir caching across opens. Modifying
+//! calls go to the tree, which answers EROFS unless it is writable.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -15,22 +17,74 @@ use fuser::{
 };
 
 use crate::error::Error;
-use crate::index::tree::{Attr, Tree};
+use crate::index::tree::{Attr, Owner, SetAttr, SetTime, Tree};
 
 /// Entries and attributes never change: let the kernel cache them for a long time.
 const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Cache time of a writable tree (every change goes through the kernel, so this is
+/// only a bound on staleness after our own bugs).
+const WRITABLE_TTL: Duration = Duration::from_secs(1);
 /// Largest read the kernel may send us (and readahead window).
 pub const MAX_READ: u32 = 1 << 20;
 
 /// A FUSE filesystem serving one [`Tree`].
 pub struct SnapFs<T> {
     tree: T,
+    ttl: Duration,
 }
 
 impl<T: Tree> SnapFs<T> {
     /// Wraps `tree`.
     pub fn new(tree: T) -> Self {
-        SnapFs { tree }
+        let ttl = if tree.writable() { WRITABLE_TTL } else { TTL };
+        SnapFs { tree, ttl }
+    }
+
+    /// Flags for an open file or directory: keep caches only if nothing can change.
+    fn open_flags(&self, dir: bool) -> FopenFlags {
+        match (self.tree.writable(), dir) {
+            (true, _) => FopenFlags::empty(),
+            (false, false) => FopenFlags::FOPEN_KEEP_CACHE,
+            (false, true) => FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+        }
+    }
+
+    fn reply_entry(&self, r: crate::Result<u64>, reply: ReplyEntry) {
+        match r.and_then(|ino| self.tree.attr(ino)) {
+            Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+}
+
+fn owner(req: &Request) -> Owner {
+    Owner {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
+    t.map(|t| match t {
+        TimeOrNow::Now => SetTime::Now,
+        TimeOrNow::SpecificTime(t) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => SetTime::At(d.as_secs() as i64, d.subsec_nanos()),
+            Err(e) => {
+                let d = e.duration();
+                if d.subsec_nanos() == 0 {
+                    SetTime::At(-(d.as_secs() as i64), 0)
+                } else {
+                    SetTime::At(-(d.as_secs() as i64) - 1, 1_000_000_000 - d.subsec_nanos())
+                }
+            }
+        },
+    })
+}
+
+fn empty(r: crate::Result<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 
@@ -122,16 +176,18 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
             .lookup(parent.0, name.as_bytes())
             .and_then(|ino| self.tree.attr(ino));
         match r {
-            Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
+            Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             // Immutable: a miss stays a miss, so let the kernel cache it too.
-            Err(Error::Errno(libc::ENOENT)) => reply.entry(&TTL, &negative_attr(), Generation(0)),
+            Err(Error::Errno(libc::ENOENT)) => {
+                reply.entry(&self.ttl, &negative_attr(), Generation(0))
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.tree.attr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+            Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -144,11 +200,11 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY && !self.tree.writable() {
             return reply.error(EROFS);
         }
-        match self.tree.attr(ino.0) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+        match self.tree.open(ino.0, flags.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), self.open_flags(false)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -172,26 +228,83 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.attr(ino.0) {
-            Ok(a) if a.mode & libc::S_IFMT == libc::S_IFDIR => reply.opened(
-                FileHandle(0),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
+            Ok(a) if a.mode & libc::S_IFMT == libc::S_IFDIR => match self.tree.open_dir(ino.0) {
+                Ok(fh) => reply.opened(FileHandle(fh), self.open_flags(true)),
+                Err(e) => reply.error(errno(&e)),
+            },
             Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
             Err(e) => reply.error(errno(&e)),
         }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.tree.release_dir(ino.0, fh.0), reply);
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.tree.fsync(ino.0, datasync), reply);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lo: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.tree.flush(ino.0, fh.0), reply);
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.tree.release(ino.0, fh.0), reply);
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        empty(self.tree.fsync(ino.0, datasync), reply);
     }
 
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         let r = self
             .tree
-            .read_dir(ino.0, offset, &mut |next, name, child, mode| {
+            .read_dir_handle(ino.0, fh.0, offset, &mut |next, name, child, mode| {
                 reply.add(
                     INodeNo(child),
                     next,
@@ -209,20 +322,22 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let tree = &self.tree;
-        let r = tree.read_dir(
+        let ttl = self.ttl;
+        let r = tree.read_dir_handle(
             ino.0,
+            fh.0,
             offset,
             &mut |next, name, child, _mode| match tree.attr(child) {
                 Ok(a) => reply.add(
                     INodeNo(child),
                     next,
                     OsStr::from_bytes(name),
-                    &TTL,
+                    &ttl,
                     &file_attr(&a),
                     Generation(0),
                 ),
@@ -237,7 +352,19 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let s = self.tree.stats();
-        reply.statfs(s.blocks / 8, 0, 0, s.files, 0, 4096, 255, 4096);
+        match self.tree.free_space() {
+            None => reply.statfs(s.blocks / 8, 0, 0, s.files, 0, 4096, 255, 4096),
+            Some(f) => reply.statfs(
+                s.blocks / 8 + f.blocks_free,
+                f.blocks_free,
+                f.blocks_avail,
+                s.files + f.files_free,
+                f.files_free,
+                4096,
+                255,
+                4096,
+            ),
+        }
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -255,7 +382,7 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        if mask.contains(AccessFlags::W_OK) {
+        if mask.contains(AccessFlags::W_OK) && !self.tree.writable() {
             return reply.error(EROFS);
         }
         match self.tree.attr(ino.0) {
@@ -288,18 +415,18 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         }
     }
 
-    // Everything below modifies the tree: a snapshot view is read-only.
+    // Everything below modifies the tree (EROFS unless the tree is writable).
 
     fn setattr(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
-        _atime: Option<TimeOrNow>,
-        _mtime: Option<TimeOrNow>,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
         _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
@@ -308,98 +435,168 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(EROFS);
+        let set = SetAttr {
+            mode,
+            uid,
+            gid,
+            size,
+            atime: set_time(atime),
+            mtime: set_time(mtime),
+        };
+        match self.tree.set_attr(ino.0, &set) {
+            Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn mknod(
         &self,
-        _r: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _d: u32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(EROFS);
+        let r = self
+            .tree
+            .mknod(parent.0, name.as_bytes(), mode, rdev, owner(req));
+        self.reply_entry(r, reply);
     }
 
-    fn mkdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
-        reply.error(EROFS);
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.tree.mkdir(parent.0, name.as_bytes(), mode, owner(req));
+        self.reply_entry(r, reply);
     }
 
-    fn unlink(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(EROFS);
+    fn unlink(&self, _r: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.tree.unlink(parent.0, name.as_bytes()), reply);
     }
 
-    fn rmdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(EROFS);
+    fn rmdir(&self, _r: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.tree.rmdir(parent.0, name.as_bytes()), reply);
     }
 
-    fn symlink(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _t: &Path, reply: ReplyEntry) {
-        reply.error(EROFS);
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let r = self.tree.symlink(
+            parent.0,
+            name.as_bytes(),
+            target.as_os_str().as_bytes(),
+            owner(req),
+        );
+        self.reply_entry(r, reply);
     }
 
     fn rename(
         &self,
         _r: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _np: INodeNo,
-        _nn: &OsStr,
-        _f: RenameFlags,
+        parent: INodeNo,
+        name: &OsStr,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(EROFS);
+        let r = self.tree.rename(
+            parent.0,
+            name.as_bytes(),
+            new_parent.0,
+            new_name.as_bytes(),
+            flags.bits(),
+        );
+        empty(r, reply);
     }
 
-    fn link(&self, _r: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
-        reply.error(EROFS);
+    fn link(
+        &self,
+        _r: &Request,
+        ino: INodeNo,
+        new_parent: INodeNo,
+        new_name: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let r = self.tree.link(ino.0, new_parent.0, new_name.as_bytes());
+        self.reply_entry(r, reply);
     }
 
     fn write(
         &self,
         _r: &Request,
-        _i: INodeNo,
-        _fh: FileHandle,
-        _o: u64,
-        _d: &[u8],
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _wf: WriteFlags,
         _f: OpenFlags,
         _l: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(EROFS);
+        match self.tree.write(ino.0, fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn setxattr(
         &self,
         _r: &Request,
-        _i: INodeNo,
-        _n: &OsStr,
-        _v: &[u8],
-        _f: i32,
-        _p: u32,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(EROFS);
+        empty(
+            self.tree.set_xattr(ino.0, name.as_bytes(), value, flags),
+            reply,
+        );
     }
 
-    fn removexattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
-        reply.error(EROFS);
+    fn removexattr(&self, _r: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(self.tree.remove_xattr(ino.0, name.as_bytes()), reply);
     }
 
     fn create(
         &self,
-        _r: &Request,
-        _p: INodeNo,
-        _n: &OsStr,
-        _m: u32,
-        _u: u32,
-        _f: i32,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(EROFS);
+        let r = self
+            .tree
+            .create(parent.0, name.as_bytes(), mode, flags, owner(req))
+            .and_then(|(ino, fh)| Ok((self.tree.attr(ino)?, fh)));
+        match r {
+            Ok((a, fh)) => reply.created(
+                &self.ttl,
+                &file_attr(&a),
+                Generation(0),
+                FileHandle(fh),
+                self.open_flags(false),
+            ),
+            Err(e) => reply.error(errno(&e)),
+        }
     }
 
     fn fallocate(
@@ -412,6 +609,9 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _m: i32,
         reply: ReplyEmpty,
     ) {
+        if self.tree.writable() {
+            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
+        }
         reply.error(EROFS);
     }
 }

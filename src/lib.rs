@@ -13,5 +13,6 @@ pub mod fs;
 pub mod index;
 pub mod layers;
 pub mod snapshot;
+pub mod upper;
 
 pub use error::{Error, Result};

@@ -1,6 +1,8 @@
 //! `snapfs mount`: load or build the index, then serve it over FUSE. Without
 //! `--foreground` the command re-executes itself as a detached daemon and returns only
 //! once the daemon reports the mount live (or prints the daemon's one-line error).
+//! With `--upper DIR` the view is writable: the read-only tree is wrapped in an
+//! [`UpperTree`] that records changes in DIR, and the mount is not `ro`.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -18,8 +20,9 @@ use crate::error::{Error, Result};
 use crate::fs::SnapFs;
 use crate::index::build::BuildOptions;
 use crate::index::store;
-use crate::index::tree::{IndexTree, Tree};
+use crate::index::tree::{DynTree, IndexTree, Tree};
 use crate::layers::LayeredTree;
+use crate::upper::UpperTree;
 
 /// Arguments of `snapfs mount`.
 #[derive(Args, Debug)]
@@ -42,6 +45,10 @@ pub struct MountArgs {
     /// FUSE worker threads.
     #[arg(long, default_value_t = 8)]
     threads: usize,
+    /// Make the view writable, recording every change in DIR (created if missing;
+    /// mount with the same DIR again to get the same view back).
+    #[arg(long, value_name = "DIR")]
+    upper: Option<PathBuf>,
     /// Internal: file descriptor on which the daemon reports readiness.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
@@ -63,6 +70,9 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         }
         Err(e) => return Err(Error::io("cannot use mountpoint", mountpoint, e)),
     }
+    if let Some(u) = &args.upper {
+        std::fs::create_dir_all(u).map_err(|e| Error::io("cannot create upper dir", u, e))?;
+    }
     if args.foreground || args.ready_fd.is_some() {
         let ready = args.ready_fd.map(|fd| {
             // SAFETY: the parent passed us this fd, open and owned by nobody else here.
@@ -77,6 +87,9 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     for path in archives {
         let archive = Archive::open(path)?;
         if store::find_current(&archive).is_some() {
+            continue;
+        }
+        if crate::snapshot::read_embedded(&archive)?.is_some() {
             continue;
         }
         let (index, _) = super::index::obtain(&archive, &opts, None, false)?;
@@ -122,6 +135,10 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
         .arg(args.threads.to_string());
     for o in &args.options {
         cmd.arg("-o").arg(o);
+    }
+    if let Some(u) = &args.upper {
+        cmd.arg("--upper")
+            .arg(std::fs::canonicalize(u).unwrap_or_else(|_| u.clone()));
     }
     cmd.args(
         paths
@@ -169,12 +186,14 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
 fn mount_config(args: &MountArgs, archive: &Path) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
-        MountOption::RO,
         MountOption::FSName(format!("snapfs:{}", archive.display())),
         MountOption::Subtype("snapfs".into()),
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
     ];
+    if args.upper.is_none() {
+        config.mount_options.insert(0, MountOption::RO);
+    }
     for opt in args
         .options
         .iter()
@@ -184,7 +203,9 @@ fn mount_config(args: &MountArgs, archive: &Path) -> Config {
         match opt {
             "allow_other" => config.acl = SessionACL::All,
             "allow_root" => config.acl = SessionACL::RootAndOwner,
-            "ro" | "default_permissions" => {}
+            "default_permissions" => {}
+            "ro" if args.upper.is_none() => {}
+            "ro" => config.mount_options.push(MountOption::RO),
             "auto_unmount" => config.mount_options.push(MountOption::AutoUnmount),
             "dev" => config.mount_options.push(MountOption::Dev),
             "nodev" => config.mount_options.push(MountOption::NoDev),
@@ -222,11 +243,19 @@ fn serve(
     let mut session = session;
     let mut unmounter = session.unmount_callable();
     // Signals were blocked in setup(); one thread waits for them and unmounts.
+    let target = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(
+        mountpoint.as_os_str(),
+    ))
+    .map_err(|_| Error::Usage("mountpoint contains a NUL byte".into()))?;
     std::thread::spawn(move || {
         wait_for_signal();
         log::info!("signal received, unmounting");
-        if let Err(e) = unmounter.unmount() {
-            log::error!("unmount failed: {e}");
+        // Our own mount (as root) is detached directly; fuser's through its unmounter.
+        // SAFETY: target is a valid NUL-terminated path.
+        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+            if let Err(e) = unmounter.unmount() {
+                log::error!("unmount failed: {e}");
+            }
         }
     });
     if let Some(mut r) = ready.take() {
@@ -242,7 +271,7 @@ fn setup(
     args: &MountArgs,
     archives: &[PathBuf],
     mountpoint: &Path,
-) -> Result<fuser::Session<SnapFs<Box<dyn Tree>>>> {
+) -> Result<fuser::Session<SnapFs<DynTree>>> {
     block_signals();
     let opts = BuildOptions {
         span_bytes: args.span.max(64 << 10),
@@ -260,15 +289,18 @@ fn setup(
     } else {
         Box::new(LayeredTree::new(trees)?)
     };
+    let tree = match &args.upper {
+        Some(dir) => DynTree(Box::new(UpperTree::new(tree, dir)?)),
+        None => DynTree(tree),
+    };
     let config = mount_config(args, &archives[archives.len() - 1]);
-    fuser::Session::new(SnapFs::new(tree), mountpoint, &config)
-        .map_err(|e| Error::io("cannot mount on", mountpoint, e))
+    super::session::mount(SnapFs::new(tree), mountpoint, &config)
 }
 
 /// The read-only tree of one archive, its index loaded (or built).
 fn open_tree(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Result<IndexTree> {
     let archive = Archive::open(path)?;
-    let (index, _) = store::load_or_build(&archive, opts, None, false, &Default::default())?;
+    let (index, _) = super::index::load(&archive, opts, None, false, &Default::default())?;
     let cache_file = store::cache_file_for(&archive, &index)?;
     let table = index.table.clone();
     let stream = match cache_file {

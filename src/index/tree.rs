@@ -68,6 +68,291 @@ pub trait Tree: Send + Sync {
     fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64>;
     /// Filesystem statistics.
     fn stats(&self) -> FsStats;
+
+    // Writable trees override the methods below; a read-only tree answers every
+    // modifying call with EROFS.
+
+    /// Whether the tree accepts changes (the FUSE adapter then uses short cache TTLs).
+    fn writable(&self) -> bool {
+        false
+    }
+    /// Free space for `statfs`, if the tree has any.
+    fn free_space(&self) -> Option<FreeSpace> {
+        None
+    }
+    /// Opens file `ino` with `open(2)` flags; returns a handle for the calls below.
+    fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        if flags & libc::O_ACCMODE != libc::O_RDONLY {
+            return Err(erofs());
+        }
+        self.attr(ino).map(|_| 0)
+    }
+    /// Creates and opens regular file `name` in `parent`: (inode, handle).
+    fn create(
+        &self,
+        _parent: u64,
+        _name: &[u8],
+        _mode: u32,
+        _flags: i32,
+        _owner: Owner,
+    ) -> Result<(u64, u64)> {
+        Err(erofs())
+    }
+    /// `close(2)` of one descriptor of an open file.
+    fn flush(&self, _ino: u64, _fh: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Last close of handle `fh` of `ino`.
+    fn release(&self, _ino: u64, _fh: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Makes the data (and, unless `datasync`, the metadata) of `ino` durable.
+    fn fsync(&self, _ino: u64, _datasync: bool) -> Result<()> {
+        Ok(())
+    }
+    /// Opens directory `ino` for listing; the handle goes to [`Tree::read_dir_handle`].
+    fn open_dir(&self, ino: u64) -> Result<u64> {
+        self.attr(ino).map(|_| 0)
+    }
+    /// Lists directory `ino` through handle `fh` (a stable listing while it is open).
+    fn read_dir_handle(
+        &self,
+        ino: u64,
+        _fh: u64,
+        offset: u64,
+        sink: &mut DirSink<'_>,
+    ) -> Result<()> {
+        self.read_dir(ino, offset, sink)
+    }
+    /// Closes a directory handle.
+    fn release_dir(&self, _ino: u64, _fh: u64) -> Result<()> {
+        Ok(())
+    }
+    /// Writes `data` at `offset` of file `ino`; returns the bytes written.
+    fn write(&self, _ino: u64, _fh: u64, _offset: u64, _data: &[u8]) -> Result<u32> {
+        Err(erofs())
+    }
+    /// Changes attributes (chmod, chown, truncate, utimens); returns the new ones.
+    fn set_attr(&self, _ino: u64, _set: &SetAttr) -> Result<Attr> {
+        Err(erofs())
+    }
+    /// Creates a regular file, device, fifo or socket (`mode` carries the type).
+    fn mknod(
+        &self,
+        _parent: u64,
+        _name: &[u8],
+        _mode: u32,
+        _rdev: u32,
+        _owner: Owner,
+    ) -> Result<u64> {
+        Err(erofs())
+    }
+    /// Creates a directory.
+    fn mkdir(&self, _parent: u64, _name: &[u8], _mode: u32, _owner: Owner) -> Result<u64> {
+        Err(erofs())
+    }
+    /// Creates a symlink to `target`.
+    fn symlink(&self, _parent: u64, _name: &[u8], _target: &[u8], _owner: Owner) -> Result<u64> {
+        Err(erofs())
+    }
+    /// Adds the name `name` in `parent` for `ino`.
+    fn link(&self, _ino: u64, _parent: u64, _name: &[u8]) -> Result<u64> {
+        Err(erofs())
+    }
+    /// Removes a non-directory name.
+    fn unlink(&self, _parent: u64, _name: &[u8]) -> Result<()> {
+        Err(erofs())
+    }
+    /// Removes an empty directory.
+    fn rmdir(&self, _parent: u64, _name: &[u8]) -> Result<()> {
+        Err(erofs())
+    }
+    /// `renameat2(2)`; `flags` are `RENAME_*` bits.
+    fn rename(
+        &self,
+        _parent: u64,
+        _name: &[u8],
+        _new_parent: u64,
+        _new_name: &[u8],
+        _flags: u32,
+    ) -> Result<()> {
+        Err(erofs())
+    }
+    /// Sets extended attribute `name` (`flags`: `XATTR_CREATE`/`XATTR_REPLACE`).
+    fn set_xattr(&self, _ino: u64, _name: &[u8], _value: &[u8], _flags: i32) -> Result<()> {
+        Err(erofs())
+    }
+    /// Removes extended attribute `name`.
+    fn remove_xattr(&self, _ino: u64, _name: &[u8]) -> Result<()> {
+        Err(erofs())
+    }
+}
+
+fn erofs() -> Error {
+    Error::Errno(libc::EROFS)
+}
+
+/// Who creates a new entry (the caller's fsuid and fsgid).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+}
+
+/// A timestamp to set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    /// The current time.
+    Now,
+    /// Seconds and nanoseconds since the epoch.
+    At(i64, u32),
+}
+
+/// The changes of one `setattr` request; `None` leaves a field alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size (truncate).
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<SetTime>,
+    /// New modification time.
+    pub mtime: Option<SetTime>,
+}
+
+/// Free space of a writable tree, as `statfs` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreeSpace {
+    /// Free 4 KiB blocks.
+    pub blocks_free: u64,
+    /// Free 4 KiB blocks for unprivileged users.
+    pub blocks_avail: u64,
+    /// Free inodes.
+    pub files_free: u64,
+}
+
+/// A boxed tree that forwards every [`Tree`] method, the writable ones included (the
+/// `Box<dyn Tree>` impl in `layers` forwards only the read-only ones).
+pub struct DynTree(pub Box<dyn Tree>);
+
+impl Tree for DynTree {
+    fn attr(&self, ino: u64) -> Result<Attr> {
+        (*self.0).attr(ino)
+    }
+    fn lookup(&self, parent: u64, name: &[u8]) -> Result<u64> {
+        (*self.0).lookup(parent, name)
+    }
+    fn read_dir(&self, ino: u64, offset: u64, sink: &mut DirSink<'_>) -> Result<()> {
+        (*self.0).read_dir(ino, offset, sink)
+    }
+    fn read_link(&self, ino: u64) -> Result<Vec<u8>> {
+        (*self.0).read_link(ino)
+    }
+    fn xattr_names(&self, ino: u64) -> Result<Vec<u8>> {
+        (*self.0).xattr_names(ino)
+    }
+    fn xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
+        (*self.0).xattr(ino, name)
+    }
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+        (*self.0).read(ino, offset, size)
+    }
+    fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64> {
+        (*self.0).seek_data(ino, offset, data)
+    }
+    fn stats(&self) -> FsStats {
+        (*self.0).stats()
+    }
+    fn writable(&self) -> bool {
+        (*self.0).writable()
+    }
+    fn free_space(&self) -> Option<FreeSpace> {
+        (*self.0).free_space()
+    }
+    fn open(&self, ino: u64, flags: i32) -> Result<u64> {
+        (*self.0).open(ino, flags)
+    }
+    fn create(
+        &self,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        owner: Owner,
+    ) -> Result<(u64, u64)> {
+        (*self.0).create(parent, name, mode, flags, owner)
+    }
+    fn flush(&self, ino: u64, fh: u64) -> Result<()> {
+        (*self.0).flush(ino, fh)
+    }
+    fn release(&self, ino: u64, fh: u64) -> Result<()> {
+        (*self.0).release(ino, fh)
+    }
+    fn fsync(&self, ino: u64, datasync: bool) -> Result<()> {
+        (*self.0).fsync(ino, datasync)
+    }
+    fn open_dir(&self, ino: u64) -> Result<u64> {
+        (*self.0).open_dir(ino)
+    }
+    fn read_dir_handle(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut DirSink<'_>,
+    ) -> Result<()> {
+        (*self.0).read_dir_handle(ino, fh, offset, sink)
+    }
+    fn release_dir(&self, ino: u64, fh: u64) -> Result<()> {
+        (*self.0).release_dir(ino, fh)
+    }
+    fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> Result<u32> {
+        (*self.0).write(ino, fh, offset, data)
+    }
+    fn set_attr(&self, ino: u64, set: &SetAttr) -> Result<Attr> {
+        (*self.0).set_attr(ino, set)
+    }
+    fn mknod(&self, parent: u64, name: &[u8], mode: u32, rdev: u32, owner: Owner) -> Result<u64> {
+        (*self.0).mknod(parent, name, mode, rdev, owner)
+    }
+    fn mkdir(&self, parent: u64, name: &[u8], mode: u32, owner: Owner) -> Result<u64> {
+        (*self.0).mkdir(parent, name, mode, owner)
+    }
+    fn symlink(&self, parent: u64, name: &[u8], target: &[u8], owner: Owner) -> Result<u64> {
+        (*self.0).symlink(parent, name, target, owner)
+    }
+    fn link(&self, ino: u64, parent: u64, name: &[u8]) -> Result<u64> {
+        (*self.0).link(ino, parent, name)
+    }
+    fn unlink(&self, parent: u64, name: &[u8]) -> Result<()> {
+        (*self.0).unlink(parent, name)
+    }
+    fn rmdir(&self, parent: u64, name: &[u8]) -> Result<()> {
+        (*self.0).rmdir(parent, name)
+    }
+    fn rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        flags: u32,
+    ) -> Result<()> {
+        (*self.0).rename(parent, name, new_parent, new_name, flags)
+    }
+    fn set_xattr(&self, ino: u64, name: &[u8], value: &[u8], flags: i32) -> Result<()> {
+        (*self.0).set_xattr(ino, name, value, flags)
+    }
+    fn remove_xattr(&self, ino: u64, name: &[u8]) -> Result<()> {
+        (*self.0).remove_xattr(ino, name)
+    }
 }
 
 /// The read-only tree of one archive.
