@@ -72,6 +72,8 @@ pub const X_RANGES: &[u8] = b"user.snapfs.ranges";
 pub const X_OWN: &[u8] = b"user.snapfs.xattrs";
 /// Prefix of the view's own xattrs.
 pub const X_VIEW: &[u8] = b"user.snapfs.x.";
+/// POSIX ACL xattrs: kept as real ACLs on the upper entry.
+const ACL_PREFIX: &[u8] = b"system.posix_acl_";
 const FORMAT: &[u8] = b"snapfs-upper 1\n";
 
 fn errno(e: i32) -> Error {
@@ -1258,7 +1260,8 @@ impl UpperTree {
         self.copy_up(st, src)?;
         self.flush_file_in(st, src)?;
         self.copy_up_dir(st, np)?;
-        let sp = self.upath(st, src)?;
+        // The name being renamed (a hard-linked file has others).
+        let sp = self.child_path(st, parent, name)?;
         if sdir {
             let sn = st.node(src)?;
             let x = At::Path(&sp);
@@ -1423,10 +1426,23 @@ impl UpperTree {
             Some(f) => At::Fd(f),
             None => At::Path(&p),
         };
+        let what = Path::new("upper entry");
+        if name.starts_with(ACL_PREFIX) {
+            // POSIX ACLs live on the upper entry itself, where the kernel keeps them
+            // consistent with the mode (a minimal ACL is just mode bits).
+            return match value {
+                Some(v) => x.set(name, v, flags),
+                None => match x.remove(name) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(io::Error::from_raw_os_error(libc::ENODATA)),
+                    Err(e) => Err(e),
+                },
+            }
+            .map_err(ioerr("cannot set ACL of", what));
+        }
         self.own_xattrs(x, lower)?;
         let mut k = X_VIEW.to_vec();
         k.extend_from_slice(name);
-        let what = Path::new("upper entry");
         let exists = x.get(&k).map_err(ioerr("xattr", what))?.is_some();
         match value {
             Some(v) => {
@@ -1589,16 +1605,25 @@ impl Tree for UpperTree {
                 Some(f) => At::Fd(f),
                 None => At::Path(&p),
             };
-            if x.get(X_OWN).map_err(ioerr("xattr", &p))?.is_some() {
-                let mut out = Vec::new();
-                for name in x.list().map_err(ioerr("cannot list xattrs of", &p))? {
-                    if let Some(v) = name.strip_prefix(X_VIEW) {
-                        out.extend_from_slice(v);
-                        out.push(0);
-                    }
+            let own = x.get(X_OWN).map_err(ioerr("xattr", &p))?.is_some();
+            let mut out = Vec::new();
+            for name in x.list().map_err(ioerr("cannot list xattrs of", &p))? {
+                if name.starts_with(ACL_PREFIX) {
+                    out.extend_from_slice(&name);
+                    out.push(0);
+                } else if let Some(v) = name.strip_prefix(X_VIEW).filter(|_| own) {
+                    out.extend_from_slice(v);
+                    out.push(0);
                 }
+            }
+            if own {
                 return Ok(out);
             }
+            drop(st);
+            if let Some(l) = lower {
+                out.extend_from_slice(&self.lower.xattr_names(l)?);
+            }
+            return Ok(out);
         } else if n.upper {
             return Ok(Vec::new());
         }
@@ -1619,6 +1644,12 @@ impl Tree for UpperTree {
                 Some(f) => At::Fd(f),
                 None => At::Path(&p),
             };
+            if name.starts_with(ACL_PREFIX) {
+                return x
+                    .get(name)
+                    .map_err(ioerr("xattr", &p))?
+                    .ok_or(errno(libc::ENODATA));
+            }
             if x.get(X_OWN).map_err(ioerr("xattr", &p))?.is_some() {
                 let mut k = X_VIEW.to_vec();
                 k.extend_from_slice(name);

@@ -17,3 +17,4 @@ mod index;
 mod layers;
 mod regression;
 mod semantics;
+mod upper;
