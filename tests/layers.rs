@@ -78,14 +78,14 @@ fn make_layer(out: &Path, lines: &[&str]) {
     python(MAKE_LAYER, &args).assert_ok();
 }
 
-fn oci_apply(dest: &Path, layers: &[PathBuf]) {
+pub(crate) fn oci_apply(dest: &Path, layers: &[PathBuf]) {
     std::fs::create_dir_all(dest).unwrap();
     let mut args = vec![dest.display().to_string()];
     args.extend(layers.iter().map(|l| l.display().to_string()));
     python(OCI_APPLY, &args).assert_ok();
 }
 
-fn mount_layers(layers: &[PathBuf], mnt: &Path) -> Mount {
+pub(crate) fn mount_layers(layers: &[PathBuf], mnt: &Path) -> Mount {
     let (top, lower) = layers.split_last().unwrap();
     let lower: Vec<String> = lower.iter().map(|p| p.display().to_string()).collect();
     let lower: Vec<&str> = lower.iter().map(|s| s.as_str()).collect();

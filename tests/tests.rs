@@ -10,6 +10,7 @@ mod tree;
 mod util;
 
 mod cli;
+mod commit;
 mod create;
 mod formats;
 mod hostile;

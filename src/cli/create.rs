@@ -42,7 +42,7 @@ pub struct CreateArgs {
 }
 
 /// The format an output name implies.
-fn format_of(out: &Path) -> Option<Format> {
+pub(super) fn format_of(out: &Path) -> Option<Format> {
     let name = out.file_name()?.to_string_lossy().to_ascii_lowercase();
     if name.ends_with(".tar") {
         Some(Format::Tar)
@@ -55,7 +55,7 @@ fn format_of(out: &Path) -> Option<Format> {
     }
 }
 
-fn compression(format: Format, level: Option<i32>) -> Result<OutputCompression> {
+pub(super) fn compression(format: Format, level: Option<i32>) -> Result<OutputCompression> {
     Ok(match format {
         Format::Tar => {
             if level.is_some() {

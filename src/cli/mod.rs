@@ -1,10 +1,13 @@
 //! Command-line glue: clap structs, checked into per-subcommand configs, and dispatch.
 //! One file per subcommand.
 
+mod commit;
 mod create;
 mod index;
 mod mount;
+mod session;
 mod umount;
+mod view;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,6 +34,8 @@ enum Command {
     Umount(umount::UmountArgs),
     /// Capture a plain directory into a new seekable, self-indexed snapshot.
     Create(create::CreateArgs),
+    /// Cut a snapshot (delta layer, or --full) from a writable view's upper dir.
+    Commit(commit::CommitArgs),
 }
 
 /// Parses the arguments and runs the subcommand.
@@ -41,6 +46,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Mount(a) => mount::run(a),
         Command::Umount(a) => umount::run(a),
         Command::Create(a) => create::run(a),
+        Command::Commit(a) => commit::run(a),
     }
 }
 

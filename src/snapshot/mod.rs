@@ -10,6 +10,7 @@
 //!
 //! `docs/FORMAT.md` describes the bytes.
 
+pub mod cut;
 pub mod dir;
 pub mod format;
 pub mod write;

@@ -93,7 +93,7 @@ impl Default for WriterOptions {
 }
 
 /// What an entry is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
     /// Regular file; its content comes from `SnapshotEntry::data`.
     File,
