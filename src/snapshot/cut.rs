@@ -150,26 +150,22 @@ impl Cutter<'_> {
         self.writer.add(e)
     }
 
-    /// Writes `ino` at `path` and, for a directory, everything below it.
+    /// Writes `ino` at `path` and, for a directory, everything below it, depth first
+    /// (each directory directly followed by its contents, as GNU tar writes and
+    /// expects when it restores directory times).
     fn subtree(&mut self, path: &[u8], ino: u64) -> Result<()> {
-        self.entry(path, ino)?;
         let mut stack = vec![(path.to_vec(), ino)];
-        while let Some((dir, dino)) = stack.pop() {
-            if self.view.attr(dino)?.mode & libc::S_IFMT != libc::S_IFDIR {
+        while let Some((p, node)) = stack.pop() {
+            self.entry(&p, node)?;
+            if self.view.attr(node)?.mode & libc::S_IFMT != libc::S_IFDIR {
                 continue;
             }
             let mut kids = Vec::new();
-            self.view.read_dir(dino, 2, &mut |_, name, child, _| {
-                kids.push((name.to_vec(), child));
+            self.view.read_dir(node, 2, &mut |_, name, child, _| {
+                kids.push((join(&p, name), child));
                 false
             })?;
-            let mut subdirs = Vec::new();
-            for (name, child) in kids {
-                let p = join(&dir, &name);
-                self.entry(&p, child)?;
-                subdirs.push((p, child));
-            }
-            stack.extend(subdirs.into_iter().rev());
+            stack.extend(kids.into_iter().rev());
         }
         Ok(())
     }
@@ -209,7 +205,14 @@ pub fn cut_delta(
         linked: HashMap::new(),
         written: HashSet::new(),
     };
-    for ch in changes {
+    // Depth-first order: every directory directly followed by its contents.
+    let mut ordered: Vec<&Change> = changes.iter().collect();
+    ordered.sort_by(|a, b| {
+        a.path
+            .split(|&x| x == b'/')
+            .cmp(b.path.split(|&x| x == b'/'))
+    });
+    for ch in ordered {
         match &ch.kind {
             ChangeKind::Deleted => {
                 let (dir, name) = split(&ch.path);
