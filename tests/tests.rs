@@ -16,6 +16,7 @@ mod formats;
 mod hostile;
 mod index;
 mod layers;
+mod random_ops;
 mod regression;
 mod semantics;
 mod upper;

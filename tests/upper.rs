@@ -84,7 +84,7 @@ for p in paths:
         os.utime(p, ns=(1234567890123456789, 1234567890123456789), follow_symlinks=False)
 "#;
 
-fn normalize(root: &Path) {
+pub(crate) fn normalize(root: &Path) {
     crate::util::python(NORMALIZE_TIMES, [root.as_os_str()]);
 }
 
