@@ -323,36 +323,6 @@ impl Tree for LayeredTree {
     }
 }
 
-impl Tree for Box<dyn Tree> {
-    fn attr(&self, ino: u64) -> Result<Attr> {
-        (**self).attr(ino)
-    }
-    fn lookup(&self, parent: u64, name: &[u8]) -> Result<u64> {
-        (**self).lookup(parent, name)
-    }
-    fn read_dir(&self, ino: u64, offset: u64, sink: &mut DirSink<'_>) -> Result<()> {
-        (**self).read_dir(ino, offset, sink)
-    }
-    fn read_link(&self, ino: u64) -> Result<Vec<u8>> {
-        (**self).read_link(ino)
-    }
-    fn xattr_names(&self, ino: u64) -> Result<Vec<u8>> {
-        (**self).xattr_names(ino)
-    }
-    fn xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
-        (**self).xattr(ino, name)
-    }
-    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
-        (**self).read(ino, offset, size)
-    }
-    fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64> {
-        (**self).seek_data(ino, offset, data)
-    }
-    fn stats(&self) -> FsStats {
-        (**self).stats()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

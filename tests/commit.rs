@@ -147,8 +147,10 @@ fn delta_and_full_cuts_reproduce_the_view() {
         "metadata-only chmod not captured:\n{listing}"
     );
 
-    let mut o = CmpOpts::default();
-    o.dir_nlink = true;
+    let o = CmpOpts {
+        dir_nlink: true,
+        ..Default::default()
+    };
     // (a) GNU tar / OCI extraction of parent + delta.
     sh(t.path(), "gzip -dk base.tar.gz delta.tar.gz").assert_ok();
     let extracted = t.join("extracted");

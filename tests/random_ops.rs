@@ -126,8 +126,10 @@ fn random_operation_sequences_match_a_plain_directory() {
     let archive = t.join("base.tar");
     let plain = t.join("plain");
     let upper = t.join("upper").display().to_string();
-    let mut o = CmpOpts::default();
-    o.dir_nlink = true;
+    let o = CmpOpts {
+        dir_nlink: true,
+        ..Default::default()
+    };
     let mut total = 0;
     {
         let m = Mount::with_args(&archive, &t.join("mnt"), &["--upper", &upper]);

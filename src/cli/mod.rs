@@ -35,6 +35,15 @@ enum Command {
     /// Capture a plain directory into a new seekable, self-indexed snapshot.
     Create(create::CreateArgs),
     /// Cut a snapshot (delta layer, or --full) from a writable view's upper dir.
+    #[command(
+        long_about = "Cut a snapshot from a writable view's upper dir: by default a delta \
+layer in OCI form (changed files whole, directories, metadata changes, .wh. whiteouts and \
+opaque markers) so that the parent archives plus the delta reproduce the view; with --full \
+one flattened standalone snapshot of the whole view, streaming unchanged data from the \
+parents.\n\nWhile the view is mounted, its daemon holds the upper dir's lock and commit \
+refuses with a clear error: unmount the view first. A cut therefore always captures one \
+consistent state and never mixes in writes that happen during the cut."
+    )]
     Commit(commit::CommitArgs),
 }
 

@@ -10,18 +10,16 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::Arc;
 
 use clap::Args;
 use fuser::{Config, MountOption, SessionACL};
 
-use crate::archive::{Archive, StreamReader};
+use crate::archive::Archive;
 use crate::error::{Error, Result};
 use crate::fs::SnapFs;
 use crate::index::build::BuildOptions;
 use crate::index::store;
-use crate::index::tree::{DynTree, IndexTree, Tree};
-use crate::layers::LayeredTree;
+use crate::index::tree::DynTree;
 use crate::upper::UpperTree;
 
 /// Arguments of `snapfs mount`.
@@ -276,38 +274,13 @@ fn setup(
     let opts = BuildOptions {
         span_bytes: args.span.max(64 << 10),
     };
-    let mut trees: Vec<Box<dyn Tree>> = Vec::with_capacity(archives.len());
-    // The span cache cap is shared out between the layers.
-    let cache_each = args.cache_size / archives.len() as u64;
-    for path in archives {
-        trees.push(Box::new(open_tree(path, &opts, cache_each)?));
-    }
-    let tree: Box<dyn Tree> = if trees.len() == 1 {
-        trees
-            .pop()
-            .ok_or_else(|| Error::Usage("no archive".into()))?
-    } else {
-        Box::new(LayeredTree::new(trees)?)
-    };
+    let tree = super::view::open_stack(archives, &opts, args.cache_size)?;
     let tree = match &args.upper {
         Some(dir) => DynTree(Box::new(UpperTree::new(tree, dir)?)),
         None => DynTree(tree),
     };
     let config = mount_config(args, &archives[archives.len() - 1]);
     super::session::mount(SnapFs::new(tree), mountpoint, &config)
-}
-
-/// The read-only tree of one archive, its index loaded (or built).
-fn open_tree(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Result<IndexTree> {
-    let archive = Archive::open(path)?;
-    let (index, _) = super::index::load(&archive, opts, None, false, &Default::default())?;
-    let cache_file = store::cache_file_for(&archive, &index)?;
-    let table = index.table.clone();
-    let stream = match cache_file {
-        Some(c) => StreamReader::with_cache_file(archive.file, archive.path, table, c),
-        None => StreamReader::new(archive.file, archive.path, table, cache_bytes),
-    };
-    Ok(IndexTree::new(Arc::new(index), stream))
 }
 
 const SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];

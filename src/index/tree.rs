@@ -238,8 +238,7 @@ pub struct FreeSpace {
     pub files_free: u64,
 }
 
-/// A boxed tree that forwards every [`Tree`] method, the writable ones included (the
-/// `Box<dyn Tree>` impl in `layers` forwards only the read-only ones).
+/// A boxed tree that forwards every [`Tree`] method, the writable ones included.
 pub struct DynTree(pub Box<dyn Tree>);
 
 impl Tree for DynTree {

@@ -97,7 +97,7 @@ fn specs() -> Vec<Spec> {
 }
 
 fn entry(s: &Spec) -> SnapshotEntry {
-    let mut e = SnapshotEntry::new(s.path.clone(), s.kind.clone());
+    let mut e = SnapshotEntry::new(s.path.clone(), s.kind);
     e.mode = if s.kind == EntryKind::Dir {
         0o755
     } else {
