@@ -81,6 +81,12 @@ impl SpanCache {
         Ok(value)
     }
 
+    /// Whether `key` is cached or being decoded (does not touch its recency).
+    pub fn contains(&self, key: usize) -> bool {
+        let st = self.lock();
+        st.lru.contains(&key) || st.decoding.contains(&key)
+    }
+
     /// Bytes currently cached.
     pub fn cached_bytes(&self) -> u64 {
         self.lock().bytes

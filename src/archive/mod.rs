@@ -216,8 +216,14 @@ enum Backing {
 }
 
 /// Random reads of the uncompressed tar stream of one archive; safe to share
-/// between threads.
+/// between threads. Sequential reads of a compressed stream prefetch the next span on
+/// a background thread, so inflating overlaps with the reader (and uses a second core).
 pub struct StreamReader {
+    inner: Arc<Inner>,
+    prefetch: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<usize>>>,
+}
+
+struct Inner {
     archive: File,
     path: PathBuf,
     table: Arc<SeekTable>,
@@ -231,12 +237,7 @@ impl StreamReader {
             SeekTable::Plain => Backing::Plain,
             _ => Backing::Spans(SpanCache::new(cache_bytes)),
         };
-        StreamReader {
-            archive,
-            path,
-            table,
-            backing,
-        }
+        Self::with_backing(archive, path, table, backing)
     }
 
     /// A reader that serves everything from an already decompressed cache file.
@@ -246,26 +247,80 @@ impl StreamReader {
         table: Arc<SeekTable>,
         cache: File,
     ) -> Self {
+        Self::with_backing(archive, path, table, Backing::CacheFile(cache))
+    }
+
+    fn with_backing(archive: File, path: PathBuf, table: Arc<SeekTable>, backing: Backing) -> Self {
         StreamReader {
-            archive,
-            path,
-            table,
-            backing: Backing::CacheFile(cache),
+            inner: Arc::new(Inner {
+                archive,
+                path,
+                table,
+                backing,
+            }),
+            prefetch: std::sync::OnceLock::new(),
         }
     }
 
     /// Fills `buf` from stream offset `off`. The caller keeps reads within a member's
     /// data, so a short read means the archive changed or is corrupt: an error.
     pub fn read_exact_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
-        match &self.backing {
-            Backing::Plain => self
+        let inner = &*self.inner;
+        match &inner.backing {
+            Backing::Plain => inner
                 .archive
                 .read_exact_at(buf, off)
-                .map_err(|e| self.read_error(off, e)),
+                .map_err(|e| inner.read_error(off, e)),
             Backing::CacheFile(f) => f
                 .read_exact_at(buf, off)
-                .map_err(|e| self.read_error(off, e)),
-            Backing::Spans(cache) => self.read_spans(cache, buf, off),
+                .map_err(|e| inner.read_error(off, e)),
+            Backing::Spans(cache) => {
+                let last = inner.read_spans(cache, buf, off)?;
+                // Reading the second half of a span: get the next one ready.
+                if let Some((span, within, len)) = last {
+                    if within * 2 >= len
+                        && span + 1 < inner.span_count()
+                        && !cache.contains(span + 1)
+                    {
+                        self.prefetch(span + 1);
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks the background thread (started on first use) to decode `span`.
+    fn prefetch(&self, span: usize) {
+        let tx = self.prefetch.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<usize>();
+            let inner = Arc::downgrade(&self.inner);
+            std::thread::spawn(move || {
+                while let Ok(span) = rx.recv() {
+                    let Some(inner) = inner.upgrade() else { break };
+                    if let Backing::Spans(cache) = &inner.backing {
+                        if let Err(e) =
+                            cache.get_or_insert(span, |out| inner.decode_span(span, out))
+                        {
+                            log::debug!("prefetch of span {span} failed: {e}");
+                        }
+                    }
+                }
+            });
+            std::sync::Mutex::new(tx)
+        });
+        if let Ok(tx) = tx.lock() {
+            let _ = tx.send(span);
+        }
+    }
+}
+
+impl Inner {
+    fn span_count(&self) -> usize {
+        match &*self.table {
+            SeekTable::Gzip(t) => t.span_count(),
+            SeekTable::Zstd(t) => t.span_count(),
+            SeekTable::Plain => 0,
         }
     }
 
@@ -273,8 +328,15 @@ impl StreamReader {
         Error::archive(&self.path, None, Some(off), format!("read failed: {e}"))
     }
 
-    fn read_spans(&self, cache: &SpanCache, buf: &mut [u8], mut off: u64) -> Result<()> {
+    /// Copies spans into `buf`; returns (last span, offset within it, its length).
+    fn read_spans(
+        &self,
+        cache: &SpanCache,
+        buf: &mut [u8],
+        mut off: u64,
+    ) -> Result<Option<(usize, usize, usize)>> {
         let mut done = 0;
+        let mut last = None;
         while done < buf.len() {
             let (span, start) = match &*self.table {
                 SeekTable::Gzip(t) => {
@@ -297,8 +359,9 @@ impl StreamReader {
             buf[done..done + n].copy_from_slice(&data[within..within + n]);
             done += n;
             off += n as u64;
+            last = Some((span, within + n, data.len()));
         }
-        Ok(())
+        Ok(last)
     }
 
     fn decode_span(&self, span: usize, out: &mut Vec<u8>) -> Result<()> {
@@ -317,5 +380,54 @@ impl StreamReader {
             Some(off),
             "read past the end of the stream",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn sequential_reads_prefetch_the_next_span_and_stay_exact() {
+        let data: Vec<u8> = (0..6_000_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 % 61)
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.gz");
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&data).unwrap();
+        std::fs::write(&path, enc.finish().unwrap()).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut indexer =
+            gzip::GzipIndexer::new(io::BufReader::new(file.try_clone().unwrap()), 1 << 20);
+        io::copy(&mut indexer, &mut io::sink()).unwrap();
+        let table = Arc::new(SeekTable::Gzip(indexer.finish().unwrap()));
+        if let SeekTable::Gzip(t) = &*table {
+            assert!(
+                t.span_count() >= 3,
+                "spans: {:?}",
+                (0..t.span_count())
+                    .map(|i| t.span_range(i))
+                    .collect::<Vec<_>>()
+            );
+        }
+        let reader = StreamReader::new(file, path, table, 64 << 20);
+        let mut got = vec![0u8; 700_000];
+        reader.read_exact_at(&mut got, 400_000).unwrap();
+        assert_eq!(got, data[400_000..1_100_000]);
+        // The second half of span 0 was read, so span 1 gets decoded in the background.
+        let Backing::Spans(cache) = &reader.inner.backing else {
+            panic!("not spans")
+        };
+        let mut tries = 0;
+        while !cache.contains(1) && tries < 1000 {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            tries += 1;
+        }
+        assert!(cache.contains(1));
+        let mut rest = vec![0u8; data.len() - 1_100_000];
+        reader.read_exact_at(&mut rest, 1_100_000).unwrap();
+        assert_eq!(rest, data[1_100_000..]);
     }
 }
