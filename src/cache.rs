@@ -42,16 +42,24 @@ impl SpanCache {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The span `key`, decoding it with `decode` (into a cleared buffer) on a miss.
+    /// The span `key` with at least its first `need` bytes, decoding it with `decode`
+    /// on a miss. Entries may hold only a prefix of their span; `decode` gets the
+    /// length of the prefix cached so far (0 if none) and fills a cleared buffer with
+    /// a prefix of at least `need` bytes (or the whole span).
     pub fn get_or_insert(
         &self,
         key: usize,
-        decode: impl FnOnce(&mut Vec<u8>) -> Result<()>,
+        need: usize,
+        decode: impl FnOnce(usize, &mut Vec<u8>) -> Result<()>,
     ) -> Result<Arc<Vec<u8>>> {
         let mut st = self.lock();
+        let mut have = 0;
         loop {
             if let Some(v) = st.lru.get(&key) {
-                return Ok(v.clone());
+                if v.len() >= need {
+                    return Ok(v.clone());
+                }
+                have = v.len();
             }
             if !st.decoding.contains(&key) {
                 break;
@@ -62,7 +70,7 @@ impl SpanCache {
         drop(st);
 
         let mut buf = Vec::new();
-        let result = decode(&mut buf);
+        let result = decode(have, &mut buf);
 
         let mut st = self.lock();
         st.decoding.remove(&key);
@@ -103,7 +111,7 @@ mod tests {
         let mut decodes = 0;
         for key in [0, 1, 0, 2, 3, 0] {
             let v = cache
-                .get_or_insert(key, |out| {
+                .get_or_insert(key, 100, |_, out| {
                     decodes += 1;
                     out.resize(100, key as u8);
                     Ok(())
@@ -117,11 +125,31 @@ mod tests {
     }
 
     #[test]
+    fn short_prefixes_are_extended() {
+        let cache = SpanCache::new(1000);
+        let v = cache.get_or_insert(1, 10, |have, out| {
+            assert_eq!(have, 0);
+            out.resize(20, 1);
+            Ok(())
+        });
+        assert_eq!(v.unwrap().len(), 20);
+        let hit = cache.get_or_insert(1, 20, |_, _| panic!("must hit"));
+        assert_eq!(hit.unwrap().len(), 20);
+        let longer = cache.get_or_insert(1, 50, |have, out| {
+            assert_eq!(have, 20);
+            out.resize(80, 1);
+            Ok(())
+        });
+        assert_eq!(longer.unwrap().len(), 80);
+        assert_eq!(cache.cached_bytes(), 80);
+    }
+
+    #[test]
     fn errors_are_not_cached() {
         let cache = SpanCache::new(1000);
-        let r = cache.get_or_insert(7, |_| Err(crate::error::Error::Errno(5)));
+        let r = cache.get_or_insert(7, 1, |_, _| Err(crate::error::Error::Errno(5)));
         assert!(r.is_err());
-        let v = cache.get_or_insert(7, |out| {
+        let v = cache.get_or_insert(7, 1, |_, out| {
             out.push(1);
             Ok(())
         });

@@ -1041,6 +1041,18 @@ pub fn decode_span(
     i: usize,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
+    decode_span_prefix(file, table, i, u64::MAX, out)
+}
+
+/// Like [`decode_span`], but stops after the first `limit` bytes of the span (a
+/// random read deep into a span needs only the bytes up to it).
+pub fn decode_span_prefix(
+    file: &File,
+    table: &GzipSeekTable,
+    i: usize,
+    limit: u64,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     out.clear();
     let cp = table.checkpoints.get(i).ok_or_else(|| {
         io::Error::new(
@@ -1049,7 +1061,7 @@ pub fn decode_span(
         )
     })?;
     let (start, end) = table.span_range(i);
-    let want = usize::try_from(end - start)
+    let want = usize::try_from((end - start).min(limit))
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "gzip span too large"))?;
     if want == 0 {
         return Ok(());

@@ -215,6 +215,11 @@ enum Backing {
     CacheFile(File),
 }
 
+/// Reads that start this far into a span decode only the prefix they need.
+const PREFIX_MIN: usize = 64 << 10;
+/// Extra bytes decoded past a random read (kernel readahead usually follows).
+const PREFIX_SLACK: usize = 256 << 10;
+
 /// Random reads of the uncompressed tar stream of one archive; safe to share
 /// between threads. Sequential reads of a compressed stream prefetch the next span on
 /// a background thread, so inflating overlaps with the reader (and uses a second core).
@@ -299,9 +304,8 @@ impl StreamReader {
                 while let Ok(span) = rx.recv() {
                     let Some(inner) = inner.upgrade() else { break };
                     if let Backing::Spans(cache) = &inner.backing {
-                        if let Err(e) =
-                            cache.get_or_insert(span, |out| inner.decode_span(span, out))
-                        {
+                        let full = |_, out: &mut Vec<u8>| inner.decode_span(span, usize::MAX, out);
+                        if let Err(e) = cache.get_or_insert(span, inner.span_len(span), full) {
                             log::debug!("prefetch of span {span} failed: {e}");
                         }
                     }
@@ -316,6 +320,15 @@ impl StreamReader {
 }
 
 impl Inner {
+    fn span_len(&self, span: usize) -> usize {
+        let (start, end) = match &*self.table {
+            SeekTable::Gzip(t) => t.span_range(span),
+            SeekTable::Zstd(t) => t.span_range(span),
+            SeekTable::Plain => (0, 0),
+        };
+        (end - start) as usize
+    }
+
     fn span_count(&self) -> usize {
         match &*self.table {
             SeekTable::Gzip(t) => t.span_count(),
@@ -338,19 +351,31 @@ impl Inner {
         let mut done = 0;
         let mut last = None;
         while done < buf.len() {
-            let (span, start) = match &*self.table {
+            let (span, (start, end)) = match &*self.table {
                 SeekTable::Gzip(t) => {
                     let i = t.span_of(off).ok_or_else(|| self.eof(off))?;
-                    (i, t.span_range(i).0)
+                    (i, t.span_range(i))
                 }
                 SeekTable::Zstd(t) => {
                     let i = t.span_of(off).ok_or_else(|| self.eof(off))?;
-                    (i, t.span_range(i).0)
+                    (i, t.span_range(i))
                 }
                 SeekTable::Plain => return Err(self.eof(off)),
             };
-            let data = cache.get_or_insert(span, |out| self.decode_span(span, out))?;
+            let span_len = (end - start) as usize;
             let within = (off - start) as usize;
+            let need = within + (buf.len() - done).min(span_len.saturating_sub(within));
+            let data = cache.get_or_insert(span, need, |have, out| {
+                // A read near the span's start (or a sequential one) wants all of it;
+                // a random read deep inside only the prefix up to it, grown
+                // geometrically so in-span sequential reads stay linear.
+                let limit = if within < PREFIX_MIN {
+                    usize::MAX
+                } else {
+                    (need + PREFIX_SLACK).max(have * 2)
+                };
+                self.decode_span(span, limit, out)
+            })?;
             let avail = data.len().saturating_sub(within);
             if avail == 0 {
                 return Err(self.eof(off));
@@ -359,14 +384,18 @@ impl Inner {
             buf[done..done + n].copy_from_slice(&data[within..within + n]);
             done += n;
             off += n as u64;
-            last = Some((span, within + n, data.len()));
+            last = Some((span, within + n, span_len));
         }
         Ok(last)
     }
 
-    fn decode_span(&self, span: usize, out: &mut Vec<u8>) -> Result<()> {
+    /// Decodes span `span`, or at least its first `limit` bytes (gzip stops there;
+    /// zstd decodes whole frames anyway).
+    fn decode_span(&self, span: usize, limit: usize, out: &mut Vec<u8>) -> Result<()> {
         let r = match &*self.table {
-            SeekTable::Gzip(t) => gzip::decode_span(&self.archive, t, span, out),
+            SeekTable::Gzip(t) => {
+                gzip::decode_span_prefix(&self.archive, t, span, limit as u64, out)
+            }
             SeekTable::Zstd(t) => zstd::decode_span(&self.archive, t, span, out),
             SeekTable::Plain => Ok(()),
         };
