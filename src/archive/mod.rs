@@ -458,5 +458,24 @@ mod tests {
         let mut rest = vec![0u8; data.len() - 1_100_000];
         reader.read_exact_at(&mut rest, 1_100_000).unwrap();
         assert_eq!(rest, data[1_100_000..]);
+
+        // Random reads deep inside spans decode prefixes, later extended; a small
+        // cache forces evictions. Every byte must still be exact.
+        let file = File::open(&reader.inner.path).unwrap();
+        let small = StreamReader::new(
+            file,
+            reader.inner.path.clone(),
+            reader.inner.table.clone(),
+            1 << 20,
+        );
+        let mut x = 99u64;
+        for _ in 0..300 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let off = (x >> 20) as usize % (data.len() - 70_000);
+            let len = 1 + (x >> 50) as usize % 70_000;
+            let mut got = vec![0u8; len];
+            small.read_exact_at(&mut got, off as u64).unwrap();
+            assert_eq!(got, data[off..off + len], "at {off}+{len}");
+        }
     }
 }
