@@ -132,6 +132,34 @@ impl SeekTable {
         }
     }
 
+    /// Number of independently decodable spans (0 for plain tar).
+    pub fn span_count(&self) -> usize {
+        match self {
+            SeekTable::Plain => 0,
+            SeekTable::Gzip(t) => t.span_count(),
+            SeekTable::Zstd(t) => t.span_count(),
+        }
+    }
+
+    /// The span holding stream offset `off` and its `[start, end)` range.
+    pub fn span_at(&self, off: u64) -> Option<(usize, (u64, u64))> {
+        match self {
+            SeekTable::Plain => None,
+            SeekTable::Gzip(t) => t.span_of(off).map(|i| (i, t.span_range(i))),
+            SeekTable::Zstd(t) => t.span_of(off).map(|i| (i, t.span_range(i))),
+        }
+    }
+
+    /// Length of span `i`.
+    pub fn span_len(&self, i: usize) -> u64 {
+        let (start, end) = match self {
+            SeekTable::Plain => (0, 0),
+            SeekTable::Gzip(t) => t.span_range(i),
+            SeekTable::Zstd(t) => t.span_range(i),
+        };
+        end - start
+    }
+
     /// The longest span one read may have to decompress (0 for plain tar).
     pub fn max_span_len(&self) -> u64 {
         match self {
@@ -284,7 +312,7 @@ impl StreamReader {
                 // Reading the second half of a span: get the next one ready.
                 if let Some((span, within, len)) = last {
                     if within * 2 >= len
-                        && span + 1 < inner.span_count()
+                        && span + 1 < inner.table.span_count()
                         && !cache.contains(span + 1)
                     {
                         self.prefetch(span + 1);
@@ -305,7 +333,9 @@ impl StreamReader {
                     let Some(inner) = inner.upgrade() else { break };
                     if let Backing::Spans(cache) = &inner.backing {
                         let full = |_, out: &mut Vec<u8>| inner.decode_span(span, usize::MAX, out);
-                        if let Err(e) = cache.get_or_insert(span, inner.span_len(span), full) {
+                        if let Err(e) =
+                            cache.get_or_insert(span, inner.table.span_len(span) as usize, full)
+                        {
                             log::debug!("prefetch of span {span} failed: {e}");
                         }
                     }
@@ -320,23 +350,6 @@ impl StreamReader {
 }
 
 impl Inner {
-    fn span_len(&self, span: usize) -> usize {
-        let (start, end) = match &*self.table {
-            SeekTable::Gzip(t) => t.span_range(span),
-            SeekTable::Zstd(t) => t.span_range(span),
-            SeekTable::Plain => (0, 0),
-        };
-        (end - start) as usize
-    }
-
-    fn span_count(&self) -> usize {
-        match &*self.table {
-            SeekTable::Gzip(t) => t.span_count(),
-            SeekTable::Zstd(t) => t.span_count(),
-            SeekTable::Plain => 0,
-        }
-    }
-
     fn read_error(&self, off: u64, e: io::Error) -> Error {
         Error::archive(&self.path, None, Some(off), format!("read failed: {e}"))
     }
@@ -351,17 +364,7 @@ impl Inner {
         let mut done = 0;
         let mut last = None;
         while done < buf.len() {
-            let (span, (start, end)) = match &*self.table {
-                SeekTable::Gzip(t) => {
-                    let i = t.span_of(off).ok_or_else(|| self.eof(off))?;
-                    (i, t.span_range(i))
-                }
-                SeekTable::Zstd(t) => {
-                    let i = t.span_of(off).ok_or_else(|| self.eof(off))?;
-                    (i, t.span_range(i))
-                }
-                SeekTable::Plain => return Err(self.eof(off)),
-            };
+            let (span, (start, end)) = self.table.span_at(off).ok_or_else(|| self.eof(off))?;
             let span_len = (end - start) as usize;
             let within = (off - start) as usize;
             let need = within + (buf.len() - done).min(span_len.saturating_sub(within));

@@ -112,17 +112,9 @@ pub fn run(args: IndexArgs) -> Result<ExitCode> {
         archive.compression.name(),
         index.stream_size as f64 / 1048576.0,
         index.skipped,
-        seek_points(&index),
+        index.table.span_count(),
         archive.id.size as f64 / 1e6 / secs.max(1e-9),
         index_bytes as f64 / 1024.0,
     );
     Ok(ExitCode::SUCCESS)
-}
-
-fn seek_points(index: &Index) -> usize {
-    match &*index.table {
-        crate::archive::SeekTable::Plain => 0,
-        crate::archive::SeekTable::Gzip(t) => t.span_count(),
-        crate::archive::SeekTable::Zstd(t) => t.span_count(),
-    }
 }

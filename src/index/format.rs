@@ -160,8 +160,10 @@ pub struct Header {
     pub span_bytes: u64,
 }
 
-/// Parses and validates an index file. Nothing in `bytes` is trusted.
-pub fn decode(bytes: &[u8]) -> Result<Index, String> {
+/// Checks magic, version and checksum, and reads the identity and options: the part
+/// of an index file shared by [`peek`] and [`decode`]. Returns the body (without the
+/// checksum) and a cursor positioned after the header fields read.
+fn open_header(bytes: &[u8]) -> Result<(Header, Cursor<'_>), String> {
     if bytes.len() < HEADER_BYTES + 4 {
         return Err("index file is truncated".into());
     }
@@ -191,6 +193,13 @@ pub fn decode(bytes: &[u8]) -> Result<Index, String> {
         tail_crc: c.u32()?,
     };
     let span_bytes = c.u64()?;
+    Ok((Header { id, span_bytes }, c))
+}
+
+/// Parses and validates an index file. Nothing in `bytes` is trusted.
+pub fn decode(bytes: &[u8]) -> Result<Index, String> {
+    let (Header { id, span_bytes }, mut c) = open_header(bytes)?;
+    let body = c.bytes;
     let comp = Compression::from_code(c.take(8)?[0]).ok_or("unknown compression code")?;
     let stream_size = c.u64()?;
     let skipped = c.u64()?;
@@ -291,31 +300,7 @@ fn le64(r: &[u8], at: usize) -> u64 {
 /// Reads just the header of an index file and checks magic, version and checksum,
 /// without decoding the records: enough to know whether it is current.
 pub fn peek(bytes: &[u8]) -> Result<Header, String> {
-    if bytes.len() < HEADER_BYTES + 4 || &bytes[..8] != MAGIC {
-        return Err("not a snapfs index".into());
-    }
-    let (body, crc) = bytes.split_at(bytes.len() - 4);
-    let mut c = Cursor {
-        bytes: body,
-        pos: 8,
-    };
-    if c.u32()? != VERSION {
-        return Err("other index version".into());
-    }
-    if crc32fast::hash(body) != u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]) {
-        return Err("index checksum mismatch (corrupt file)".into());
-    }
-    let _flags = c.u32()?;
-    let id = ArchiveId {
-        size: c.u64()?,
-        mtime_ns: c.u64()? as i64,
-        head_crc: c.u32()?,
-        tail_crc: c.u32()?,
-    };
-    Ok(Header {
-        id,
-        span_bytes: c.u64()?,
-    })
+    open_header(bytes).map(|(h, _)| h)
 }
 
 fn range_ok(off: u64, len: u64, limit: usize) -> bool {
