@@ -107,7 +107,7 @@ pub fn run(args: IndexArgs) -> Result<ExitCode> {
         Origin::BuiltUnsaved(_) | Origin::Embedded => 0,
     };
     println!(
-        "{verb}: {} ({}, {:.1} MiB stream): {entries} entries, {} skipped, {} seek points, in {secs:.3} s ({:.0} MB/s); index {:.1} KiB at {where_}",
+        "{verb}: {} ({}, {:.1} MiB stream): {entries} entries, {} skipped, {} seek points, in {secs:.3} s ({:.0} MB/s); index {:.1} KiB at {where_}; {:.0} bytes/entry in memory",
         archive.path.display(),
         archive.compression.name(),
         index.stream_size as f64 / 1048576.0,
@@ -115,6 +115,7 @@ pub fn run(args: IndexArgs) -> Result<ExitCode> {
         index.table.span_count(),
         archive.id.size as f64 / 1e6 / secs.max(1e-9),
         index_bytes as f64 / 1024.0,
+        index.memory_bytes() as f64 / (entries.max(1)) as f64,
     );
     Ok(ExitCode::SUCCESS)
 }

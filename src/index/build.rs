@@ -7,9 +7,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 use crate::archive::gzip::GzipIndexer;
-use crate::archive::tar::{
-    Data, FileStream, Member, MemberKind, MemberReader, ReadStream, Segment,
-};
+use crate::archive::tar::{Data, FileStream, Member, MemberKind, MemberReader, ReadStream};
 use crate::archive::zstd::ZstdIndexer;
 use crate::archive::{pipe, Archive, Compression, CountingReader, Progress, SeekTable};
 use crate::error::{Error, Result};
@@ -515,11 +513,6 @@ impl Arena {
         self.bytes.extend_from_slice(b);
         Some((off, len))
     }
-}
-
-/// The segments of a sparse file (for tests and readers).
-pub fn segments_of(index: &Index, rec: &InodeRecord) -> Vec<Segment> {
-    index.file_segments(rec).to_vec()
 }
 
 #[cfg(test)]
