@@ -243,6 +243,8 @@ enum Backing {
     CacheFile(File),
 }
 
+/// Spans decoded ahead of a sequential reader, each on its own thread (two cores).
+const PREFETCH_SPANS: usize = 2;
 /// Reads that start this far into a span decode only the prefix they need.
 const PREFIX_MIN: usize = 64 << 10;
 /// Extra bytes decoded past a random read (kernel readahead usually follows).
@@ -311,11 +313,12 @@ impl StreamReader {
                 let last = inner.read_spans(cache, buf, off)?;
                 // Reading the second half of a span: get the next one ready.
                 if let Some((span, within, len)) = last {
-                    if within * 2 >= len
-                        && span + 1 < inner.table.span_count()
-                        && !cache.contains(span + 1)
-                    {
-                        self.prefetch(span + 1);
+                    if within * 2 >= len {
+                        for next in span + 1..=span + PREFETCH_SPANS {
+                            if next < inner.table.span_count() && !cache.contains(next) {
+                                self.prefetch(next);
+                            }
+                        }
                     }
                 }
                 Ok(())
@@ -323,24 +326,27 @@ impl StreamReader {
         }
     }
 
-    /// Asks the background thread (started on first use) to decode `span`.
+    /// Asks the background threads (started on first use) to decode `span`.
     fn prefetch(&self, span: usize) {
         let tx = self.prefetch.get_or_init(|| {
             let (tx, rx) = std::sync::mpsc::channel::<usize>();
-            let inner = Arc::downgrade(&self.inner);
-            std::thread::spawn(move || {
-                while let Ok(span) = rx.recv() {
+            let rx = Arc::new(std::sync::Mutex::new(rx));
+            for _ in 0..PREFETCH_SPANS {
+                let inner = Arc::downgrade(&self.inner);
+                let rx = rx.clone();
+                std::thread::spawn(move || loop {
+                    let next = rx.lock().map(|r| r.recv());
+                    let Ok(Ok(span)) = next else { break };
                     let Some(inner) = inner.upgrade() else { break };
                     if let Backing::Spans(cache) = &inner.backing {
                         let full = |_, out: &mut Vec<u8>| inner.decode_span(span, usize::MAX, out);
-                        if let Err(e) =
-                            cache.get_or_insert(span, inner.table.span_len(span) as usize, full)
-                        {
+                        let len = inner.table.span_len(span) as usize;
+                        if let Err(e) = cache.get_or_insert(span, len, full) {
                             log::debug!("prefetch of span {span} failed: {e}");
                         }
                     }
-                }
-            });
+                });
+            }
             std::sync::Mutex::new(tx)
         });
         if let Ok(tx) = tx.lock() {
