@@ -11,6 +11,8 @@ const DEPTH: usize = 4;
 /// The consuming end: a `Read` over the producer's buffers.
 pub struct PipeReader {
     rx: Receiver<io::Result<Vec<u8>>>,
+    /// Drained buffers go back to the producer (no fresh zeroed 1 MiB per chunk).
+    back: std::sync::mpsc::Sender<Vec<u8>>,
     buf: Vec<u8>,
     pos: usize,
     done: bool,
@@ -20,9 +22,11 @@ pub struct PipeReader {
 /// producer hit its end, an error, or the [`PipeReader`] was dropped.
 pub fn spawn<R: Read + Send + 'static>(mut inner: R) -> (PipeReader, JoinHandle<R>) {
     let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(DEPTH);
+    let (back, returned) = std::sync::mpsc::channel::<Vec<u8>>();
     let handle = std::thread::spawn(move || {
         loop {
-            let mut buf = vec![0u8; CHUNK];
+            let mut buf = returned.try_recv().unwrap_or_default();
+            buf.resize(CHUNK, 0);
             let mut filled = 0;
             let result = loop {
                 match inner.read(&mut buf[filled..]) {
@@ -55,6 +59,7 @@ pub fn spawn<R: Read + Send + 'static>(mut inner: R) -> (PipeReader, JoinHandle<
     (
         PipeReader {
             rx,
+            back,
             buf: Vec::new(),
             pos: 0,
             done: false,
@@ -71,7 +76,10 @@ impl Read for PipeReader {
             }
             match self.rx.recv() {
                 Ok(Ok(buf)) => {
-                    self.buf = buf;
+                    let old = std::mem::replace(&mut self.buf, buf);
+                    if old.capacity() > 0 {
+                        let _ = self.back.send(old);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => {
