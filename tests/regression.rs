@@ -202,3 +202,41 @@ fn harness_tree_compare_detects_differences() {
         );
     }
 }
+
+/// Issue 2: a stream without seek points for more than 64 MiB (here a single zstd
+/// frame) is served from a one-time decompressed cache file, with a logged note, and
+/// reads back exact bytes; the cache file lives under `$XDG_CACHE_HOME/snapfs`.
+#[test]
+fn issue_2_single_frame_zstd_falls_back_to_a_cache_file() {
+    let td = TestDir::new("cachefile");
+    let data = util::semi_compressible(80 << 20, 17);
+    fs::create_dir_all(td.join("src")).unwrap();
+    fs::write(td.join("src/big.txt"), &data).unwrap();
+    util::sh(
+        td.path(),
+        "tar -C src -cf a.tar big.txt && zstd -q -T1 a.tar -o a.tar.zst && rm a.tar",
+    )
+    .assert_ok();
+    let archive = td.join("a.tar.zst");
+    let mnt = td.mkdir("mnt").canonicalize().unwrap();
+    let cache = td.mkdir("cache");
+    // The index goes beside the archive; only the decompressed stream goes to the cache.
+    let r = util::run(
+        Command::new(util::bin())
+            .env("XDG_CACHE_HOME", &cache)
+            .arg("mount")
+            .arg(&archive)
+            .arg(&mnt),
+    );
+    r.assert_ok();
+    let m = Mount::adopt(&archive, &mnt);
+    assert!(
+        r.stderr_str().contains("decompressing it once"),
+        "no note: {}",
+        r.stderr_str()
+    );
+    let got = fs::read(m.join("big.txt")).unwrap();
+    assert!(got == data, "bytes differ through the cache file");
+    let cached: Vec<_> = fs::read_dir(cache.join("snapfs")).unwrap().collect();
+    assert_eq!(cached.len(), 1, "expected one cache file");
+}
