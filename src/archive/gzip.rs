@@ -117,36 +117,31 @@ impl GzipSeekTable {
     ///
     /// An out-of-range `i` yields the empty range at the end of the data.
     pub fn span_range(&self, i: usize) -> (u64, u64) {
-        let Some(cp) = self.checkpoints.get(i) else {
-            return (self.uncompressed_size, self.uncompressed_size);
-        };
-        let start = cp.uncompressed;
-        let end = i
-            .checked_add(1)
-            .and_then(|j| self.checkpoints.get(j))
-            .map_or(self.uncompressed_size, |next| next.uncompressed);
-        (start, end.max(start))
+        super::spans::range(
+            &self.checkpoints,
+            |c| c.uncompressed,
+            self.uncompressed_size,
+            i,
+        )
     }
 
     /// Index of the span holding uncompressed offset `off` (binary search); None if off >= size.
     pub fn span_of(&self, off: u64) -> Option<usize> {
-        if off >= self.uncompressed_size {
-            return None;
-        }
-        self.checkpoints
-            .partition_point(|cp| cp.uncompressed <= off)
-            .checked_sub(1)
+        super::spans::of(
+            &self.checkpoints,
+            |c| c.uncompressed,
+            self.uncompressed_size,
+            off,
+        )
     }
 
     /// Length of the longest span (0 for an empty table).
     pub fn max_span_len(&self) -> u64 {
-        (0..self.span_count())
-            .map(|i| {
-                let (start, end) = self.span_range(i);
-                end - start
-            })
-            .max()
-            .unwrap_or(0)
+        super::spans::max_len(
+            &self.checkpoints,
+            |c| c.uncompressed,
+            self.uncompressed_size,
+        )
     }
 
     /// Serialize (little-endian, windows deflate-compressed individually) appending to `out`.

@@ -7,6 +7,43 @@ pub mod pipe;
 pub mod tar;
 pub mod zstd;
 
+/// Span arithmetic shared by the gzip and zstd seek tables: span `i` starts at
+/// checkpoint `i`'s uncompressed offset and ends at the next one (the last at the
+/// stream size).
+mod spans {
+    /// `[start, end)` of span `i`; `(size, size)` past the end.
+    pub fn range<T>(cps: &[T], start: fn(&T) -> u64, size: u64, i: usize) -> (u64, u64) {
+        let Some(cp) = cps.get(i) else {
+            return (size, size);
+        };
+        let begin = start(cp);
+        let end = i
+            .checked_add(1)
+            .and_then(|j| cps.get(j))
+            .map_or(size, start);
+        (begin, end.max(begin))
+    }
+
+    /// The span holding offset `off` (binary search); `None` at or past the end.
+    pub fn of<T>(cps: &[T], start: fn(&T) -> u64, size: u64, off: u64) -> Option<usize> {
+        if off >= size {
+            return None;
+        }
+        cps.partition_point(|c| start(c) <= off).checked_sub(1)
+    }
+
+    /// Length of the longest span (0 for an empty table).
+    pub fn max_len<T>(cps: &[T], start: fn(&T) -> u64, size: u64) -> u64 {
+        (0..cps.len())
+            .map(|i| {
+                let (b, e) = range(cps, start, size, i);
+                e - b
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};

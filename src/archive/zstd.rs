@@ -86,38 +86,33 @@ impl ZstdSeekTable {
     /// Out-of-range `i` yields the empty range `(uncompressed_size,
     /// uncompressed_size)`; inconsistent tables never yield `end < start`.
     pub fn span_range(&self, i: usize) -> (u64, u64) {
-        let Some(cp) = self.checkpoints.get(i) else {
-            return (self.uncompressed_size, self.uncompressed_size);
-        };
-        let start = cp.uncompressed;
-        let end = match i.checked_add(1).and_then(|j| self.checkpoints.get(j)) {
-            Some(next) => next.uncompressed,
-            None => self.uncompressed_size,
-        };
-        (start, end.max(start))
+        super::spans::range(
+            &self.checkpoints,
+            |c| c.uncompressed,
+            self.uncompressed_size,
+            i,
+        )
     }
 
     /// Span containing uncompressed offset `off` (binary search), or `None`
     /// if `off` is at or past the end of the stream.
     pub fn span_of(&self, off: u64) -> Option<usize> {
-        if off >= self.uncompressed_size {
-            return None;
-        }
-        self.checkpoints
-            .partition_point(|cp| cp.uncompressed <= off)
-            .checked_sub(1)
+        super::spans::of(
+            &self.checkpoints,
+            |c| c.uncompressed,
+            self.uncompressed_size,
+            off,
+        )
     }
 
     /// Length of the longest span; callers use this to decide whether random
     /// access is practical or a decompressed cache file is needed instead.
     pub fn max_span_len(&self) -> u64 {
-        (0..self.span_count())
-            .map(|i| {
-                let (start, end) = self.span_range(i);
-                end.saturating_sub(start)
-            })
-            .max()
-            .unwrap_or(0)
+        super::spans::max_len(
+            &self.checkpoints,
+            |c| c.uncompressed,
+            self.uncompressed_size,
+        )
     }
 
     /// Append the little-endian encoding of the table to `out`.
