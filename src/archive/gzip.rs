@@ -976,6 +976,37 @@ struct FileInput<'a> {
     end: usize,
 }
 
+thread_local! {
+    /// Compressed-input buffer of this thread's span decodes, kept between them so a
+    /// decode allocates (and faults in) nothing new.
+    static SPAN_INPUT: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+impl<'a> FileInput<'a> {
+    /// Input from `file` starting at `base`, read `first_read` bytes at a time, in
+    /// this thread's reusable buffer.
+    fn new(file: &'a File, base: u64, first_read: usize) -> Self {
+        let mut buf = SPAN_INPUT.take();
+        buf.resize(first_read, 0);
+        FileInput {
+            file,
+            buf,
+            base,
+            pos: 0,
+            end: 0,
+        }
+    }
+}
+
+impl Drop for FileInput<'_> {
+    fn drop(&mut self) {
+        // Keep at most one span read's worth per thread.
+        if self.buf.capacity() <= MAX_SPAN_READ {
+            SPAN_INPUT.set(std::mem::take(&mut self.buf));
+        }
+    }
+}
+
 impl FileInput<'_> {
     /// Absolute offset of the next unconsumed byte.
     fn offset(&self) -> io::Result<u64> {
@@ -1068,23 +1099,21 @@ pub fn decode_span_prefix(
         ));
     }
 
-    // Size the first read to cover the whole span when the next checkpoint
-    // tells us where it ends.
+    // Size the first read to cover the wanted part of the span (in proportion to
+    // its compressed size) when the next checkpoint tells where the span ends.
+    let span_out = (end - start).max(1);
     let first_read = table
         .checkpoints
         .get(i + 1)
         .and_then(|next| next.compressed.checked_sub(cp.compressed))
-        .and_then(|len| usize::try_from(len).ok())
-        .map_or(IN_CHUNK, |len| {
-            len.saturating_add(64).clamp(64 * 1024, MAX_SPAN_READ)
-        });
-    let mut input = FileInput {
-        file,
-        buf: vec![0u8; first_read],
-        base: cp.compressed,
-        pos: 0,
-        end: 0,
-    };
+        .map(|len| {
+            let part = u128::from(len) * want as u128 / u128::from(span_out);
+            usize::try_from(part)
+                .unwrap_or(usize::MAX)
+                .saturating_add(64 * 1024)
+        })
+        .map_or(IN_CHUNK, |len| len.clamp(64 * 1024, MAX_SPAN_READ));
+    let mut input = FileInput::new(file, cp.compressed, first_read);
 
     let mut inf;
     if cp.member_start {

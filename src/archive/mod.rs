@@ -307,7 +307,7 @@ impl StreamReader {
     pub fn new(archive: File, path: PathBuf, table: Arc<SeekTable>, cache_bytes: u64) -> Self {
         let backing = match &*table {
             SeekTable::Plain => Backing::Plain,
-            _ => Backing::Spans(SpanCache::new(cache_bytes)),
+            _ => Backing::Spans(SpanCache::new(cache_bytes, table.max_span_len())),
         };
         Self::with_backing(archive, path, table, backing)
     }

@@ -228,6 +228,7 @@ fn serve(
     mountpoint: &Path,
     mut ready: Option<File>,
 ) -> Result<ExitCode> {
+    crate::cache::return_freed_buffers_to_kernel();
     let result = setup(args, archives, mountpoint);
     let session = match result {
         Ok(s) => s,

@@ -25,14 +25,22 @@ pub fn open_archive(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Resul
     Ok(IndexTree::new(Arc::new(index), stream))
 }
 
+/// Memory the daemon needs besides its index and span cache: code, FUSE request and
+/// reply buffers, per-thread compressed-input buffers. Taken out of `--cache-size`, so
+/// the daemon's resident size stays under index + `--cache-size`.
+const DAEMON_OVERHEAD: u64 = 24 << 20;
+
 /// The archives stacked as layers (last on top); one archive is served directly.
-/// `cache_bytes` is shared out between the layers.
+/// `cache_bytes` (less the daemon's own overhead) is shared out between the layers.
 pub fn open_stack(
     archives: &[PathBuf],
     opts: &BuildOptions,
     cache_bytes: u64,
 ) -> Result<Box<dyn Tree>> {
-    let each = cache_bytes / archives.len().max(1) as u64;
+    let spans = cache_bytes
+        .saturating_sub(DAEMON_OVERHEAD)
+        .max(cache_bytes / 2);
+    let each = spans / archives.len().max(1) as u64;
     let mut trees: Vec<Box<dyn Tree>> = Vec::with_capacity(archives.len());
     for path in archives {
         trees.push(Box::new(open_archive(path, opts, each)?));
