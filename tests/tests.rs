@@ -11,6 +11,7 @@ mod util;
 
 mod cli;
 mod commit;
+mod containers;
 mod create;
 mod formats;
 mod hostile;
