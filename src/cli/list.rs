@@ -135,12 +135,24 @@ pub fn daemon_pids(mountpoint: &Path) -> Vec<u32> {
     pids
 }
 
-/// Whether the daemon behind `mountpoint` answers (`stat` does not fail with ENOTCONN).
+/// Whether the daemon behind `mountpoint` answers: `statfs` always reaches the daemon
+/// (unlike `stat`, which the kernel may answer from its cache) and fails with
+/// ENOTCONN once the daemon is gone.
 fn state(mountpoint: &Path) -> &'static str {
-    match std::fs::metadata(mountpoint) {
-        Ok(_) => "live",
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => "stale",
-        Err(_) => "error",
+    let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()) else {
+        return "error";
+    };
+    // SAFETY: c is a valid NUL-terminated path and st a writable statfs buffer.
+    let rc = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st)
+    };
+    if rc == 0 {
+        return "live";
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENOTCONN) => "stale",
+        _ => "error",
     }
 }
 

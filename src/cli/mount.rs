@@ -286,6 +286,10 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
         Some(f) => {
             let f = abs(f)?;
             cmd.arg("--log-file").arg(&f);
+            // A log file is for reading later: say what happens unless told otherwise.
+            if std::env::var_os("RUST_LOG").is_none() {
+                cmd.env("RUST_LOG", "warn,snapfs=info");
+            }
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
