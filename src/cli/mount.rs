@@ -35,7 +35,11 @@ pub struct MountArgs {
     /// Stay in the foreground (logs to stderr; Ctrl-C unmounts).
     #[arg(short, long)]
     foreground: bool,
-    /// FUSE mount options, comma separated (allow_other, allow_root, ...).
+    /// Mount options, comma separated: allow_other, allow_root, ro, suid, dev, exec,
+    /// noexec, ...; snapfs options upper=DIR, uid_map=C:H:N, gid_map=C:H:N,
+    /// owner=UID:GID, cache_size=, span=, threads=, log_file=, pid_file=; mount(8)
+    /// bookkeeping (defaults, noauto, nofail, _netdev, x-*) is ignored. Mounts are
+    /// nosuid,nodev unless suid/dev is given; default_permissions is always on.
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     options: Vec<String>,
     /// Cap of the decompressed-span cache.
@@ -62,7 +66,8 @@ pub struct MountArgs {
     /// Present every entry as owned by UID:GID (the archive's ids are kept).
     #[arg(long, value_name = "UID:GID")]
     owner: Option<String>,
-    /// Daemon mode: append the daemon's log (RUST_LOG) to FILE instead of dropping it.
+    /// Append the log to FILE (a detached daemon otherwise drops it); a daemon logs at
+    /// info level unless RUST_LOG says otherwise.
     #[arg(long, value_name = "FILE")]
     log_file: Option<PathBuf>,
     /// Write the daemon's pid to FILE once the mount is live (removed on clean exit).
@@ -101,6 +106,11 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
         check_writable_file(f, "cannot create log file")?;
     }
     if args.foreground || args.ready_fd.is_some() {
+        if args.foreground && args.ready_fd.is_none() {
+            if let Some(f) = &args.log_file {
+                log_to(f)?;
+            }
+        }
         let ready = args.ready_fd.map(|fd| {
             // SAFETY: the parent passed us this fd, open and owned by nobody else here.
             unsafe { File::from(OwnedFd::from_raw_fd(fd)) }
@@ -123,6 +133,24 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
         store::cache_file_for(&archive, &index)?;
     }
     daemonize(&args.paths, &args)
+}
+
+/// Foreground mode with `--log-file`: stderr (where the log goes) is appended to `f`.
+fn log_to(f: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(f)
+        .map_err(|e| Error::io("cannot open log file", f, e))?;
+    // SAFETY: both fds are open; dup2 replaces fd 2 atomically.
+    if unsafe { libc::dup2(file.as_raw_fd(), 2) } < 0 {
+        return Err(Error::io(
+            "cannot redirect the log to",
+            f,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 /// Checks that `f` can be created (its directory exists) before the daemon starts.
