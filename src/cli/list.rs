@@ -89,7 +89,7 @@ pub fn mounts() -> Result<Vec<MountEntry>> {
 }
 
 /// Pids of snapfs daemons serving `mountpoint`: processes whose command line is
-/// `... mount ... <mountpoint>` (relative paths resolved against their cwd) and that
+/// `... mount ... <mountpoint>` (a relative path resolved against their cwd) and that
 /// hold `/dev/fuse` open.
 pub fn daemon_pids(mountpoint: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
@@ -118,7 +118,9 @@ pub fn daemon_pids(mountpoint: &Path) -> Vec<u32> {
                 Err(_) => continue,
             }
         }
-        if p != mountpoint && std::fs::canonicalize(&p).ok().as_deref() != Some(mountpoint) {
+        // No canonicalize: it could block on a hung mount. The daemon's own command
+        // line always carries the canonical mountpoint.
+        if p != mountpoint {
             continue;
         }
         let holds_fuse = std::fs::read_dir(e.path().join("fd"))
@@ -162,19 +164,19 @@ pub fn run(_args: ListArgs) -> Result<ExitCode> {
     let mut out = String::from("MOUNTPOINT\tPID\tSTATE\tARCHIVES\n");
     for m in mounts()? {
         let pids = daemon_pids(&m.mountpoint);
-        let pids = if pids.is_empty() {
-            "-".to_string()
+        // A found daemon holds the connection open, so the mount is live. Only a mount
+        // without one is probed: a path lookup on a mount briefly pins it, and a
+        // concurrent umount(2) of it would fail with EBUSY.
+        let (pids, state) = if pids.is_empty() {
+            ("-".to_string(), state(&m.mountpoint))
         } else {
-            pids.iter()
-                .map(u32::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
+            let p: Vec<String> = pids.iter().map(u32::to_string).collect();
+            (p.join(","), "live")
         };
         let archives: Vec<String> = m.archives.iter().map(|a| a.display().to_string()).collect();
         out.push_str(&format!(
-            "{}\t{pids}\t{}\t{}\n",
+            "{}\t{pids}\t{state}\t{}\n",
             m.mountpoint.display(),
-            state(&m.mountpoint),
             archives.join(" ")
         ));
     }
