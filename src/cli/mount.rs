@@ -545,3 +545,57 @@ fn wait_for_signal() {
         libc::sigwait(&set, &mut sig);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        m: MountArgs,
+    }
+
+    fn parse(args: &[&str]) -> MountArgs {
+        let mut a = T::try_parse_from(std::iter::once("mount").chain(args.iter().copied()))
+            .unwrap()
+            .m;
+        fold_options(&mut a).unwrap();
+        a
+    }
+
+    #[test]
+    fn snapfs_options_ride_in_dash_o() {
+        let a = parse(&[
+            "-o",
+            "rw,allow_other,upper=/u,uid_map=0:100000:65536,uid_map=70000:5:1",
+            "-o",
+            "owner,noauto,nofail,_netdev,x-systemd.automount,cache_size=64M,gid_map=0:1:1",
+            "-o",
+            "suid,threads=3,pid_file=/run/p,log_file=/var/log/l,defaults",
+            "a.tar",
+            "/mnt",
+        ]);
+        assert_eq!(a.options, vec!["rw,allow_other,suid".to_string()]);
+        assert_eq!(a.upper, Some(PathBuf::from("/u")));
+        assert_eq!(a.uid_map, vec!["0:100000:65536", "70000:5:1"]);
+        assert_eq!(a.gid_map, vec!["0:1:1"]);
+        assert_eq!(a.owner, None);
+        assert_eq!(a.cache_size, 64 << 20);
+        assert_eq!(a.threads, 3);
+        assert_eq!(a.pid_file, Some(PathBuf::from("/run/p")));
+        assert_eq!(a.log_file, Some(PathBuf::from("/var/log/l")));
+        let a = parse(&["-o", "owner=1000:100", "a", "m"]);
+        assert_eq!(a.owner.as_deref(), Some("1000:100"));
+        assert!(a.options.is_empty());
+        let mut bad = T::try_parse_from(["mount", "-o", "upper=", "a", "m"])
+            .unwrap()
+            .m;
+        assert!(fold_options(&mut bad).is_err());
+        let mut bad = T::try_parse_from(["mount", "-o", "cache_size=lots", "a", "m"])
+            .unwrap()
+            .m;
+        assert!(fold_options(&mut bad).is_err());
+    }
+}
