@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod fs;
+pub mod idmap;
 pub mod index;
 pub mod layers;
 pub mod snapshot;

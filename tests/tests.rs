@@ -11,11 +11,14 @@ mod util;
 
 mod cli;
 mod commit;
+mod containers;
 mod create;
 mod formats;
 mod hostile;
+mod idmap;
 mod index;
 mod layers;
+mod lifecycle;
 mod random_ops;
 mod regression;
 mod semantics;

@@ -3,7 +3,9 @@
 
 mod commit;
 mod create;
+mod helper;
 mod index;
+mod list;
 mod mount;
 mod session;
 mod umount;
@@ -32,6 +34,8 @@ enum Command {
     Mount(mount::MountArgs),
     /// Unmount a snapfs mount (also cleans up a mount whose daemon died).
     Umount(umount::UmountArgs),
+    /// List the snapfs mounts: mountpoint, daemon pid, state (live/stale), archives.
+    List(list::ListArgs),
     /// Capture a plain directory into a new seekable, self-indexed snapshot.
     Create(create::CreateArgs),
     /// Cut a snapshot (delta layer, or --full) from a writable view's upper dir.
@@ -47,13 +51,24 @@ consistent state and never mixes in writes that happen during the cut."
     Commit(commit::CommitArgs),
 }
 
-/// Parses the arguments and runs the subcommand.
+/// Parses the arguments and runs the subcommand. Invoked as `mount.fuse.snapfs`
+/// (a symlink), the binary acts as mount(8)'s helper instead.
 pub fn run() -> Result<ExitCode> {
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some((argv0, rest)) = argv.split_first() {
+        if helper::invoked_as_helper(argv0) {
+            return helper::run(rest);
+        }
+    }
+    dispatch(Cli::parse())
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Index(a) => index::run(a),
         Command::Mount(a) => mount::run(a),
         Command::Umount(a) => umount::run(a),
+        Command::List(a) => list::run(a),
         Command::Create(a) => create::run(a),
         Command::Commit(a) => commit::run(a),
     }

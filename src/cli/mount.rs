@@ -3,6 +3,9 @@
 //! once the daemon reports the mount live (or prints the daemon's one-line error).
 //! With `--upper DIR` the view is writable: the read-only tree is wrapped in an
 //! [`UpperTree`] that records changes in DIR, and the mount is not `ro`.
+//! `--uid-map`/`--gid-map`/`--owner` wrap the whole view in a [`MappedTree`].
+//! snapfs-specific `-o` options (`upper=DIR`, `uid_map=`, ...) are folded into the
+//! flags first, so `mount -t fuse.snapfs` and fstab lines can carry them.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -17,6 +20,7 @@ use fuser::{Config, MountOption, SessionACL};
 use crate::archive::Archive;
 use crate::error::{Error, Result};
 use crate::fs::SnapFs;
+use crate::idmap::{IdMap, MappedTree};
 use crate::index::build::BuildOptions;
 use crate::index::store;
 use crate::index::tree::DynTree;
@@ -31,7 +35,11 @@ pub struct MountArgs {
     /// Stay in the foreground (logs to stderr; Ctrl-C unmounts).
     #[arg(short, long)]
     foreground: bool,
-    /// FUSE mount options, comma separated (allow_other, allow_root, ...).
+    /// Mount options, comma separated: allow_other, allow_root, ro, suid, dev, exec,
+    /// noexec, ...; snapfs options upper=DIR, uid_map=C:H:N, gid_map=C:H:N,
+    /// owner=UID:GID, cache_size=, span=, threads=, log_file=, pid_file=; mount(8)
+    /// bookkeeping (defaults, noauto, nofail, _netdev, x-*) is ignored. Mounts are
+    /// nosuid,nodev unless suid/dev is given; default_permissions is always on.
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     options: Vec<String>,
     /// Cap of the decompressed-span cache.
@@ -47,14 +55,34 @@ pub struct MountArgs {
     /// mount with the same DIR again to get the same view back).
     #[arg(long, value_name = "DIR")]
     upper: Option<PathBuf>,
+    /// Present archive ids through a user-namespace style map, `container:host:count`
+    /// (archive id `container` is shown as `host`; repeat or comma-separate ranges).
+    /// Unmapped ids show as 65534.
+    #[arg(long, value_name = "C:H:N", action = clap::ArgAction::Append)]
+    uid_map: Vec<String>,
+    /// Group ids, like --uid-map.
+    #[arg(long, value_name = "C:H:N", action = clap::ArgAction::Append)]
+    gid_map: Vec<String>,
+    /// Present every entry as owned by UID:GID (the archive's ids are kept).
+    #[arg(long, value_name = "UID:GID")]
+    owner: Option<String>,
+    /// Append the log to FILE (a detached daemon otherwise drops it); a daemon logs at
+    /// info level unless RUST_LOG says otherwise.
+    #[arg(long, value_name = "FILE")]
+    log_file: Option<PathBuf>,
+    /// Write the daemon's pid to FILE once the mount is live (removed on clean exit).
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
     /// Internal: file descriptor on which the daemon reports readiness.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
 }
 
 /// Runs `snapfs mount`.
-pub fn run(args: MountArgs) -> Result<ExitCode> {
+pub fn run(mut args: MountArgs) -> Result<ExitCode> {
+    fold_options(&mut args)?;
     let (archives, mountpoint) = split_paths(&args.paths)?;
+    IdMap::from_args(&args.uid_map, &args.gid_map, args.owner.as_deref())?;
     for a in archives {
         super::check_archive(a)?;
     }
@@ -71,7 +99,18 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
     if let Some(u) = &args.upper {
         std::fs::create_dir_all(u).map_err(|e| Error::io("cannot create upper dir", u, e))?;
     }
+    if let Some(f) = &args.pid_file {
+        check_writable_file(f, "cannot create pid file")?;
+    }
+    if let Some(f) = &args.log_file {
+        check_writable_file(f, "cannot create log file")?;
+    }
     if args.foreground || args.ready_fd.is_some() {
+        if args.foreground && args.ready_fd.is_none() {
+            if let Some(f) = &args.log_file {
+                log_to(f)?;
+            }
+        }
         let ready = args.ready_fd.map(|fd| {
             // SAFETY: the parent passed us this fd, open and owned by nobody else here.
             unsafe { File::from(OwnedFd::from_raw_fd(fd)) }
@@ -94,6 +133,123 @@ pub fn run(args: MountArgs) -> Result<ExitCode> {
         store::cache_file_for(&archive, &index)?;
     }
     daemonize(&args.paths, &args)
+}
+
+/// Foreground mode with `--log-file`: stderr (where the log goes) is appended to `f`.
+fn log_to(f: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(f)
+        .map_err(|e| Error::io("cannot open log file", f, e))?;
+    // SAFETY: both fds are open; dup2 replaces fd 2 atomically.
+    if unsafe { libc::dup2(file.as_raw_fd(), 2) } < 0 {
+        return Err(Error::io(
+            "cannot redirect the log to",
+            f,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `f` can be created (its directory exists) before the daemon starts.
+fn check_writable_file(f: &Path, what: &'static str) -> Result<()> {
+    let dir = match f.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(Error::Usage(format!(
+            "{what} {}: {} is not a directory",
+            f.display(),
+            dir.display()
+        ))),
+        Err(e) => Err(Error::io(what, f, e)),
+    }
+}
+
+/// Options that mount(8) and fstab pass but that mean nothing to a FUSE mount.
+fn ignored_option(o: &str) -> bool {
+    matches!(
+        o,
+        "defaults"
+            | "auto"
+            | "noauto"
+            | "user"
+            | "nouser"
+            | "users"
+            | "owner"
+            | "group"
+            | "_netdev"
+            | "nofail"
+            | "sync"
+            | "async"
+            | "atime"
+            | "noatime"
+            | "relatime"
+            | "norelatime"
+            | "strictatime"
+            | "nodiratime"
+    ) || o.starts_with("x-")
+        || o.starts_with("comment=")
+        || o.starts_with("fsname=")
+        || o.starts_with("subtype=")
+}
+
+/// Moves snapfs options given with `-o` (`upper=DIR`, `cache_size=`, `span=`,
+/// `threads=`, `uid_map=`, `gid_map=`, `owner=`, `log_file=`, `pid_file=`) into the
+/// flags they stand for, and drops the mount(8) bookkeeping options; the rest stay
+/// FUSE/kernel options.
+fn fold_options(args: &mut MountArgs) -> Result<()> {
+    let mut kept = Vec::new();
+    for opt in args
+        .options
+        .iter()
+        .flat_map(|o| o.split(','))
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+    {
+        let (key, value) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        let need = |v: Option<&str>| {
+            v.filter(|v| !v.is_empty())
+                .map(str::to_string)
+                .ok_or_else(|| {
+                    Error::Usage(format!("mount option {key} needs a value ({key}=...)"))
+                })
+        };
+        let size = |v: Option<&str>| -> Result<u64> {
+            super::parse_size(&need(v)?)
+                .map_err(|e| Error::Usage(format!("mount option {key}: {e}")))
+        };
+        match key.replace('-', "_").as_str() {
+            "upper" => args.upper = Some(PathBuf::from(need(value)?)),
+            "cache_size" => args.cache_size = size(value)?,
+            "span" => args.span = size(value)?,
+            "threads" => {
+                args.threads = need(value)?.parse().map_err(|_| {
+                    Error::Usage(format!("mount option threads: bad number {value:?}"))
+                })?
+            }
+            "uid_map" => args.uid_map.push(need(value)?),
+            "gid_map" => args.gid_map.push(need(value)?),
+            "owner" if value.is_some() => args.owner = Some(need(value)?),
+            "log_file" => args.log_file = Some(PathBuf::from(need(value)?)),
+            "pid_file" => args.pid_file = Some(PathBuf::from(need(value)?)),
+            _ if ignored_option(opt) => {}
+            _ => kept.push(opt.to_string()),
+        }
+    }
+    args.options = if kept.is_empty() {
+        Vec::new()
+    } else {
+        vec![kept.join(",")]
+    };
+    Ok(())
 }
 
 fn split_paths(paths: &[PathBuf]) -> Result<(&[PathBuf], &Path)> {
@@ -134,6 +290,43 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     for o in &args.options {
         cmd.arg("-o").arg(o);
     }
+    for m in &args.uid_map {
+        cmd.arg("--uid-map").arg(m);
+    }
+    for m in &args.gid_map {
+        cmd.arg("--gid-map").arg(m);
+    }
+    if let Some(o) = &args.owner {
+        cmd.arg("--owner").arg(o);
+    }
+    let abs = |p: &Path| -> Result<PathBuf> {
+        if p.is_absolute() {
+            return Ok(p.to_path_buf());
+        }
+        Ok(std::env::current_dir()
+            .map_err(|e| Error::io("cannot resolve", p, e))?
+            .join(p))
+    };
+    if let Some(f) = &args.pid_file {
+        cmd.arg("--pid-file").arg(abs(f)?);
+    }
+    let log = match &args.log_file {
+        Some(f) => {
+            let f = abs(f)?;
+            cmd.arg("--log-file").arg(&f);
+            // A log file is for reading later: say what happens unless told otherwise.
+            if std::env::var_os("RUST_LOG").is_none() {
+                cmd.env("RUST_LOG", "warn,snapfs=info");
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&f)
+                .map_err(|e| Error::io("cannot open log file", &f, e))?;
+            Stdio::from(file)
+        }
+        None => Stdio::null(),
+    };
     if let Some(u) = &args.upper {
         cmd.arg("--upper")
             .arg(std::fs::canonicalize(u).unwrap_or_else(|_| u.clone()));
@@ -143,9 +336,7 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
             .iter()
             .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
     );
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     cmd.current_dir("/");
     let fd = write_end.as_raw_fd();
     // SAFETY: between fork and exec we only call async-signal-safe functions.
@@ -181,10 +372,11 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     }
 }
 
-fn mount_config(args: &MountArgs, archive: &Path) -> Config {
+fn mount_config(args: &MountArgs, archives: &[PathBuf]) -> Config {
+    let names: Vec<String> = archives.iter().map(|a| a.display().to_string()).collect();
     let mut config = Config::default();
     config.mount_options = vec![
-        MountOption::FSName(format!("snapfs:{}", archive.display())),
+        MountOption::FSName(format!("snapfs:{}", names.join(":"))),
         MountOption::Subtype("snapfs".into()),
         MountOption::DefaultPermissions,
         MountOption::NoAtime,
@@ -204,6 +396,8 @@ fn mount_config(args: &MountArgs, archive: &Path) -> Config {
             "default_permissions" => {}
             "ro" if args.upper.is_none() => {}
             "ro" => config.mount_options.push(MountOption::RO),
+            // mount(8) says rw unless told ro; a view without --upper stays read-only.
+            "rw" => {}
             "auto_unmount" => config.mount_options.push(MountOption::AutoUnmount),
             "dev" => config.mount_options.push(MountOption::Dev),
             "nodev" => config.mount_options.push(MountOption::NoDev),
@@ -246,6 +440,7 @@ fn serve(
         mountpoint.as_os_str(),
     ))
     .map_err(|_| Error::Usage("mountpoint contains a NUL byte".into()))?;
+    let target_for_cleanup = target.clone();
     std::thread::spawn(move || {
         wait_for_signal();
         log::info!("signal received, unmounting");
@@ -257,13 +452,43 @@ fn serve(
             }
         }
     });
+    let pid_file = match &args.pid_file {
+        Some(f) => match std::fs::write(f, format!("{}\n", std::process::id())) {
+            Ok(()) => Some(f.clone()),
+            Err(e) => {
+                let e = Error::io("cannot write pid file", f, e);
+                log::error!("{e}");
+                // SAFETY: target is a valid NUL-terminated path; undo our own mount.
+                unsafe { libc::umount2(target_for_cleanup.as_ptr(), libc::MNT_DETACH) };
+                if let Some(r) = ready.as_mut() {
+                    let _ = writeln!(r, "{e}");
+                }
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    log::info!(
+        "serving {} on {} (pid {})",
+        archives
+            .iter()
+            .map(|a| a.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":"),
+        mountpoint.display(),
+        std::process::id()
+    );
     if let Some(mut r) = ready.take() {
         let _ = r.write_all(b"ok\n");
     }
-    session
+    let result = session
         .run()
-        .map_err(|e| Error::io("FUSE session failed on", mountpoint, e))?;
-    Ok(ExitCode::SUCCESS)
+        .map_err(|e| Error::io("FUSE session failed on", mountpoint, e));
+    if let Some(f) = pid_file {
+        let _ = std::fs::remove_file(f);
+    }
+    log::info!("{} unmounted, daemon exits", mountpoint.display());
+    result.map(|()| ExitCode::SUCCESS)
 }
 
 fn setup(
@@ -280,7 +505,13 @@ fn setup(
         Some(dir) => DynTree(Box::new(UpperTree::new(tree, dir)?)),
         None => DynTree(tree),
     };
-    let config = mount_config(args, &archives[archives.len() - 1]);
+    let map = IdMap::from_args(&args.uid_map, &args.gid_map, args.owner.as_deref())?;
+    let tree = if map.is_identity() {
+        tree
+    } else {
+        DynTree(Box::new(MappedTree::new(Box::new(tree), map)))
+    };
+    let config = mount_config(args, archives);
     super::session::mount(SnapFs::new(tree), mountpoint, &config)
 }
 
@@ -313,5 +544,59 @@ fn wait_for_signal() {
     // SAFETY: set is initialised and the signals are blocked in every thread.
     unsafe {
         libc::sigwait(&set, &mut sig);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct T {
+        #[command(flatten)]
+        m: MountArgs,
+    }
+
+    fn parse(args: &[&str]) -> MountArgs {
+        let mut a = T::try_parse_from(std::iter::once("mount").chain(args.iter().copied()))
+            .unwrap()
+            .m;
+        fold_options(&mut a).unwrap();
+        a
+    }
+
+    #[test]
+    fn snapfs_options_ride_in_dash_o() {
+        let a = parse(&[
+            "-o",
+            "rw,allow_other,upper=/u,uid_map=0:100000:65536,uid_map=70000:5:1",
+            "-o",
+            "owner,noauto,nofail,_netdev,x-systemd.automount,cache_size=64M,gid_map=0:1:1",
+            "-o",
+            "suid,threads=3,pid_file=/run/p,log_file=/var/log/l,defaults",
+            "a.tar",
+            "/mnt",
+        ]);
+        assert_eq!(a.options, vec!["rw,allow_other,suid".to_string()]);
+        assert_eq!(a.upper, Some(PathBuf::from("/u")));
+        assert_eq!(a.uid_map, vec!["0:100000:65536", "70000:5:1"]);
+        assert_eq!(a.gid_map, vec!["0:1:1"]);
+        assert_eq!(a.owner, None);
+        assert_eq!(a.cache_size, 64 << 20);
+        assert_eq!(a.threads, 3);
+        assert_eq!(a.pid_file, Some(PathBuf::from("/run/p")));
+        assert_eq!(a.log_file, Some(PathBuf::from("/var/log/l")));
+        let a = parse(&["-o", "owner=1000:100", "a", "m"]);
+        assert_eq!(a.owner.as_deref(), Some("1000:100"));
+        assert!(a.options.is_empty());
+        let mut bad = T::try_parse_from(["mount", "-o", "upper=", "a", "m"])
+            .unwrap()
+            .m;
+        assert!(fold_options(&mut bad).is_err());
+        let mut bad = T::try_parse_from(["mount", "-o", "cache_size=lots", "a", "m"])
+            .unwrap()
+            .m;
+        assert!(fold_options(&mut bad).is_err());
     }
 }

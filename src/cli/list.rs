@@ -1,0 +1,211 @@
+//! `snapfs list`: the live snapfs mounts (fs type `fuse.snapfs` in
+//! `/proc/self/mountinfo`), their archives (from the mount source
+//! `snapfs:<archive>[:<archive>...]`), their daemon pids (found in `/proc` by command
+//! line and an open `/dev/fuse`) and whether the daemon still answers.
+
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::error::{Error, Result};
+
+/// Arguments of `snapfs list`.
+#[derive(Args, Debug)]
+pub struct ListArgs {}
+
+/// One snapfs mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// Where it is mounted.
+    pub mountpoint: PathBuf,
+    /// The archives, bottom layer first.
+    pub archives: Vec<PathBuf>,
+    /// Mount options as mountinfo shows them (per-mount, then per-superblock).
+    pub options: String,
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            let o = &b[i + 1..i + 4];
+            if o.iter().all(|c| (b'0'..=b'7').contains(c)) {
+                let v = u32::from(o[0] - b'0') * 64
+                    + u32::from(o[1] - b'0') * 8
+                    + u32::from(o[2] - b'0');
+                if let Ok(v) = u8::try_from(v) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// Parses mountinfo text into its snapfs mounts.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    let mut v = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        if l.len() < 6 || r.len() < 3 || r[0] != "fuse.snapfs" {
+            continue;
+        }
+        let source = unescape(r[1]);
+        let archives = source
+            .strip_prefix(b"snapfs:")
+            .unwrap_or(&source)
+            .split(|c| *c == b':')
+            .filter(|a| !a.is_empty())
+            .map(|a| PathBuf::from(OsString::from_vec(a.to_vec())))
+            .collect();
+        v.push(MountEntry {
+            mountpoint: PathBuf::from(OsString::from_vec(unescape(l[4]))),
+            archives,
+            options: format!("{},{}", l[5], r[2]),
+        });
+    }
+    v
+}
+
+/// The snapfs mounts visible to this process.
+pub fn mounts() -> Result<Vec<MountEntry>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("cannot read", "/proc/self/mountinfo", e))?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// Pids of snapfs daemons serving `mountpoint`: processes whose command line is
+/// `... mount ... <mountpoint>` (a relative path resolved against their cwd) and that
+/// hold `/dev/fuse` open.
+pub fn daemon_pids(mountpoint: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .collect();
+        if !args.iter().skip(1).any(|a| *a == b"mount") {
+            continue;
+        }
+        let Some(last) = args.last() else { continue };
+        let mut p = PathBuf::from(std::ffi::OsStr::from_bytes(last));
+        if p.is_relative() {
+            match std::fs::read_link(e.path().join("cwd")) {
+                Ok(cwd) => p = cwd.join(p),
+                Err(_) => continue,
+            }
+        }
+        // No canonicalize: it could block on a hung mount. The daemon's own command
+        // line always carries the canonical mountpoint.
+        if p != mountpoint {
+            continue;
+        }
+        let holds_fuse = std::fs::read_dir(e.path().join("fd"))
+            .map(|fds| {
+                fds.flatten().any(|fd| {
+                    std::fs::read_link(fd.path()).ok().as_deref() == Some(Path::new("/dev/fuse"))
+                })
+            })
+            .unwrap_or(false);
+        if holds_fuse {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Whether the daemon behind `mountpoint` answers: `statfs` always reaches the daemon
+/// (unlike `stat`, which the kernel may answer from its cache) and fails with
+/// ENOTCONN once the daemon is gone.
+fn state(mountpoint: &Path) -> &'static str {
+    let Ok(c) = std::ffi::CString::new(mountpoint.as_os_str().as_bytes()) else {
+        return "error";
+    };
+    // SAFETY: c is a valid NUL-terminated path and st a writable statfs buffer.
+    let rc = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st)
+    };
+    if rc == 0 {
+        return "live";
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENOTCONN) => "stale",
+        _ => "error",
+    }
+}
+
+/// Runs `snapfs list`: one tab-separated line per mount after a header:
+/// mountpoint, daemon pid(s) (`-` if none), state (`live`/`stale`), archives.
+pub fn run(_args: ListArgs) -> Result<ExitCode> {
+    let mut out = String::from("MOUNTPOINT\tPID\tSTATE\tARCHIVES\n");
+    for m in mounts()? {
+        let pids = daemon_pids(&m.mountpoint);
+        // A found daemon holds the connection open, so the mount is live. Only a mount
+        // without one is probed: a path lookup on a mount briefly pins it, and a
+        // concurrent umount(2) of it would fail with EBUSY.
+        let (pids, state) = if pids.is_empty() {
+            ("-".to_string(), state(&m.mountpoint))
+        } else {
+            let p: Vec<String> = pids.iter().map(u32::to_string).collect();
+            (p.join(","), "live")
+        };
+        let archives: Vec<String> = m.archives.iter().map(|a| a.display().to_string()).collect();
+        out.push_str(&format!(
+            "{}\t{pids}\t{state}\t{}\n",
+            m.mountpoint.display(),
+            archives.join(" ")
+        ));
+    }
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_snapfs_lines_only() {
+        let text = "\
+42 27 0:39 / /tmp/a\\040b ro,nosuid,nodev,noatime - fuse.snapfs snapfs:/srv/base.tar.gz:/srv/top.tar ro,user_id=0,group_id=0,default_permissions
+43 27 0:40 / /mnt/other rw - fuse.sshfs host:/x rw,user_id=0
+44 27 0:41 / /mnt/b rw,nosuid,nodev - fuse.snapfs snapfs:/srv/s.tar.zst rw,user_id=0,group_id=0,default_permissions,allow_other
+";
+        let m = parse_mountinfo(text);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].mountpoint, PathBuf::from("/tmp/a b"));
+        assert_eq!(
+            m[0].archives,
+            vec![
+                PathBuf::from("/srv/base.tar.gz"),
+                PathBuf::from("/srv/top.tar")
+            ]
+        );
+        assert!(m[1].options.contains("allow_other"));
+        assert_eq!(m[1].archives, vec![PathBuf::from("/srv/s.tar.zst")]);
+    }
+}
