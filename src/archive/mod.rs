@@ -50,7 +50,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::cache::SpanCache;
+use crate::cache::{Insert, SpanCache};
 use crate::error::{Error, Result};
 
 /// How the tar stream is stored in the archive file.
@@ -378,7 +378,7 @@ impl StreamReader {
                     if let Backing::Spans(cache) = &inner.backing {
                         let full = |_, out: &mut Vec<u8>| inner.decode_span(span, usize::MAX, out);
                         let len = inner.table.span_len(span) as usize;
-                        if let Err(e) = cache.get_or_insert(span, len, full) {
+                        if let Err(e) = cache.get_or_insert(span, len, Insert::Recent, full) {
                             log::debug!("prefetch of span {span} failed: {e}");
                         }
                     }
@@ -411,7 +411,12 @@ impl Inner {
             let span_len = (end - start) as usize;
             let within = (off - start) as usize;
             let need = within + (buf.len() - done).min(span_len.saturating_sub(within));
-            let data = cache.get_or_insert(span, need, |have, out| {
+            let insert = if within < PREFIX_MIN {
+                Insert::Recent
+            } else {
+                Insert::Probation
+            };
+            let data = cache.get_or_insert(span, need, insert, |have, out| {
                 // A read near the span's start (or a sequential one) wants all of it;
                 // a random read deep inside only the prefix up to it, grown
                 // geometrically so in-span sequential reads stay linear.
