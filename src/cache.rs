@@ -69,12 +69,13 @@ impl SpanCache {
         st.decoding.insert(key);
         drop(st);
 
+        // Clears the mark even if `decode` panics, so waiters never block forever.
+        let mark = Decoding { cache: self, key };
         let mut buf = Vec::new();
         let result = decode(have, &mut buf);
+        drop(mark);
 
         let mut st = self.lock();
-        st.decoding.remove(&key);
-        self.decoded.notify_all();
         result?;
         let value = Arc::new(buf);
         st.bytes += value.len() as u64;
@@ -98,6 +99,20 @@ impl SpanCache {
     /// Bytes currently cached.
     pub fn cached_bytes(&self) -> u64 {
         self.lock().bytes
+    }
+}
+
+/// A span being decoded; dropping it (also while unwinding) clears the mark and wakes
+/// the readers waiting for that span.
+struct Decoding<'a> {
+    cache: &'a SpanCache,
+    key: usize,
+}
+
+impl Drop for Decoding<'_> {
+    fn drop(&mut self) {
+        self.cache.lock().decoding.remove(&self.key);
+        self.cache.decoded.notify_all();
     }
 }
 
@@ -154,5 +169,20 @@ mod tests {
             Ok(())
         });
         assert_eq!(v.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_panicking_decode_does_not_block_later_readers() {
+        let cache = SpanCache::new(1000);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = cache.get_or_insert(3, 1, |_, _| panic!("decoder bug"));
+        }));
+        assert!(r.is_err());
+        assert!(!cache.contains(3), "the decoding mark outlived the panic");
+        let v = cache.get_or_insert(3, 1, |_, out| {
+            out.push(9);
+            Ok(())
+        });
+        assert_eq!(*v.unwrap(), vec![9]);
     }
 }
