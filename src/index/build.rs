@@ -90,6 +90,11 @@ fn panicked(path: &Path) -> Error {
     Error::archive(path, None, None, "the decompression thread panicked")
 }
 
+/// Longest file name component Linux accepts.
+const NAME_MAX: usize = 255;
+/// Longest path (with its NUL) Linux accepts, so the bound of a symlink target.
+const PATH_MAX: usize = 4096;
+
 /// Why a member name cannot be used.
 #[derive(Debug, PartialEq, Eq)]
 pub enum BadPath {
@@ -224,6 +229,14 @@ impl<'a> TreeBuilder<'a> {
             Ok(c) => c,
             Err(BadPath::DotDot) => return self.skip(&m, "its name contains '..'"),
         };
+        // What Linux cannot name (GNU tar fails on these members and goes on): FUSE would
+        // drop such a name from listings silently, or fail a readlink.
+        if comps.iter().any(|c| c.len() > NAME_MAX) {
+            return self.skip(&m, "a component of its name is longer than 255 bytes");
+        }
+        if m.kind == MemberKind::Symlink && m.link.len() >= PATH_MAX {
+            return self.skip(&m, "its symlink target is longer than 4095 bytes");
+        }
         // A hard link's target must exist before anything is created for it.
         let link_target = if m.kind == MemberKind::Hardlink {
             let target = match clean_path(&m.link) {
