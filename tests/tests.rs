@@ -12,6 +12,7 @@ mod util;
 mod cli;
 mod commit;
 mod create;
+mod faults;
 mod formats;
 mod hostile;
 mod index;
