@@ -17,6 +17,7 @@ mod formats;
 mod hostile;
 mod index;
 mod layers;
+mod load;
 mod random_ops;
 mod regression;
 mod semantics;
