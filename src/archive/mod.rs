@@ -276,15 +276,6 @@ impl Archive {
         if !meta.is_file() {
             return Err(Error::archive(path, None, None, "not a regular file"));
         }
-        if meta.len() == 0 {
-            // GNU tar refuses it too; most likely a failed download or copy.
-            return Err(Error::archive(
-                path,
-                None,
-                None,
-                "empty file (0 bytes), not a tar archive",
-            ));
-        }
         let mut head = [0u8; 8];
         let n = file
             .read_at(&mut head, 0)

@@ -31,6 +31,15 @@ impl Default for BuildOptions {
 /// Reads the whole archive once and builds its index. `progress` receives the number
 /// of archive bytes consumed so far.
 pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) -> Result<Index> {
+    if archive.id.size == 0 {
+        // GNU tar refuses it too; most likely a failed download or copy.
+        return Err(Error::archive(
+            &archive.path,
+            None,
+            None,
+            "empty file (0 bytes), not a tar archive",
+        ));
+    }
     let file = archive
         .file
         .try_clone()
