@@ -317,3 +317,48 @@ fn changed_gzip_archive_is_reindexed() {
     let m = Mount::new(&gz, &td.join("mnt2"));
     tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
 }
+
+/// Rewrites a byte of an index file and fixes its trailing CRC-32, so that only the
+/// version check can reject it.
+fn patch_with_valid_crc(idx: &Path, find: &[u8], skip: usize, value: u8) {
+    util::python(
+        r#"
+import sys, zlib
+p, find, skip, value = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+b = bytearray(open(p, "rb").read())
+at = b.index(find) + skip
+b[at] = value
+body = bytes(b[:-4])
+b[-4:] = zlib.crc32(body).to_bytes(4, "little")
+open(p, "wb").write(bytes(b))
+"#,
+        [
+            idx.as_os_str(),
+            std::ffi::OsStr::new(&util::hex(find)),
+            std::ffi::OsStr::new(&skip.to_string()),
+            std::ffi::OsStr::new(&value.to_string()),
+        ],
+    );
+}
+
+#[test]
+fn index_of_another_version_is_rebuilt() {
+    // Format version 2 of the whole file, with a valid checksum.
+    corrupt_index_case("idx-version", |idx, _| {
+        patch_with_valid_crc(idx, b"SNAPFSIX", 8, 2)
+    });
+    // A gzip index whose seek table is version 1 (before the block CRCs).
+    let td = TestDir::new("idx-table-version");
+    let tar = corpus::small_tar(td.path(), "a.tar", 8);
+    let gz = corpus::compress(&tar, Comp::Gzip);
+    index(&gz);
+    let idx = idx_of(&gz);
+    patch_with_valid_crc(&idx, b"GZST", 4, 1);
+    let exp = td.join("x");
+    corpus::extract(&tar, &exp);
+    let m = Mount::new(&gz, &td.join("mnt"));
+    tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+    let b = fs::read(&idx).unwrap();
+    let at = b.windows(4).position(|w| w == b"GZST").unwrap();
+    assert_eq!(b[at + 4], 2, "the index was not rebuilt");
+}
