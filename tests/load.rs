@@ -197,6 +197,7 @@ fn slow_load_writers_and_readers_in_a_writable_view() {
     let mnt = td.join("mnt");
     let m = Mount::with_args(&gz, &mnt, &["--upper", &up, "--cache-size", "64M"]);
     let root = m.path().to_path_buf();
+    let pid = util::daemon_pid(&root, &gz);
     let stop = Arc::new(AtomicBool::new(false));
     let mut writers = Vec::new();
     for w in 0..4u64 {
@@ -263,7 +264,13 @@ fn slow_load_writers_and_readers_in_a_writable_view() {
         .into_iter()
         .map(|t| t.join().expect("reader"))
         .collect();
-    println!("load with --upper for 20 s: writer rounds {rounds:?}, reader passes {reads:?}");
+    let hwm = util::proc_status_kb(pid, "VmHWM").unwrap_or(0);
+    println!(
+        "load with --upper for 20 s: writer rounds {rounds:?}, reader passes {reads:?}, \
+         daemon VmHWM {hwm} kB (cache cap {} kB)",
+        CACHE / 1024
+    );
+    assert!(util::process_alive(pid), "the daemon died under load");
 
     // What each writer wrote last, before and after a remount.
     let check = |root: &Path| {
