@@ -116,15 +116,16 @@ impl SpanCache {
         let mut buf = st.spare.pop().unwrap_or_default();
         drop(st);
 
+        // Clears the mark even if `decode` panics, so waiters never block forever.
+        let mark = Decoding { cache: self, key };
         buf.clear();
         if buf.capacity() < self.reserve as usize {
             buf.reserve_exact(self.reserve as usize);
         }
         let result = decode(have, &mut buf);
+        drop(mark);
 
         let mut st = self.lock();
-        st.decoding.remove(&key);
-        self.decoded.notify_all();
         if let Err(e) = result {
             self.recycle(&mut st, Arc::new(buf));
             return Err(e);
@@ -180,6 +181,20 @@ impl SpanCache {
     /// Bytes currently cached.
     pub fn cached_bytes(&self) -> u64 {
         self.lock().bytes
+    }
+}
+
+/// A span being decoded; dropping it (also while unwinding) clears the mark and wakes
+/// the readers waiting for that span.
+struct Decoding<'a> {
+    cache: &'a SpanCache,
+    key: usize,
+}
+
+impl Drop for Decoding<'_> {
+    fn drop(&mut self) {
+        self.cache.lock().decoding.remove(&self.key);
+        self.cache.decoded.notify_all();
     }
 }
 
@@ -299,5 +314,20 @@ mod tests {
             Ok(())
         });
         assert_eq!(v.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_panicking_decode_does_not_block_later_readers() {
+        let cache = SpanCache::new(1000, 0);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = cache.get_or_insert(3, 1, Insert::Recent, |_, _| panic!("decoder bug"));
+        }));
+        assert!(r.is_err());
+        assert!(!cache.contains(3), "the decoding mark outlived the panic");
+        let v = cache.get_or_insert(3, 1, Insert::Recent, |_, out| {
+            out.push(9);
+            Ok(())
+        });
+        assert_eq!(*v.unwrap(), vec![9]);
     }
 }

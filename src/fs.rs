@@ -6,6 +6,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,17 +28,30 @@ const WRITABLE_TTL: Duration = Duration::from_secs(1);
 /// Largest read the kernel may send us (and readahead window).
 pub const MAX_READ: u32 = 1 << 20;
 
+/// Test hook: when this environment variable is set when the daemon starts, a lookup
+/// of exactly that name panics inside the request handler (the integration tests use
+/// it to prove that a panic is answered with EIO and the daemon lives on). Unset in
+/// normal use; it only ever turns one lookup into EIO.
+pub const PANIC_HOOK_ENV: &str = "SNAPFS_TEST_PANIC_ON_LOOKUP";
+
 /// A FUSE filesystem serving one [`Tree`].
 pub struct SnapFs<T> {
     tree: T,
     ttl: Duration,
+    /// The name whose lookup panics (see [`PANIC_HOOK_ENV`]).
+    panic_on: Option<Vec<u8>>,
 }
 
 impl<T: Tree> SnapFs<T> {
     /// Wraps `tree`.
     pub fn new(tree: T) -> Self {
         let ttl = if tree.writable() { WRITABLE_TTL } else { TTL };
-        SnapFs { tree, ttl }
+        let panic_on = std::env::var_os(PANIC_HOOK_ENV).map(|v| v.as_bytes().to_vec());
+        SnapFs {
+            tree,
+            ttl,
+            panic_on,
+        }
     }
 
     /// Flags for an open file or directory: keep caches only if nothing can change.
@@ -49,8 +63,45 @@ impl<T: Tree> SnapFs<T> {
         }
     }
 
-    fn reply_entry(&self, r: crate::Result<u64>, reply: ReplyEntry) {
-        match r.and_then(|ino| self.tree.attr(ino)) {
+    /// Runs the tree work of one request. A panic in it is caught, logged and answered
+    /// with EIO, so a bug reachable from archive bytes or a request costs one reply, not
+    /// the daemon (or one of its worker threads). Every lock a tree holds recovers from
+    /// poisoning, so later requests still work.
+    fn run<R>(
+        &self,
+        op: &'static str,
+        ino: u64,
+        f: impl FnOnce() -> crate::Result<R>,
+    ) -> crate::Result<R> {
+        match panic::catch_unwind(AssertUnwindSafe(f)) {
+            Ok(r) => r,
+            Err(p) => {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .copied()
+                    .or_else(|| p.downcast_ref::<String>().map(String::as_str))
+                    .unwrap_or("unknown panic");
+                log::error!("{op} of inode {ino} panicked ({what}); answered EIO");
+                Err(Error::Errno(libc::EIO))
+            }
+        }
+    }
+
+    /// The test hook (see [`PANIC_HOOK_ENV`]): panics when `name` is the configured one.
+    fn test_panic(&self, name: &[u8]) {
+        if self.panic_on.as_deref() == Some(name) {
+            panic!("test hook {PANIC_HOOK_ENV} hit");
+        }
+    }
+
+    fn reply_entry(
+        &self,
+        op: &'static str,
+        parent: u64,
+        r: impl FnOnce() -> crate::Result<u64>,
+        reply: ReplyEntry,
+    ) {
+        match self.run(op, parent, || r().and_then(|ino| self.tree.attr(ino))) {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -171,10 +222,12 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self
-            .tree
-            .lookup(parent.0, name.as_bytes())
-            .and_then(|ino| self.tree.attr(ino));
+        let r = self.run("lookup", parent.0, || {
+            self.test_panic(name.as_bytes());
+            self.tree
+                .lookup(parent.0, name.as_bytes())
+                .and_then(|ino| self.tree.attr(ino))
+        });
         match r {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             // Immutable: a miss stays a miss, so let the kernel cache it too.
@@ -186,14 +239,14 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.tree.attr(ino.0) {
+        match self.run("getattr", ino.0, || self.tree.attr(ino.0)) {
             Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.tree.read_link(ino.0) {
+        match self.run("readlink", ino.0, || self.tree.read_link(ino.0)) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
         }
@@ -203,7 +256,7 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         if flags.acc_mode() != OpenAccMode::O_RDONLY && !self.tree.writable() {
             return reply.error(EROFS);
         }
-        match self.tree.open(ino.0, flags.0) {
+        match self.run("open", ino.0, || self.tree.open(ino.0, flags.0)) {
             Ok(fh) => reply.opened(FileHandle(fh), self.open_flags(false)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -220,19 +273,22 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.tree.read(ino.0, offset, size) {
+        match self.run("read", ino.0, || self.tree.read(ino.0, offset, size)) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.tree.attr(ino.0) {
-            Ok(a) if a.mode & libc::S_IFMT == libc::S_IFDIR => match self.tree.open_dir(ino.0) {
-                Ok(fh) => reply.opened(FileHandle(fh), self.open_flags(true)),
-                Err(e) => reply.error(errno(&e)),
-            },
-            Ok(_) => reply.error(Errno::from_i32(libc::ENOTDIR)),
+        let r = self.run("opendir", ino.0, || {
+            let a = self.tree.attr(ino.0)?;
+            if a.mode & libc::S_IFMT != libc::S_IFDIR {
+                return Err(Error::Errno(libc::ENOTDIR));
+            }
+            self.tree.open_dir(ino.0)
+        });
+        match r {
+            Ok(fh) => reply.opened(FileHandle(fh), self.open_flags(true)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -245,7 +301,10 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        empty(self.tree.release_dir(ino.0, fh.0), reply);
+        empty(
+            self.run("releasedir", ino.0, || self.tree.release_dir(ino.0, fh.0)),
+            reply,
+        );
     }
 
     fn fsyncdir(
@@ -256,7 +315,10 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(self.tree.fsync(ino.0, datasync), reply);
+        empty(
+            self.run("fsyncdir", ino.0, || self.tree.fsync(ino.0, datasync)),
+            reply,
+        );
     }
 
     fn flush(
@@ -267,7 +329,10 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
-        empty(self.tree.flush(ino.0, fh.0), reply);
+        empty(
+            self.run("flush", ino.0, || self.tree.flush(ino.0, fh.0)),
+            reply,
+        );
     }
 
     fn release(
@@ -280,7 +345,10 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        empty(self.tree.release(ino.0, fh.0), reply);
+        empty(
+            self.run("release", ino.0, || self.tree.release(ino.0, fh.0)),
+            reply,
+        );
     }
 
     fn fsync(
@@ -291,7 +359,10 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        empty(self.tree.fsync(ino.0, datasync), reply);
+        empty(
+            self.run("fsync", ino.0, || self.tree.fsync(ino.0, datasync)),
+            reply,
+        );
     }
 
     fn readdir(
@@ -302,16 +373,17 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let r = self
-            .tree
-            .read_dir_handle(ino.0, fh.0, offset, &mut |next, name, child, mode| {
-                reply.add(
-                    INodeNo(child),
-                    next,
-                    file_type(mode),
-                    OsStr::from_bytes(name),
-                )
-            });
+        let r = self.run("readdir", ino.0, || {
+            self.tree
+                .read_dir_handle(ino.0, fh.0, offset, &mut |next, name, child, mode| {
+                    reply.add(
+                        INodeNo(child),
+                        next,
+                        file_type(mode),
+                        OsStr::from_bytes(name),
+                    )
+                })
+        });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -328,22 +400,24 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
     ) {
         let tree = &self.tree;
         let ttl = self.ttl;
-        let r = tree.read_dir_handle(
-            ino.0,
-            fh.0,
-            offset,
-            &mut |next, name, child, _mode| match tree.attr(child) {
-                Ok(a) => reply.add(
-                    INodeNo(child),
-                    next,
-                    OsStr::from_bytes(name),
-                    &ttl,
-                    &file_attr(&a),
-                    Generation(0),
-                ),
-                Err(_) => false,
-            },
-        );
+        let r = self.run("readdirplus", ino.0, || {
+            tree.read_dir_handle(
+                ino.0,
+                fh.0,
+                offset,
+                &mut |next, name, child, _mode| match tree.attr(child) {
+                    Ok(a) => reply.add(
+                        INodeNo(child),
+                        next,
+                        OsStr::from_bytes(name),
+                        &ttl,
+                        &file_attr(&a),
+                        Generation(0),
+                    ),
+                    Err(_) => false,
+                },
+            )
+        });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
@@ -351,8 +425,14 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let s = self.tree.stats();
-        match self.tree.free_space() {
+        let r = self.run("statfs", 1, || {
+            Ok((self.tree.stats(), self.tree.free_space()))
+        });
+        let (s, free) = match r {
+            Ok(x) => x,
+            Err(e) => return reply.error(errno(&e)),
+        };
+        match free {
             None => reply.statfs(s.blocks / 8, 0, 0, s.files, 0, 4096, 255, 4096),
             Some(f) => reply.statfs(
                 s.blocks / 8 + f.blocks_free,
@@ -368,14 +448,16 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.tree.xattr(ino.0, name.as_bytes()) {
+        match self.run("getxattr", ino.0, || {
+            self.tree.xattr(ino.0, name.as_bytes())
+        }) {
             Ok(v) => reply_xattr(reply, size, &v),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.tree.xattr_names(ino.0) {
+        match self.run("listxattr", ino.0, || self.tree.xattr_names(ino.0)) {
             Ok(v) => reply_xattr(reply, size, &v),
             Err(e) => reply.error(errno(&e)),
         }
@@ -385,7 +467,7 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         if mask.contains(AccessFlags::W_OK) && !self.tree.writable() {
             return reply.error(EROFS);
         }
-        match self.tree.attr(ino.0) {
+        match self.run("access", ino.0, || self.tree.attr(ino.0)) {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -403,11 +485,12 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         let Ok(off) = u64::try_from(offset) else {
             return reply.error(Errno::from_i32(libc::EINVAL));
         };
-        let r = match whence {
-            libc::SEEK_DATA => self.tree.seek_data(ino.0, off, true),
-            libc::SEEK_HOLE => self.tree.seek_data(ino.0, off, false),
+        let data = match whence {
+            libc::SEEK_DATA => true,
+            libc::SEEK_HOLE => false,
             _ => return reply.error(Errno::from_i32(libc::EINVAL)),
         };
+        let r = self.run("lseek", ino.0, || self.tree.seek_data(ino.0, off, data));
         match r.map(i64::try_from) {
             Ok(Ok(o)) => reply.offset(o),
             Ok(Err(_)) => reply.error(Errno::from_i32(libc::EOVERFLOW)),
@@ -443,7 +526,7 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        match self.tree.set_attr(ino.0, &set) {
+        match self.run("setattr", ino.0, || self.tree.set_attr(ino.0, &set)) {
             Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -459,10 +542,11 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .tree
-            .mknod(parent.0, name.as_bytes(), mode, rdev, owner(req));
-        self.reply_entry(r, reply);
+        let r = || {
+            self.tree
+                .mknod(parent.0, name.as_bytes(), mode, rdev, owner(req))
+        };
+        self.reply_entry("mknod", parent.0, r, reply);
     }
 
     fn mkdir(
@@ -474,16 +558,26 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.tree.mkdir(parent.0, name.as_bytes(), mode, owner(req));
-        self.reply_entry(r, reply);
+        let r = || self.tree.mkdir(parent.0, name.as_bytes(), mode, owner(req));
+        self.reply_entry("mkdir", parent.0, r, reply);
     }
 
     fn unlink(&self, _r: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(self.tree.unlink(parent.0, name.as_bytes()), reply);
+        empty(
+            self.run("unlink", parent.0, || {
+                self.tree.unlink(parent.0, name.as_bytes())
+            }),
+            reply,
+        );
     }
 
     fn rmdir(&self, _r: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(self.tree.rmdir(parent.0, name.as_bytes()), reply);
+        empty(
+            self.run("rmdir", parent.0, || {
+                self.tree.rmdir(parent.0, name.as_bytes())
+            }),
+            reply,
+        );
     }
 
     fn symlink(
@@ -494,13 +588,15 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let r = self.tree.symlink(
-            parent.0,
-            name.as_bytes(),
-            target.as_os_str().as_bytes(),
-            owner(req),
-        );
-        self.reply_entry(r, reply);
+        let r = || {
+            self.tree.symlink(
+                parent.0,
+                name.as_bytes(),
+                target.as_os_str().as_bytes(),
+                owner(req),
+            )
+        };
+        self.reply_entry("symlink", parent.0, r, reply);
     }
 
     fn rename(
@@ -513,13 +609,15 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let r = self.tree.rename(
-            parent.0,
-            name.as_bytes(),
-            new_parent.0,
-            new_name.as_bytes(),
-            flags.bits(),
-        );
+        let r = self.run("rename", parent.0, || {
+            self.tree.rename(
+                parent.0,
+                name.as_bytes(),
+                new_parent.0,
+                new_name.as_bytes(),
+                flags.bits(),
+            )
+        });
         empty(r, reply);
     }
 
@@ -531,8 +629,8 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         new_name: &OsStr,
         reply: ReplyEntry,
     ) {
-        let r = self.tree.link(ino.0, new_parent.0, new_name.as_bytes());
-        self.reply_entry(r, reply);
+        let r = || self.tree.link(ino.0, new_parent.0, new_name.as_bytes());
+        self.reply_entry("link", ino.0, r, reply);
     }
 
     fn write(
@@ -547,7 +645,9 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _l: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.tree.write(ino.0, fh.0, offset, data) {
+        match self.run("write", ino.0, || {
+            self.tree.write(ino.0, fh.0, offset, data)
+        }) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
@@ -563,14 +663,19 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(
-            self.tree.set_xattr(ino.0, name.as_bytes(), value, flags),
-            reply,
-        );
+        let r = self.run("setxattr", ino.0, || {
+            self.tree.set_xattr(ino.0, name.as_bytes(), value, flags)
+        });
+        empty(r, reply);
     }
 
     fn removexattr(&self, _r: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        empty(self.tree.remove_xattr(ino.0, name.as_bytes()), reply);
+        empty(
+            self.run("removexattr", ino.0, || {
+                self.tree.remove_xattr(ino.0, name.as_bytes())
+            }),
+            reply,
+        );
     }
 
     fn create(
@@ -583,10 +688,11 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self
-            .tree
-            .create(parent.0, name.as_bytes(), mode, flags, owner(req))
-            .and_then(|(ino, fh)| Ok((self.tree.attr(ino)?, fh)));
+        let r = self.run("create", parent.0, || {
+            self.tree
+                .create(parent.0, name.as_bytes(), mode, flags, owner(req))
+                .and_then(|(ino, fh)| Ok((self.tree.attr(ino)?, fh)))
+        });
         match r {
             Ok((a, fh)) => reply.created(
                 &self.ttl,

@@ -317,3 +317,92 @@ fn changed_gzip_archive_is_reindexed() {
     let m = Mount::new(&gz, &td.join("mnt2"));
     tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
 }
+
+/// Rewrites a byte of an index file and fixes its trailing CRC-32, so that only the
+/// version check can reject it.
+fn patch_with_valid_crc(idx: &Path, find: &[u8], skip: usize, value: u8) {
+    util::python(
+        r#"
+import sys, zlib
+p, find, skip, value = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+b = bytearray(open(p, "rb").read())
+at = b.index(find) + skip
+b[at] = value
+body = bytes(b[:-4])
+b[-4:] = zlib.crc32(body).to_bytes(4, "little")
+open(p, "wb").write(bytes(b))
+"#,
+        [
+            idx.as_os_str(),
+            std::ffi::OsStr::new(&util::hex(find)),
+            std::ffi::OsStr::new(&skip.to_string()),
+            std::ffi::OsStr::new(&value.to_string()),
+        ],
+    );
+}
+
+#[test]
+fn index_of_another_version_is_rebuilt() {
+    // Format version 2 of the whole file, with a valid checksum.
+    corrupt_index_case("idx-version", |idx, _| {
+        patch_with_valid_crc(idx, b"SNAPFSIX", 8, 2)
+    });
+    // A gzip index whose seek table is version 1 (before the block CRCs).
+    let td = TestDir::new("idx-table-version");
+    let tar = corpus::small_tar(td.path(), "a.tar", 8);
+    let gz = corpus::compress(&tar, Comp::Gzip);
+    index(&gz);
+    let idx = idx_of(&gz);
+    patch_with_valid_crc(&idx, b"GZST", 4, 1);
+    let exp = td.join("x");
+    corpus::extract(&tar, &exp);
+    let m = Mount::new(&gz, &td.join("mnt"));
+    tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+    let b = fs::read(&idx).unwrap();
+    let at = b.windows(4).position(|w| w == b"GZST").unwrap();
+    assert_eq!(b[at + 4], 2, "the index was not rebuilt");
+}
+
+#[test]
+fn embedded_index_of_another_version_is_ignored() {
+    // A plain-tar snapshot from `snapfs create` whose embedded index claims format
+    // version 2 (all checksums fixed up): it is indexed the ordinary way.
+    let td = TestDir::new("embedded-version");
+    let src = td.mkdir("src");
+    fs::write(src.join("a"), b"alpha\n").unwrap();
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/b"), util::semi_compressible(100_000, 3)).unwrap();
+    let snap = td.join("s.tar");
+    util::snapfs([
+        OsStr::new("create"),
+        src.as_os_str(),
+        OsStr::new("-o"),
+        snap.as_os_str(),
+        OsStr::new("--format"),
+        OsStr::new("tar"),
+    ])
+    .assert_ok();
+    util::python(
+        r#"
+import sys, zlib, struct
+p = sys.argv[1]
+b = bytearray(open(p, "rb").read())
+foot = len(b) - 512
+off, n = struct.unpack_from("<QQ", b, foot + 24)
+assert b[off:off + 8] == b"SNAPFSIX", b[off:off + 8]
+b[off + 8:off + 12] = (2).to_bytes(4, "little")
+b[off + n - 4:off + n] = zlib.crc32(bytes(b[off:off + n - 4])).to_bytes(4, "little")
+b[foot + 56:foot + 60] = zlib.crc32(bytes(b[off:off + n])).to_bytes(4, "little")
+b[foot + 508:foot + 512] = zlib.crc32(bytes(b[foot:foot + 508])).to_bytes(4, "little")
+open(p, "wb").write(bytes(b))
+"#,
+        [snap.as_os_str()],
+    );
+    let m = Mount::new(&snap, &td.join("mnt"));
+    assert_eq!(fs::read(m.join("a")).unwrap(), b"alpha\n");
+    assert_eq!(
+        fs::read(m.join("d/b")).unwrap(),
+        util::semi_compressible(100_000, 3)
+    );
+    assert!(idx_of(&snap).exists(), "no ordinary index was built");
+}

@@ -671,3 +671,158 @@ pub fn daemon_pid(mnt: &Path, archive: &Path) -> u32 {
     );
     p[0]
 }
+
+// ---------------------------------------------------------------- foreground daemon
+
+/// A `snapfs mount -f` daemon whose log (stderr) goes to a file, for tests that check
+/// what the daemon logs. Drop unmounts (through the `Mount` guard), then reaps the
+/// daemon (killing it if it does not exit).
+pub struct FgMount {
+    pub mount: Option<Mount>,
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl FgMount {
+    /// Starts `snapfs mount -f ARGS ARCHIVE MNT` with `env` and waits for the mount.
+    pub fn start(archive: &Path, mnt: &Path, args: &[&str], env: &[(&str, &str)]) -> FgMount {
+        std::fs::create_dir_all(mnt).expect("create mountpoint");
+        let mnt = mnt.canonicalize().expect("canonicalize mountpoint");
+        let log = mnt.with_extension("log");
+        let mut cmd = Command::new(bin());
+        cmd.arg("mount")
+            .arg("-f")
+            .args(args)
+            .arg(archive)
+            .arg(&mnt)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("create daemon log"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn snapfs mount -f");
+        let up = poll_until(Duration::from_secs(120), || {
+            is_mounted(&mnt) || matches!(child.try_wait(), Ok(Some(_)))
+        });
+        if !(up && is_mounted(&mnt)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "foreground mount of {} never came up:\n{}",
+                archive.display(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        FgMount {
+            mount: Some(Mount::adopt(archive, &mnt)),
+            child,
+            log,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.mount.as_ref().map(|m| m.path()).expect("mounted")
+    }
+
+    pub fn join<P: AsRef<Path>>(&self, p: P) -> PathBuf {
+        self.path().join(p)
+    }
+
+    /// What the daemon logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Whether the daemon process still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for FgMount {
+    fn drop(&mut self) {
+        drop(self.mount.take());
+        let exited = poll_until(Duration::from_secs(20), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------- tmpfs
+
+/// A small tmpfs (root only), unmounted on drop: a disk that fills up.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn new(path: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(path).expect("create tmpfs mountpoint");
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={size},mode=0755"))
+                .arg("tmpfs")
+                .arg(path),
+        );
+        Tmpfs {
+            path: path.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.path)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+/// The value (in kB) of a `/proc/PID/status` field such as `VmHWM`.
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
+/// Every path in a tree (not following symlinks), relative, plus every symlink's
+/// target; asserts that no path has a `..` component.
+pub fn assert_confined(root: &Path) -> usize {
+    let mut n = 0;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("read_dir {}: {e}", d.display())) {
+            let e = e.expect("dirent");
+            let name = e.file_name();
+            assert!(
+                name != ".." && name != "." && !name.as_bytes().contains(&b'/'),
+                "bad name {name:?} in {}",
+                d.display()
+            );
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p).expect("lstat");
+            assert!(p.starts_with(root));
+            if md.is_dir() {
+                stack.push(p);
+            }
+            n += 1;
+        }
+    }
+    n
+}

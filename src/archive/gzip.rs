@@ -57,10 +57,17 @@ const WBITS_GZIP: c_int = 31;
 const WBITS_RAW: c_int = -15;
 /// Magic bytes at the start of an encoded [`GzipSeekTable`].
 const TABLE_MAGIC: &[u8; 4] = b"GZST";
-/// Version of the encoding written by [`GzipSeekTable::encode`].
-const TABLE_VERSION: u8 = 1;
-/// Smallest possible encoded checkpoint: u64 + u64 + u8 + u8 + u32 + u32.
-const MIN_ENCODED_CHECKPOINT: usize = 8 + 8 + 1 + 1 + 4 + 4;
+/// Version of the encoding written by [`GzipSeekTable::encode`]. Version 2 added the
+/// CRC-32 of every [`CRC_BLOCK`] of every span; version 1 tables are refused (the
+/// index is then rebuilt).
+const TABLE_VERSION: u8 = 2;
+/// Smallest possible encoded checkpoint: u64 + u64 + u8 + u8 + u32 + u32 + u32.
+const MIN_ENCODED_CHECKPOINT: usize = 8 + 8 + 1 + 1 + 4 + 4 + 4;
+/// Uncompressed bytes per CRC-32 in a seek table: each span is cut into blocks of this
+/// size from its start (the last one may be shorter). gzip's own CRC covers a whole
+/// member, so without these a damaged block in the middle of a member (in an archive
+/// whose index still matches) could inflate to wrong bytes without any error.
+pub const CRC_BLOCK: usize = 64 * 1024;
 /// Flag bit in the encoded checkpoint flags byte: checkpoint is a member start.
 const FLAG_MEMBER_START: u8 = 1;
 /// A few consecutive inflate calls that neither consume nor produce anything
@@ -89,6 +96,70 @@ pub struct GzipCheckpoint {
     /// Last up to 32 KiB of uncompressed output of the current member
     /// (empty for member starts).
     pub window: Vec<u8>,
+    /// CRC-32 of each [`CRC_BLOCK`] of this checkpoint's span, checked by
+    /// [`decode_span_prefix`]. Empty while the span is not closed yet.
+    pub crcs: Vec<u32>,
+}
+
+/// The CRC-32 of each [`CRC_BLOCK`] of `span` (the uncompressed bytes of one span).
+pub fn span_crcs(span: &[u8]) -> Vec<u32> {
+    span.chunks(CRC_BLOCK).map(crc32fast::hash).collect()
+}
+
+/// Block CRCs of the span being produced by the indexer.
+#[derive(Default)]
+struct BlockCrcs {
+    hasher: crc32fast::Hasher,
+    in_block: usize,
+    done: Vec<u32>,
+}
+
+impl BlockCrcs {
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let n = (CRC_BLOCK - self.in_block).min(data.len());
+            let (now, rest) = data.split_at(n);
+            self.hasher.update(now);
+            self.in_block += n;
+            data = rest;
+            if self.in_block == CRC_BLOCK {
+                self.done.push(std::mem::take(&mut self.hasher).finalize());
+                self.in_block = 0;
+            }
+        }
+    }
+
+    /// Ends the span: its block CRCs (the last block may be partial).
+    fn close(&mut self) -> Vec<u32> {
+        if self.in_block > 0 {
+            self.done.push(std::mem::take(&mut self.hasher).finalize());
+            self.in_block = 0;
+        }
+        std::mem::take(&mut self.done)
+    }
+}
+
+/// Checks `data`, the first bytes of span `i`, against the table's block CRCs: every
+/// whole block, and a last partial one if `data` is the whole span.
+fn verify_blocks(table: &GzipSeekTable, i: usize, data: &[u8]) -> io::Result<()> {
+    let (start, end) = table.span_range(i);
+    let whole = data.len() as u64 == end - start;
+    let crcs = table.checkpoints.get(i).map_or(&[][..], |c| &c.crcs[..]);
+    for (k, block) in data.chunks(CRC_BLOCK).enumerate() {
+        if block.len() < CRC_BLOCK && !whole {
+            break;
+        }
+        if crcs.get(k) != Some(&crc32fast::hash(block)) {
+            let at = start.saturating_add((k * CRC_BLOCK) as u64);
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "corrupt gzip data: CRC-32 mismatch in span {i} at uncompressed offset {at}"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// All seek points of one gzip file plus its total uncompressed size.
@@ -150,7 +221,8 @@ impl GzipSeekTable {
     /// `count: u64`, then per checkpoint `uncompressed: u64`, `compressed: u64`,
     /// `bits: u8`, `flags: u8` (bit 0 = member start), `window_len: u32`,
     /// `deflated_len: u32` and `deflated_len` bytes of raw deflate data that
-    /// inflate to the window (nothing when the window is empty).
+    /// inflate to the window (nothing when the window is empty), `crc_count: u32`
+    /// and that many CRC-32s, one per [`CRC_BLOCK`] of the span.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(TABLE_MAGIC);
         out.push(TABLE_VERSION);
@@ -180,6 +252,11 @@ impl GzipSeekTable {
             let deflated_len = u32::try_from(deflated.len()).unwrap_or(u32::MAX);
             out.extend_from_slice(&deflated_len.to_le_bytes());
             out.extend_from_slice(&deflated);
+            let crc_count = u32::try_from(cp.crcs.len()).unwrap_or(u32::MAX);
+            out.extend_from_slice(&crc_count.to_le_bytes());
+            for c in &cp.crcs {
+                out.extend_from_slice(&c.to_le_bytes());
+            }
         }
     }
 
@@ -226,6 +303,16 @@ impl GzipSeekTable {
             let window_len = r.u32()? as usize;
             let deflated_len = r.u32()? as usize;
             let deflated = r.take(deflated_len)?;
+            let crc_count = r.u32()? as usize;
+            let crc_bytes = r.take(
+                crc_count
+                    .checked_mul(4)
+                    .ok_or("gzip seek table: CRC count overflows")?,
+            )?;
+            let crcs: Vec<u32> = crc_bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
             let bad = |what: &str| format!("gzip seek table: checkpoint {i}: {what}");
             if flags & !FLAG_MEMBER_START != 0 {
                 return Err(bad(&format!("unknown flags {flags:#x}")));
@@ -273,15 +360,27 @@ impl GzipSeekTable {
                 bits,
                 member_start,
                 window,
+                crcs,
             });
         }
         if !r.rest.is_empty() {
             return Err(format!("gzip seek table: {} trailing bytes", r.rest.len()));
         }
-        Ok(GzipSeekTable {
+        let table = GzipSeekTable {
             checkpoints,
             uncompressed_size,
-        })
+        };
+        for (i, cp) in table.checkpoints.iter().enumerate() {
+            let (start, end) = table.span_range(i);
+            if (end - start).div_ceil(CRC_BLOCK as u64) != cp.crcs.len() as u64 {
+                return Err(format!(
+                    "gzip seek table: checkpoint {i}: {} CRCs for a span of {} bytes",
+                    cp.crcs.len(),
+                    end - start
+                ));
+            }
+        }
+        Ok(table)
     }
 }
 
@@ -626,6 +725,8 @@ pub struct GzipIndexer<R: Read> {
     last_cp: u64,
     /// Checkpoints recorded so far.
     checkpoints: Vec<GzipCheckpoint>,
+    /// Block CRCs of the current span.
+    crcs: BlockCrcs,
     /// Container state.
     state: IndexState,
     /// Sticky error: once the stream failed, every later call fails the same way.
@@ -662,7 +763,9 @@ impl<R: Read> GzipIndexer<R> {
                 bits: 0,
                 member_start: true,
                 window: Vec::new(),
+                crcs: Vec::new(),
             }],
+            crcs: BlockCrcs::default(),
             state: IndexState::Member,
             error,
         }
@@ -681,7 +784,11 @@ impl<R: Read> GzipIndexer<R> {
         scratch.resize(OUT_CHUNK, 0);
         while self.fill(&mut scratch)? > 0 {}
         let size = self.total_out;
+        let last_crcs = self.crcs.close();
         let mut checkpoints = self.checkpoints;
+        if let Some(last) = checkpoints.last_mut() {
+            last.crcs = last_crcs;
+        }
         // Boundaries followed only by empty blocks or empty members can yield
         // checkpoints at the very end; they would describe empty spans.
         while checkpoints.len() > 1 && checkpoints.last().is_some_and(|c| c.uncompressed >= size) {
@@ -782,12 +889,14 @@ impl<R: Read> GzipIndexer<R> {
                     0x1f => {
                         if self.total_out - self.last_cp >= self.span {
                             let compressed = self.in_offset()?;
+                            self.close_span();
                             self.checkpoints.push(GzipCheckpoint {
                                 uncompressed: self.total_out,
                                 compressed,
                                 bits: 0,
                                 member_start: true,
                                 window: Vec::new(),
+                                crcs: Vec::new(),
                             });
                             self.last_cp = self.total_out;
                         }
@@ -816,6 +925,9 @@ impl<R: Read> GzipIndexer<R> {
                         z::Z_BLOCK,
                     );
                     self.in_pos = in_pos + step.consumed.min(in_end - in_pos);
+                    if let Some(out) = dst.get(produced..produced + step.produced) {
+                        self.crcs.feed(out);
+                    }
                     produced += step.produced;
                     let n = step.produced as u64;
                     self.total_out = self.total_out.checked_add(n).ok_or_else(overflow)?;
@@ -920,15 +1032,25 @@ impl<R: Read> GzipIndexer<R> {
         let bits = (compressed * 8 - bitpos) as u8;
         let mut window = Vec::new();
         self.inflater()?.get_dictionary(&mut window)?;
+        self.close_span();
         self.checkpoints.push(GzipCheckpoint {
             uncompressed: self.total_out,
             compressed,
             bits,
             member_start: false,
             window,
+            crcs: Vec::new(),
         });
         self.last_cp = self.total_out;
         Ok(())
+    }
+
+    /// Gives the last checkpoint the CRCs of its (now complete) span.
+    fn close_span(&mut self) {
+        let crcs = self.crcs.close();
+        if let Some(last) = self.checkpoints.last_mut() {
+            last.crcs = crcs;
+        }
     }
 }
 
@@ -1087,6 +1209,10 @@ pub fn decode_span_prefix(
         )
     })?;
     let (start, end) = table.span_range(i);
+    // Whole CRC blocks only, so that every byte handed out is checked.
+    let limit = limit
+        .div_ceil(CRC_BLOCK as u64)
+        .saturating_mul(CRC_BLOCK as u64);
     let want = usize::try_from((end - start).min(limit))
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "gzip span too large"))?;
     if want == 0 {
@@ -1209,7 +1335,7 @@ pub fn decode_span_prefix(
             ret => return Err(inflate_error(&inf, ret, input.offset()?)),
         }
     }
-    Ok(())
+    verify_blocks(table, i, out)
 }
 
 #[cfg(test)]
@@ -1522,6 +1648,47 @@ mod tests {
         assert!(err.to_string().contains("not a gzip stream"), "{err}");
         let err = index(b"hello world, definitely not gzip", MIB, 4096).unwrap_err();
         assert!(err.to_string().contains("not a gzip stream"), "{err}");
+    }
+
+    #[test]
+    fn damage_that_still_inflates_is_caught_by_the_block_crcs() {
+        // Stored blocks: a flipped byte inflates to a wrong byte without any error.
+        let d = &data()[..5 * MIB as usize + 3];
+        let gz = gzip(d, 0);
+        let (_, t) = index(&gz, MIB, 1 << 16).unwrap();
+        let mut enc = Vec::new();
+        t.encode(&mut enc);
+        assert_eq!(GzipSeekTable::decode(&enc).unwrap(), t);
+        for (i, cp) in t.checkpoints.iter().enumerate() {
+            let (a, b) = t.span_range(i);
+            assert_eq!(cp.crcs, span_crcs(&d[a as usize..b as usize]), "span {i}");
+        }
+        let mut bad = gz.clone();
+        let at = gz.len() / 2;
+        bad[at] ^= 0x20;
+        let f = write_tmp(&bad);
+        let damaged = (0..t.span_count())
+            .find(|&i| {
+                t.checkpoints
+                    .get(i + 1)
+                    .is_none_or(|n| n.compressed > at as u64)
+            })
+            .unwrap();
+        let mut out = Vec::new();
+        for i in 0..t.span_count() {
+            let r = decode_span(f.as_file(), &t, i, &mut out);
+            if i == damaged {
+                let e = r.unwrap_err().to_string();
+                assert!(e.contains("CRC-32 mismatch"), "{e}");
+            } else {
+                r.unwrap();
+                let (a, b) = t.span_range(i);
+                assert!(out == d[a as usize..b as usize], "span {i}");
+            }
+        }
+        // Prefixes are checked too: the shortest one covering the damage fails.
+        let r = decode_span_prefix(f.as_file(), &t, damaged, u64::MAX, &mut out);
+        assert!(r.is_err());
     }
 
     #[test]

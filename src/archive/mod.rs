@@ -207,6 +207,51 @@ impl SeekTable {
     }
 }
 
+/// What the held descriptor of an archive looked like when it was opened: a change of
+/// any field (written in place, truncated, touched) means its bytes may no longer be
+/// the ones the index describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    /// Device of the file.
+    pub dev: u64,
+    /// Inode number.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the epoch.
+    pub mtime_ns: i64,
+    /// Status change time, nanoseconds since the epoch.
+    pub ctime_ns: i64,
+}
+
+impl FileStamp {
+    /// The stamp of a file's metadata.
+    pub fn of(m: &std::fs::Metadata) -> FileStamp {
+        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.len(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        }
+    }
+
+    /// Why `now` is not this file any more (`None` if it is unchanged).
+    fn change(&self, now: &FileStamp) -> Option<String> {
+        if now.size != self.size {
+            Some(format!(
+                "changed since it was mounted (size {} -> {})",
+                self.size, now.size
+            ))
+        } else if now != self {
+            Some("changed since it was mounted (modified in place)".into())
+        } else {
+            None
+        }
+    }
+}
+
 /// An opened archive: the file, its path and its identity.
 pub struct Archive {
     /// The archive file.
@@ -217,6 +262,8 @@ pub struct Archive {
     pub id: ArchiveId,
     /// The detected compression.
     pub compression: Compression,
+    /// The held descriptor's metadata at open time.
+    pub stamp: FileStamp,
 }
 
 impl Archive {
@@ -240,6 +287,7 @@ impl Archive {
             path: path.to_path_buf(),
             id,
             compression,
+            stamp: FileStamp::of(&meta),
         })
     }
 }
@@ -300,6 +348,10 @@ struct Inner {
     path: PathBuf,
     table: Arc<SeekTable>,
     backing: Backing,
+    /// The archive as it was when this reader was made (`None`: fstat failed then).
+    stamp: Option<FileStamp>,
+    /// Set once a change was seen: from then on every read fails.
+    changed: std::sync::OnceLock<String>,
 }
 
 impl StreamReader {
@@ -323,20 +375,53 @@ impl StreamReader {
     }
 
     fn with_backing(archive: File, path: PathBuf, table: Arc<SeekTable>, backing: Backing) -> Self {
+        let stamp = archive.metadata().ok().map(|m| FileStamp::of(&m));
         StreamReader {
             inner: Arc::new(Inner {
                 archive,
                 path,
                 table,
                 backing,
+                stamp,
+                changed: std::sync::OnceLock::new(),
             }),
             prefetch: std::sync::OnceLock::new(),
         }
     }
 
+    /// Fails unless the held archive still is the file `expected` describes (the one
+    /// its index was checked against).
+    pub fn verify_stamp(&self, expected: &FileStamp) -> Result<()> {
+        match &self.inner.stamp {
+            Some(s) if s == expected => Ok(()),
+            Some(s) => Err(self.inner.changed_error(
+                expected
+                    .change(s)
+                    .unwrap_or_else(|| "changed while it was being mounted".into()),
+                0,
+            )),
+            None => Err(self
+                .inner
+                .changed_error("cannot stat the archive".into(), 0)),
+        }
+    }
+
     /// Fills `buf` from stream offset `off`. The caller keeps reads within a member's
     /// data, so a short read means the archive changed or is corrupt: an error.
+    ///
+    /// Every read then checks that the held descriptor is unchanged (size, mtime,
+    /// ctime) and that the archive's path still names it: an archive written in place,
+    /// truncated, or replaced (renamed over, deleted) while mounted makes this and every
+    /// later read fail (EIO), also reads that the span cache could still answer. The
+    /// check runs after the bytes were read, so bytes that come from a changed file
+    /// never reach the caller.
     pub fn read_exact_at(&self, buf: &mut [u8], off: u64) -> Result<()> {
+        let r = self.read_unchecked(buf, off);
+        self.inner.check_unchanged(off)?;
+        r
+    }
+
+    fn read_unchecked(&self, buf: &mut [u8], off: u64) -> Result<()> {
         let inner = &*self.inner;
         match &inner.backing {
             Backing::Plain => inner
@@ -393,6 +478,41 @@ impl StreamReader {
 }
 
 impl Inner {
+    /// Fails if the archive changed since this reader was made (see
+    /// [`StreamReader::read_exact_at`]); the first change seen is remembered.
+    fn check_unchanged(&self, off: u64) -> Result<()> {
+        if let Some(why) = self.changed.get() {
+            return Err(self.changed_error(why.clone(), off));
+        }
+        let Some(stamp) = &self.stamp else {
+            return Ok(());
+        };
+        let why =
+            match self.archive.metadata() {
+                Err(e) => Some(format!("cannot stat the held archive: {e}")),
+                Ok(m) => stamp.change(&FileStamp::of(&m)).or_else(|| {
+                    match std::fs::metadata(&self.path) {
+                        Ok(p) if p.dev() == stamp.dev && p.ino() == stamp.ino => None,
+                        Ok(_) => {
+                            Some("replaced since it was mounted (another file has its path)".into())
+                        }
+                        Err(e) => Some(format!("replaced since it was mounted ({e})")),
+                    }
+                }),
+            };
+        match why {
+            None => Ok(()),
+            Some(why) => {
+                let why = self.changed.get_or_init(|| why).clone();
+                Err(self.changed_error(why, off))
+            }
+        }
+    }
+
+    fn changed_error(&self, why: String, off: u64) -> Error {
+        Error::archive(&self.path, None, Some(off), format!("{why}; remount it"))
+    }
+
     fn read_error(&self, off: u64, e: io::Error) -> Error {
         Error::archive(&self.path, None, Some(off), format!("read failed: {e}"))
     }

@@ -22,6 +22,8 @@ pub fn open_archive(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Resul
         Some(c) => StreamReader::with_cache_file(archive.file, archive.path, table, c),
         None => StreamReader::new(archive.file, archive.path, table, cache_bytes),
     };
+    // The index was checked against the archive as opened; refuse if it changed since.
+    stream.verify_stamp(&archive.stamp)?;
     Ok(IndexTree::new(Arc::new(index), stream))
 }
 

@@ -31,6 +31,15 @@ impl Default for BuildOptions {
 /// Reads the whole archive once and builds its index. `progress` receives the number
 /// of archive bytes consumed so far.
 pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) -> Result<Index> {
+    if archive.id.size == 0 {
+        // GNU tar refuses it too; most likely a failed download or copy.
+        return Err(Error::archive(
+            &archive.path,
+            None,
+            None,
+            "empty file (0 bytes), not a tar archive",
+        ));
+    }
     let file = archive
         .file
         .try_clone()
@@ -89,6 +98,11 @@ pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) 
 fn panicked(path: &Path) -> Error {
     Error::archive(path, None, None, "the decompression thread panicked")
 }
+
+/// Longest file name component Linux accepts.
+const NAME_MAX: usize = 255;
+/// Longest path (with its NUL) Linux accepts, so the bound of a symlink target.
+const PATH_MAX: usize = 4096;
 
 /// Why a member name cannot be used.
 #[derive(Debug, PartialEq, Eq)]
@@ -224,6 +238,14 @@ impl<'a> TreeBuilder<'a> {
             Ok(c) => c,
             Err(BadPath::DotDot) => return self.skip(&m, "its name contains '..'"),
         };
+        // What Linux cannot name (GNU tar fails on these members and goes on): FUSE would
+        // drop such a name from listings silently, or fail a readlink.
+        if comps.iter().any(|c| c.len() > NAME_MAX) {
+            return self.skip(&m, "a component of its name is longer than 255 bytes");
+        }
+        if m.kind == MemberKind::Symlink && m.link.len() >= PATH_MAX {
+            return self.skip(&m, "its symlink target is longer than 4095 bytes");
+        }
         // A hard link's target must exist before anything is created for it.
         let link_target = if m.kind == MemberKind::Hardlink {
             let target = match clean_path(&m.link) {

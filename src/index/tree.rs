@@ -397,6 +397,93 @@ impl IndexTree {
     fn rec(&self, ino: u64) -> Result<&InodeRecord> {
         self.index.inode(ino).ok_or_else(enoent)
     }
+
+    /// A path of `ino` for messages (its first name if it has several). Scans the
+    /// directories once: only used when a read failed.
+    fn path_of(&self, ino: u64) -> String {
+        let index = &*self.index;
+        let name_in = |dir: u64, target: u64| -> Option<&[u8]> {
+            let r = index.inode(dir)?;
+            let d = index
+                .children(r)
+                .iter()
+                .find(|d| u64::from(d.ino) == target)?;
+            Some(index.dirent_name(d))
+        };
+        // A file's directory is found by a scan; directories know their parent.
+        let mut parent = index
+            .inode(ino)
+            .filter(|r| r.is_dir())
+            .map(|r| u64::from(r.parent));
+        if parent.is_none() {
+            parent = index
+                .inodes
+                .iter()
+                .zip(1u64..)
+                .find(|(r, _)| index.children(r).iter().any(|d| u64::from(d.ino) == ino))
+                .map(|(_, dir)| dir);
+        }
+        let mut parts: Vec<&[u8]> = Vec::new();
+        let mut cur = ino;
+        while let Some(dir) = parent {
+            if cur == ROOT_INO || parts.len() > index.inodes.len() {
+                break;
+            }
+            let Some(name) = name_in(dir, cur) else { break };
+            parts.push(name);
+            cur = dir;
+            parent = index.inode(dir).map(|r| u64::from(r.parent));
+        }
+        if parts.is_empty() {
+            return format!("inode {ino}");
+        }
+        parts.reverse();
+        String::from_utf8_lossy(&parts.join(&b'/')).into_owned()
+    }
+
+    /// Names the entry in an archive error that does not name one yet.
+    fn with_entry(&self, ino: u64, e: Error) -> Error {
+        match e {
+            Error::Archive {
+                archive,
+                entry: None,
+                offset,
+                message,
+            } => Error::Archive {
+                archive,
+                entry: Some(self.path_of(ino)),
+                offset,
+                message,
+            },
+            e => e,
+        }
+    }
+
+    /// `len` bytes of regular file `r` from `offset` (within its size).
+    fn read_data(&self, r: &InodeRecord, offset: u64, len: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        if r.flags & crate::index::FLAG_SPARSE == 0 {
+            self.stream.read_exact_at(&mut buf, r.data + offset)?;
+            return Ok(buf);
+        }
+        // Sparse: copy the segments that overlap, holes stay zero.
+        let end = offset + len as u64;
+        let segs = self.index.file_segments(r);
+        let first = segs.partition_point(|s| s.logical + s.len <= offset);
+        for s in segs.get(first..).unwrap_or(&[]) {
+            if s.logical >= end {
+                break;
+            }
+            let from = s.logical.max(offset);
+            let to = (s.logical + s.len).min(end);
+            let dst = buf
+                .get_mut((from - offset) as usize..(to - offset) as usize)
+                .ok_or(Error::Errno(libc::EIO))?;
+            self.stream
+                .read_exact_at(dst, s.stream + (from - s.logical))?;
+        }
+        Ok(buf)
+    }
 }
 
 impl Tree for IndexTree {
@@ -515,26 +602,8 @@ impl Tree for IndexTree {
             return Ok(Vec::new());
         }
         let len = (r.size - offset).min(u64::from(size)) as usize;
-        let mut buf = vec![0u8; len];
-        if r.flags & crate::index::FLAG_SPARSE == 0 {
-            self.stream.read_exact_at(&mut buf, r.data + offset)?;
-            return Ok(buf);
-        }
-        // Sparse: copy the segments that overlap, holes stay zero.
-        let end = offset + len as u64;
-        let segs = self.index.file_segments(r);
-        let first = segs.partition_point(|s| s.logical + s.len <= offset);
-        for s in &segs[first..] {
-            if s.logical >= end {
-                break;
-            }
-            let from = s.logical.max(offset);
-            let to = (s.logical + s.len).min(end);
-            let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-            self.stream
-                .read_exact_at(dst, s.stream + (from - s.logical))?;
-        }
-        Ok(buf)
+        self.read_data(r, offset, len)
+            .map_err(|e| self.with_entry(ino, e))
     }
 
     fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64> {

@@ -192,9 +192,14 @@ impl DirScan {
                 continue;
             }
             writer.add(e).map_err(|err| match err {
-                // Name the file on disk, not just the member.
-                Error::Io { what, source, .. } => Error::Io {
-                    what,
+                // Name the file on disk, not just the member (a write error names
+                // the snapshot being written: keep it).
+                Error::Io {
+                    what: "reading",
+                    source,
+                    ..
+                } => Error::Io {
+                    what: "reading",
                     path: full.clone(),
                     source,
                 },

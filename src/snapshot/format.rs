@@ -214,16 +214,16 @@ pub fn read_embedded(archive: &Archive) -> Result<Option<Index>> {
     let Some(f) = Footer::decode(&block).map_err(&err)? else {
         return Ok(None);
     };
-    load_index(archive, &f, footer_start)
-        .map(Some)
-        .map_err(|m| err(format!("embedded index: {m}")))
+    load_index(archive, &f, footer_start).map_err(|m| err(format!("embedded index: {m}")))
 }
 
+/// The embedded index; `None` if another snapfs version wrote it (the archive is then
+/// indexed the ordinary way).
 fn load_index(
     archive: &Archive,
     f: &Footer,
     footer_start: u64,
-) -> std::result::Result<Index, String> {
+) -> std::result::Result<Option<Index>, String> {
     if f.compression != archive.compression {
         return Err(format!(
             "footer says {} but the file is {}",
@@ -292,7 +292,17 @@ fn load_index(
     if crc32fast::hash(&bytes) != f.index_crc {
         return Err("index checksum mismatch".into());
     }
-    let mut index = index_format::decode(&bytes)?;
+    let mut index = match index_format::decode(&bytes) {
+        Ok(i) => i,
+        Err(m) if m.contains("unsupported version") || m.contains("index format version") => {
+            log::info!(
+                "{}: embedded index from another snapfs version ({m}); indexing it",
+                archive.path.display()
+            );
+            return Ok(None);
+        }
+        Err(m) => return Err(m),
+    };
     // The stream described must end before the index; seek points before it too.
     if index.stream_size > f.index_offset || index.table.compression() != f.compression {
         return Err("index does not describe this file".into());
@@ -312,7 +322,7 @@ fn load_index(
         return Err("seek points lie past the index".into());
     }
     index.id = archive.id;
-    Ok(index)
+    Ok(Some(index))
 }
 
 /// Positional reads of `[pos, end)` of a file.

@@ -624,7 +624,7 @@ impl SnapshotWriter {
             self.next_write += 1;
             let out = out.map_err(|e| self.io_err(e))?;
             let start = self.starts.remove(&seq).unwrap_or(0);
-            self.record_point(start);
+            self.record_point(start, &input);
             self.emit(&out)?;
             let mut input = input;
             input.resize(self.chunk_len, 0);
@@ -635,7 +635,8 @@ impl SnapshotWriter {
         Ok(())
     }
 
-    fn record_point(&mut self, uncompressed: u64) {
+    /// Records the seek point of a chunk starting at `uncompressed` with bytes `chunk`.
+    fn record_point(&mut self, uncompressed: u64, chunk: &[u8]) {
         match self.opts.compression {
             OutputCompression::None => {}
             OutputCompression::Gzip { .. } => self.gz_points.push(GzipCheckpoint {
@@ -644,6 +645,7 @@ impl SnapshotWriter {
                 bits: 0,
                 member_start: true,
                 window: Vec::new(),
+                crcs: crate::archive::gzip::span_crcs(chunk),
             }),
             OutputCompression::Zstd { .. } => self.zs_points.push(ZstdCheckpoint {
                 uncompressed,
