@@ -13,6 +13,7 @@ mod cli;
 mod commit;
 mod create;
 mod formats;
+mod fuzz;
 mod hostile;
 mod index;
 mod layers;

@@ -595,23 +595,6 @@ fn data_bytes(index: &Index, r: &InodeRecord) -> u64 {
         .fold(0, u64::saturating_add)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An index that `validate` accepts (a hostile index file, or one embedded in a
-    /// hostile snapshot) may declare a huge stream and many files as large as it:
-    /// their block counts used to be summed with `+`, which overflowed (a panic with
-    /// overflow checks on) when the tree was created, i.e. at mount time.
-    #[test]
-    fn fs_stats_of_huge_files_saturate_instead_of_overflowing() {
-        let tree = huge_files_tree(600);
-        assert_eq!(tree.stats().blocks, u64::MAX);
-        assert_eq!(tree.stats().files, 601);
-        assert_eq!(tree.attr(2).unwrap().blocks, u64::MAX.div_ceil(4096) * 8);
-    }
-}
-
 /// A tree over an index the loader accepts: `files` regular files of `u64::MAX` bytes
 /// each in a stream of that size (a hostile index; reads of them fail).
 #[cfg(test)]
@@ -654,4 +637,21 @@ pub(crate) fn huge_files_tree(files: usize) -> IndexTree {
     let file = tempfile::tempfile().expect("tempfile");
     let stream = StreamReader::new(file, "hostile.tar".into(), index.table.clone(), 1 << 20);
     IndexTree::new(Arc::new(index), stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An index that `validate` accepts (a hostile index file, or one embedded in a
+    /// hostile snapshot) may declare a huge stream and many files as large as it:
+    /// their block counts used to be summed with `+`, which overflowed (a panic with
+    /// overflow checks on) when the tree was created, i.e. at mount time.
+    #[test]
+    fn fs_stats_of_huge_files_saturate_instead_of_overflowing() {
+        let tree = huge_files_tree(600);
+        assert_eq!(tree.stats().blocks, u64::MAX);
+        assert_eq!(tree.stats().files, 601);
+        assert_eq!(tree.attr(2).unwrap().blocks, u64::MAX.div_ceil(4096) * 8);
+    }
 }
