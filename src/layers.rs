@@ -317,7 +317,8 @@ impl Tree for LayeredTree {
             files: self.nodes.len() as u64,
         };
         for l in &self.layers {
-            s.blocks += l.stats().blocks;
+            // A layer's count saturates at u64::MAX for hostile indexes; so does the sum.
+            s.blocks = s.blocks.saturating_add(l.stats().blocks);
         }
         s
     }
@@ -390,6 +391,16 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    /// Layers whose block counts saturated (hostile indexes) must not overflow the sum.
+    #[test]
+    fn stats_of_layers_with_saturated_block_counts_do_not_overflow() {
+        let layers: Vec<Box<dyn Tree>> = (0..2)
+            .map(|_| Box::new(crate::index::tree::huge_files_tree(600)) as Box<dyn Tree>)
+            .collect();
+        let merged = LayeredTree::new(layers).unwrap();
+        assert_eq!(merged.stats().blocks, u64::MAX);
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod cache;
 pub mod cli;
 pub mod error;
 pub mod fs;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod idmap;
 pub mod index;
 pub mod layers;

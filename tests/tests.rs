@@ -15,6 +15,7 @@ mod containers;
 mod create;
 mod faults;
 mod formats;
+mod fuzz;
 mod hostile;
 mod idmap;
 mod index;

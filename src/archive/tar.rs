@@ -429,7 +429,9 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                     sparse.pax0 = true;
                 }
                 k if k.starts_with(b"SCHILY.xattr.") => {
-                    xattrs.push((k[b"SCHILY.xattr.".len()..].to_vec(), value.clone()))
+                    let name = k[b"SCHILY.xattr.".len()..].to_vec();
+                    xattrs.retain(|(n, _)| *n != name);
+                    xattrs.push((name, value.clone()))
                 }
                 k if k.starts_with(b"LIBARCHIVE.xattr.") => {
                     let name = percent_decode(&k[b"LIBARCHIVE.xattr.".len()..]);
@@ -453,6 +455,17 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                 }
                 _ => {}
             }
+        }
+        // An xattr name is a C string to the kernel: an empty one or one with a NUL
+        // cannot be listed or read back (extractors cannot set it either).
+        let before = xattrs.len();
+        xattrs.retain(|(n, _)| !n.is_empty() && !n.contains(&0));
+        if xattrs.len() != before {
+            log::warn!(
+                "{}: member {:?}: dropping xattrs with an empty name or a NUL in it",
+                self.archive.display(),
+                String::from_utf8_lossy(&path)
+            );
         }
         if let Some(name) = sparse.name.take() {
             if sparse.pax0 || sparse.major.is_some() {
@@ -982,6 +995,27 @@ mod tests {
         assert_eq!(ms[0].mode, 0o4755);
         assert_eq!(ms[0].xattrs[0], (b"user.k".to_vec(), b"v".to_vec()));
         assert_eq!(ms[0].xattrs[1], (b"user.Ab".to_vec(), b"hi".to_vec()));
+    }
+
+    /// Found by the bounded fuzz pass: an xattr name with a NUL (or an empty one)
+    /// was indexed, so `listxattr` showed names `getxattr` could not find; a name
+    /// given twice was listed twice.
+    #[test]
+    fn fuzz_xattr_names_are_c_strings_and_unique() {
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([
+            ("SCHILY.xattr.user.a\0b", b"nul".as_slice()),
+            ("SCHILY.xattr.", b"empty".as_slice()),
+            ("LIBARCHIVE.xattr.user.%00x", b"bnVs".as_slice()),
+            ("SCHILY.xattr.user.k", b"first".as_slice()),
+            ("SCHILY.xattr.user.k", b"last".as_slice()),
+        ])
+        .unwrap();
+        let mut h = Header::new_ustar();
+        h.set_size(0);
+        b.append_data(&mut h, "f", &[][..]).unwrap();
+        let ms = members(&b.into_inner().unwrap()).unwrap();
+        assert_eq!(ms[0].xattrs, vec![(b"user.k".to_vec(), b"last".to_vec())]);
     }
 
     #[test]

@@ -333,6 +333,15 @@ pub fn validate(index: &Index) -> Result<(), String> {
         ) {
             return Err(bad("xattr range out of bounds"));
         }
+        if r.xattr_count > 1 {
+            let mut seen = std::collections::HashSet::new();
+            for x in index.inode_xattrs(r) {
+                let name = index.arena(u64::from(x.name_off), u64::from(x.name_len));
+                if !seen.insert(name) {
+                    return Err(bad("xattr name given twice"));
+                }
+            }
+        }
         match r.file_type() {
             libc::S_IFDIR => {
                 if !range_ok(u64::from(r.first), u64::from(r.count), index.dirents.len()) {
@@ -424,6 +433,10 @@ pub fn validate(index: &Index) -> Result<(), String> {
         ) {
             return Err("xattr out of bounds".into());
         }
+        let name = index.arena(u64::from(x.name_off), u64::from(x.name_len));
+        if name.is_empty() || name.contains(&0) {
+            return Err("xattr name is empty or contains a NUL".into());
+        }
     }
     Ok(())
 }
@@ -469,6 +482,34 @@ mod tests {
             b[i] ^= 0x5a;
             assert!(decode(&b).is_err(), "flip at {i} accepted");
         }
+    }
+
+    /// Found by the bounded fuzz pass (a mutated index with its CRC fixed up): an
+    /// xattr name with a NUL passed `validate`, so `listxattr` listed names that
+    /// `getxattr` could not find.
+    #[test]
+    fn fuzz_validate_rejects_bad_or_repeated_xattr_names() {
+        let (_d, bytes) = sample_index();
+        let mut idx = decode(&bytes).unwrap();
+        idx.names.extend_from_slice(b"user.a\0b");
+        let name_off = (idx.names.len() - 8) as u32;
+        idx.xattrs.push(XattrRecord {
+            name_off,
+            name_len: 8,
+            value_off: 0,
+            value_len: 1,
+        });
+        idx.inodes[1].xattr_first = 0;
+        idx.inodes[1].xattr_count = 1;
+        let err = |idx: &Index| decode(&encode(idx)).err().unwrap_or_default();
+        assert!(err(&idx).contains("NUL"));
+        idx.xattrs[0].name_len = 0;
+        assert!(err(&idx).contains("empty"));
+        idx.xattrs[0].name_len = 6;
+        assert!(decode(&encode(&idx)).is_ok());
+        idx.xattrs.push(idx.xattrs[0]);
+        idx.inodes[1].xattr_count = 2;
+        assert!(err(&idx).contains("twice"));
     }
 
     #[test]

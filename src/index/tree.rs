@@ -366,6 +366,7 @@ fn enoent() -> Error {
 }
 
 /// Blocks of 512 bytes for `bytes` of data, in whole 4 KiB pages as local disks show.
+/// Sizes come from the index (hostile input): sums of these saturate.
 fn blocks_for(bytes: u64) -> u64 {
     bytes.div_ceil(4096) * 8
 }
@@ -377,7 +378,7 @@ impl IndexTree {
             .inodes
             .iter()
             .map(|r| blocks_for(data_bytes(&index, r)))
-            .sum();
+            .fold(0, u64::saturating_add);
         let stats = FsStats {
             blocks,
             files: index.inodes.len() as u64,
@@ -656,5 +657,70 @@ fn data_bytes(index: &Index, r: &InodeRecord) -> u64 {
     if r.flags & crate::index::FLAG_SPARSE == 0 {
         return r.size;
     }
-    index.file_segments(r).iter().map(|s| s.len).sum()
+    index
+        .file_segments(r)
+        .iter()
+        .map(|s| s.len)
+        .fold(0, u64::saturating_add)
+}
+
+/// A tree over an index the loader accepts: `files` regular files of `u64::MAX` bytes
+/// each in a stream of that size (a hostile index; reads of them fail).
+#[cfg(test)]
+pub(crate) fn huge_files_tree(files: usize) -> IndexTree {
+    use crate::archive::{ArchiveId, SeekTable};
+    use crate::index::format;
+
+    let mut inodes = vec![InodeRecord {
+        mode: libc::S_IFDIR | 0o755,
+        nlink: 2,
+        parent: 1,
+        ..Default::default()
+    }];
+    let huge = InodeRecord {
+        mode: libc::S_IFREG | 0o644,
+        nlink: 1,
+        size: u64::MAX,
+        ..Default::default()
+    };
+    inodes.extend(std::iter::repeat_n(huge, files));
+    let index = Index {
+        id: ArchiveId {
+            size: 0,
+            mtime_ns: 0,
+            head_crc: 0,
+            tail_crc: 0,
+        },
+        span_bytes: 0,
+        stream_size: u64::MAX,
+        table: Arc::new(SeekTable::Plain),
+        inodes,
+        dirents: Vec::new(),
+        names: Vec::new(),
+        xattrs: Vec::new(),
+        segments: Vec::new(),
+        skipped: 0,
+    };
+    // The loader accepts it, so it must be served without panicking.
+    let index = format::decode(&format::encode(&index)).expect("the loader accepts it");
+    let file = tempfile::tempfile().expect("tempfile");
+    let stream = StreamReader::new(file, "hostile.tar".into(), index.table.clone(), 1 << 20);
+    IndexTree::new(Arc::new(index), stream)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An index that `validate` accepts (a hostile index file, or one embedded in a
+    /// hostile snapshot) may declare a huge stream and many files as large as it:
+    /// their block counts used to be summed with `+`, which overflowed (a panic with
+    /// overflow checks on) when the tree was created, i.e. at mount time.
+    #[test]
+    fn fs_stats_of_huge_files_saturate_instead_of_overflowing() {
+        let tree = huge_files_tree(600);
+        assert_eq!(tree.stats().blocks, u64::MAX);
+        assert_eq!(tree.stats().files, 601);
+        assert_eq!(tree.attr(2).unwrap().blocks, u64::MAX.div_ceil(4096) * 8);
+    }
 }
