@@ -81,16 +81,27 @@ fn temp_file(bytes: &[u8]) -> std::result::Result<File, String> {
     Ok(f)
 }
 
+/// A path naming the open (unlinked) temporary file `f`, so that readers checking
+/// that their archive's path still names the held file find it unchanged.
+fn path_of(f: &File) -> PathBuf {
+    use std::os::unix::io::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
+}
+
 /// An [`Archive`] over `bytes`, as [`Archive::open`] would make it.
 fn archive_of(bytes: &[u8]) -> std::result::Result<Archive, String> {
     let file = temp_file(bytes)?;
-    let path = PathBuf::from("fuzz-input");
+    let path = path_of(&file);
     let id = ArchiveId::of(&file, &path).map_err(|e| format!("harness: {e}"))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("harness: fstat: {e}"))?;
     Ok(Archive {
         file,
         path,
         id,
         compression: Compression::detect(bytes),
+        stamp: crate::archive::FileStamp::of(&meta),
     })
 }
 
@@ -211,7 +222,7 @@ fn walk_index(index: Index, archive: &File, strict: bool, rng: &mut Rng) -> Outc
     let file = archive
         .try_clone()
         .map_err(|e| format!("harness: clone: {e}"))?;
-    let path = PathBuf::from("fuzz-input");
+    let path = path_of(archive);
     let table = index.table.clone();
     let stream = if table.max_span_len() > crate::index::store::MAX_SPAN {
         // A mount serves such a stream from a decompressed cache file instead (made
@@ -855,7 +866,8 @@ fn summary(t: &GzipSeekTable) -> Vec<(u64, u64, u8, bool, usize)> {
 /// return exactly `expect`; a read past the end must fail.
 fn check_reads(file: File, table: SeekTable, expect: &[u8], rng: &mut Rng) -> Outcome {
     let cache = 1 + rng.below(128 << 10) as u64;
-    let reader = StreamReader::new(file, PathBuf::from("fuzz-input"), Arc::new(table), cache);
+    let path = path_of(&file);
+    let reader = StreamReader::new(file, path, Arc::new(table), cache);
     let n = expect.len();
     let mut buf = Vec::new();
     for _ in 0..16 {
