@@ -455,36 +455,20 @@ fn runc_writes_into_a_writable_view_and_commit_cuts_exactly_the_change() {
 // ---------------------------------------------------------------- uid/gid mapping
 
 /// An archive with entries owned by 0:0, 1000:1000, 1000:50 and an id outside the
-/// map (70000:70000), built with python's tarfile.
+/// map (70000:70000).
 fn owned_archive(td: &TestDir) -> PathBuf {
     let p = td.join("owned.tar");
-    util::python(
-        r#"
-import io, sys, tarfile
-t = tarfile.open(sys.argv[1], 'w', format=tarfile.PAX_FORMAT)
-def add(name, uid, gid, mode, data=None):
-    i = tarfile.TarInfo(name); i.uid, i.gid, i.mode, i.mtime = uid, gid, mode, 1600000000
-    if data is None:
-        i.type = tarfile.DIRTYPE; t.addfile(i)
-    else:
-        i.size = len(data); t.addfile(i, io.BytesIO(data))
-add('.', 0, 0, 0o755)
-add('root-file', 0, 0, 0o644, b'root\n')
-add('home', 1000, 1000, 0o755)
-add('home/user-file', 1000, 50, 0o600, b'user\n')
-add('stranger', 70000, 70000, 0o644, b'x\n')
-t.close()
-"#,
-        [p.display().to_string()],
-    )
-    .assert_ok();
+    util::owned_tar(
+        &p,
+        &[
+            (".", 0, 0, 0o755, None),
+            ("root-file", 0, 0, 0o644, Some("root\n")),
+            ("home", 1000, 1000, 0o755, None),
+            ("home/user-file", 1000, 50, 0o600, Some("user\n")),
+            ("stranger", 70000, 70000, 0o644, Some("x\n")),
+        ],
+    );
     p
-}
-
-fn stat_ids(p: &Path) -> (u32, u32) {
-    use std::os::unix::fs::MetadataExt;
-    let m = fs::symlink_metadata(p).unwrap();
-    (m.uid(), m.gid())
 }
 
 /// --uid-map/--gid-map 0:100000:65536: the host sees shifted ids, a user-namespace
@@ -514,10 +498,10 @@ fn runc_userns_container_sees_archive_ids_through_the_map() {
         ],
     );
     // Host side.
-    assert_eq!(stat_ids(m.path()), (100000, 100000));
-    assert_eq!(stat_ids(&m.join("root-file")), (100000, 100000));
-    assert_eq!(stat_ids(&m.join("home/user-file")), (101000, 100050));
-    assert_eq!(stat_ids(&m.join("stranger")), (65534, 65534));
+    assert_eq!(util::owner_of(m.path()), (100000, 100000));
+    assert_eq!(util::owner_of(&m.join("root-file")), (100000, 100000));
+    assert_eq!(util::owner_of(&m.join("home/user-file")), (101000, 100050));
+    assert_eq!(util::owner_of(&m.join("stranger")), (65534, 65534));
     // Container side: root in a user namespace whose root is host uid 100000.
     let script = "cd /data; for f in . root-file home home/user-file stranger; do \
             echo \"ids $f=$(stat -c %u:%g $f)\"; done; \
@@ -552,10 +536,10 @@ fn runc_userns_container_sees_archive_ids_through_the_map() {
     assert_eq!(field(&out, "new"), Some("0:0"), "{out}");
     assert_eq!(field(&out, "chowned"), Some("1000:1000"), "{out}");
     // The host sees them shifted; the upper dir stores archive-side ids.
-    assert_eq!(stat_ids(&m.join("new-file")), (100000, 100000));
-    assert_eq!(stat_ids(&m.join("home/made")), (101000, 101000));
-    assert_eq!(stat_ids(&upper.join("tree/new-file")), (0, 0));
-    assert_eq!(stat_ids(&upper.join("tree/home/made")), (1000, 1000));
+    assert_eq!(util::owner_of(&m.join("new-file")), (100000, 100000));
+    assert_eq!(util::owner_of(&m.join("home/made")), (101000, 101000));
+    assert_eq!(util::owner_of(&upper.join("tree/new-file")), (0, 0));
+    assert_eq!(util::owner_of(&upper.join("tree/home/made")), (1000, 1000));
     m.unmount();
     // A cut of the mapped view records archive-side ids.
     util::snapfs([

@@ -5,40 +5,24 @@
 //! `containers.rs`.) ROOT ONLY (mounts, chown).
 
 use std::fs;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use crate::util::{self, sh, Mount, TestDir};
 
 fn archive(td: &TestDir) -> PathBuf {
     let p = td.join("ids.tar");
-    util::python(
-        r#"
-import io, sys, tarfile
-t = tarfile.open(sys.argv[1], 'w', format=tarfile.PAX_FORMAT)
-def add(name, uid, gid, mode, data=None):
-    i = tarfile.TarInfo(name); i.uid, i.gid, i.mode, i.mtime = uid, gid, mode, 1600000000
-    if data is None:
-        i.type = tarfile.DIRTYPE; t.addfile(i)
-    else:
-        i.size = len(data); t.addfile(i, io.BytesIO(data))
-add('.', 0, 0, 0o755)
-add('etc', 0, 0, 0o755)
-add('etc/conf', 0, 0, 0o644, b'conf\n')
-add('srv', 33, 33, 0o775)
-add('srv/page', 33, 33, 0o644, b'page\n')
-add('far', 4000000, 4000000, 0o644, b'far\n')
-t.close()
-"#,
-        [p.display().to_string()],
-    )
-    .assert_ok();
+    util::owned_tar(
+        &p,
+        &[
+            (".", 0, 0, 0o755, None),
+            ("etc", 0, 0, 0o755, None),
+            ("etc/conf", 0, 0, 0o644, Some("conf\n")),
+            ("srv", 33, 33, 0o775, None),
+            ("srv/page", 33, 33, 0o644, Some("page\n")),
+            ("far", 4000000, 4000000, 0o644, Some("far\n")),
+        ],
+    );
     p
-}
-
-fn ids(p: &Path) -> (u32, u32) {
-    let m = fs::symlink_metadata(p).unwrap();
-    (m.uid(), m.gid())
 }
 
 fn errno_of(r: std::io::Result<()>) -> Option<i32> {
@@ -76,9 +60,9 @@ fn uid_map_shifts_ids_and_keeps_archive_ids_in_upper_and_cut() {
             &upper_s,
         ],
     );
-    assert_eq!(ids(&m.join("etc/conf")), (100000, 200000));
-    assert_eq!(ids(&m.join("srv/page")), (100033, 200033));
-    assert_eq!(ids(&m.join("far")), (65534, 65534));
+    assert_eq!(util::owner_of(&m.join("etc/conf")), (100000, 200000));
+    assert_eq!(util::owner_of(&m.join("srv/page")), (100033, 200033));
+    assert_eq!(util::owner_of(&m.join("far")), (65534, 65534));
     // Host root (uid 0) is not in the map: it may not create entries.
     let e = fs::write(m.join("new-by-root"), "x");
     assert_eq!(
@@ -88,8 +72,8 @@ fn uid_map_shifts_ids_and_keeps_archive_ids_in_upper_and_cut() {
     );
     // chown to mapped ids is stored archive-side; to unmapped ones refused.
     chown(&m.join("etc/conf"), 101234, 300005).unwrap();
-    assert_eq!(ids(&m.join("etc/conf")), (101234, 300005));
-    assert_eq!(ids(&upper.join("tree/etc/conf")), (1234, 1005));
+    assert_eq!(util::owner_of(&m.join("etc/conf")), (101234, 300005));
+    assert_eq!(util::owner_of(&upper.join("tree/etc/conf")), (1234, 1005));
     assert_eq!(
         errno_of(chown(&m.join("srv/page"), 7, 200000)),
         Some(libc::EINVAL)
@@ -98,7 +82,7 @@ fn uid_map_shifts_ids_and_keeps_archive_ids_in_upper_and_cut() {
         errno_of(chown(&m.join("srv/page"), 100000, 250000)),
         Some(libc::EINVAL)
     );
-    assert_eq!(ids(&m.join("srv/page")), (100033, 200033));
+    assert_eq!(util::owner_of(&m.join("srv/page")), (100033, 200033));
     // A mapped user creates entries: recorded with archive ids.
     let r = util::run(
         std::process::Command::new("setpriv")
@@ -107,9 +91,9 @@ fn uid_map_shifts_ids_and_keeps_archive_ids_in_upper_and_cut() {
             .current_dir(m.path()),
     );
     assert!(r.ok(), "mapped user could not write: {}", r.stderr_str());
-    assert_eq!(ids(&m.join("srv/made")), (100033, 200033));
-    assert_eq!(ids(&upper.join("tree/srv/made")), (33, 33));
-    assert_eq!(ids(&upper.join("tree/srv/dir")), (33, 33));
+    assert_eq!(util::owner_of(&m.join("srv/made")), (100033, 200033));
+    assert_eq!(util::owner_of(&upper.join("tree/srv/made")), (33, 33));
+    assert_eq!(util::owner_of(&upper.join("tree/srv/dir")), (33, 33));
     m.unmount();
     let delta = td.join("delta.tar");
     util::snapfs([
@@ -136,8 +120,8 @@ fn uid_map_shifts_ids_and_keeps_archive_ids_in_upper_and_cut() {
     assert_eq!(owner("srv/dir").as_deref(), Some("33/33"), "{listing}");
     // Remounted unmapped, the view shows the archive-side ids too.
     let m = Mount::with_args(&tar, &td.join("mnt2"), &["--upper", &upper_s]);
-    assert_eq!(ids(&m.join("etc/conf")), (1234, 1005));
-    assert_eq!(ids(&m.join("srv/made")), (33, 33));
+    assert_eq!(util::owner_of(&m.join("etc/conf")), (1234, 1005));
+    assert_eq!(util::owner_of(&m.join("srv/made")), (33, 33));
 }
 
 /// `--owner U:G` shows every entry as U:G; new entries take their parent's archive
@@ -154,13 +138,13 @@ fn owner_presents_one_owner_and_keeps_archive_ids() {
         &["--owner", "4321:8765", "--upper", &upper_s],
     );
     for p in ["", "etc", "etc/conf", "srv/page", "far"] {
-        assert_eq!(ids(&m.join(p)), (4321, 8765), "{p}");
+        assert_eq!(util::owner_of(&m.join(p)), (4321, 8765), "{p}");
     }
     fs::write(m.join("srv/new"), "new\n").unwrap();
-    assert_eq!(ids(&m.join("srv/new")), (4321, 8765));
-    assert_eq!(ids(&upper.join("tree/srv/new")), (33, 33));
+    assert_eq!(util::owner_of(&m.join("srv/new")), (4321, 8765));
+    assert_eq!(util::owner_of(&upper.join("tree/srv/new")), (33, 33));
     chown(&m.join("srv/page"), 4321, 8765).unwrap();
-    assert_eq!(ids(&upper.join("tree/srv/page")), (33, 33));
+    assert_eq!(util::owner_of(&upper.join("tree/srv/page")), (33, 33));
     assert_eq!(
         errno_of(chown(&m.join("etc/conf"), 0, 0)),
         Some(libc::EPERM)

@@ -175,6 +175,43 @@ where
     run_ok(Command::new("python3").arg("-c").arg(script).args(args))
 }
 
+/// An entry of [`owned_tar`]: name, uid, gid, mode, and content (`None`: a directory).
+pub type OwnedEntry<'a> = (&'a str, u32, u32, u32, Option<&'a str>);
+
+/// Writes a PAX tar at `path` (python's tarfile) with entries of the given owners and
+/// modes, all with mtime 1600000000.
+pub fn owned_tar(path: &Path, entries: &[OwnedEntry]) {
+    let list: Vec<String> = entries
+        .iter()
+        .map(|(name, uid, gid, mode, data)| match data {
+            Some(d) => format!("[{name:?}, {uid}, {gid}, {mode}, {d:?}]"),
+            None => format!("[{name:?}, {uid}, {gid}, {mode}, null]"),
+        })
+        .collect();
+    python(
+        r#"
+import io, json, sys, tarfile
+t = tarfile.open(sys.argv[1], 'w', format=tarfile.PAX_FORMAT)
+for name, uid, gid, mode, data in json.loads(sys.argv[2]):
+    i = tarfile.TarInfo(name); i.uid, i.gid, i.mode, i.mtime = uid, gid, mode, 1600000000
+    if data is None:
+        i.type = tarfile.DIRTYPE; t.addfile(i)
+    else:
+        b = data.encode(); i.size = len(b); t.addfile(i, io.BytesIO(b))
+t.close()
+"#,
+        [path.display().to_string(), format!("[{}]", list.join(", "))],
+    )
+    .assert_ok();
+}
+
+/// (uid, gid) of `p` itself (a symlink is not followed).
+pub fn owner_of(p: &Path) -> (u32, u32) {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.uid(), m.gid())
+}
+
 /// `snapfs <args>`.
 pub fn snapfs<I, S>(args: I) -> Run
 where
