@@ -17,7 +17,7 @@
 #   REPS=3             repetitions of every timing (median reported); cold mounts run once
 #   READ_REPS=1        repetitions of the read-every-file timings (1 and 8 processes)
 #   TMO=60             cap (s) of one timed step; a step over it is reported as ">TMO"
-#   READ_TMO=45        cap (s) of one read-every-file step; a capped step reports the
+#   READ_TMO=30        cap (s) of one read-every-file step; a capped step reports the
 #                      rate of the bytes it read
 #   LAYERS=50          layers in the stacking test; LAYER_FILES=200 files per layer
 #   WORK=dir KEEP=1    work dir (default: mktemp under /var/tmp, removed at exit)
@@ -35,7 +35,7 @@ RUNTIME=${RUNTIME:-5}
 REPS=${REPS:-3}
 READ_REPS=${READ_REPS:-1}
 TMO=${TMO:-60}
-READ_TMO=${READ_TMO:-45}
+READ_TMO=${READ_TMO:-30}
 LAYERS=${LAYERS:-50}
 LAYER_FILES=${LAYER_FILES:-200}
 KEEP=${KEEP:-0}

@@ -42,9 +42,10 @@ pub struct MountArgs {
     /// nosuid,nodev unless suid/dev is given; default_permissions is always on.
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
     options: Vec<String>,
-    /// Cap of the decompressed-span cache.
-    #[arg(long, value_parser = super::parse_size, default_value = "256M")]
-    cache_size: u64,
+    /// Memory for decompressed data: the span cache and the daemon's buffers
+    /// [default: 1/16 of RAM, at least 256M, at most 1G].
+    #[arg(long, value_parser = super::parse_size)]
+    cache_size: Option<u64>,
     /// Uncompressed bytes between seek points when an index has to be built.
     #[arg(long, value_parser = super::parse_size, default_value = "4M")]
     span: u64,
@@ -228,7 +229,7 @@ fn fold_options(args: &mut MountArgs) -> Result<()> {
         };
         match key.replace('-', "_").as_str() {
             "upper" => args.upper = Some(PathBuf::from(need(value)?)),
-            "cache_size" => args.cache_size = size(value)?,
+            "cache_size" => args.cache_size = Some(size(value)?),
             "span" => args.span = size(value)?,
             "threads" => {
                 args.threads = need(value)?.parse().map_err(|_| {
@@ -282,7 +283,7 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
         .arg("--ready-fd")
         .arg(write_end.as_raw_fd().to_string())
         .arg("--cache-size")
-        .arg(args.cache_size.to_string())
+        .arg(cache_bytes(args).to_string())
         .arg("--span")
         .arg(args.span.to_string())
         .arg("--threads")
@@ -500,7 +501,7 @@ fn setup(
     let opts = BuildOptions {
         span_bytes: args.span.max(64 << 10),
     };
-    let tree = super::view::open_stack(archives, &opts, args.cache_size)?;
+    let tree = super::view::open_stack(archives, &opts, cache_bytes(args))?;
     let tree = match &args.upper {
         Some(dir) => DynTree(Box::new(UpperTree::new(tree, dir)?)),
         None => DynTree(tree),
@@ -513,6 +514,27 @@ fn setup(
     };
     let config = mount_config(args, archives);
     super::session::mount(SnapFs::new(tree), mountpoint, &config)
+}
+
+/// `--cache-size`, or by default 1/16 of the machine's RAM within 256 MiB..1 GiB: a
+/// small-file archive read in path order (not archive order) touches every span again
+/// and again, and runs at the speed of the cache holding its stream or not.
+fn cache_bytes(args: &MountArgs) -> u64 {
+    const MIN: u64 = 256 << 20;
+    const MAX: u64 = 1 << 30;
+    args.cache_size.unwrap_or_else(|| {
+        // SAFETY: sysconf only reads system configuration.
+        let (pages, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let ram = u64::try_from(pages)
+            .unwrap_or(0)
+            .saturating_mul(u64::try_from(page).unwrap_or(0));
+        (ram / 16).clamp(MIN, MAX)
+    })
 }
 
 const SIGNALS: [i32; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -583,7 +605,7 @@ mod tests {
         assert_eq!(a.uid_map, vec!["0:100000:65536", "70000:5:1"]);
         assert_eq!(a.gid_map, vec!["0:1:1"]);
         assert_eq!(a.owner, None);
-        assert_eq!(a.cache_size, 64 << 20);
+        assert_eq!(a.cache_size, Some(64 << 20));
         assert_eq!(a.threads, 3);
         assert_eq!(a.pid_file, Some(PathBuf::from("/run/p")));
         assert_eq!(a.log_file, Some(PathBuf::from("/var/log/l")));
