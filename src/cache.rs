@@ -167,9 +167,15 @@ impl SpanCache {
     }
 
     /// Bytes the cached spans may use next to the current decodes and spare buffers.
+    /// While the machine is short of memory the cap shrinks to an eighth.
     fn room(&self, st: &State) -> u64 {
+        let cap = if memory::is_short() {
+            self.cap / 8
+        } else {
+            self.cap
+        };
         let aside = (st.decoding.len() + st.spare.len()) as u64;
-        self.cap.saturating_sub(self.reserve.saturating_mul(aside))
+        cap.saturating_sub(self.reserve.saturating_mul(aside))
     }
 
     /// Whether `key` is cached or being decoded (does not touch its recency).
@@ -214,6 +220,65 @@ pub fn return_freed_buffers_to_kernel() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, (1 << 20) + (64 << 10));
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Whether the machine is short of memory (`MemAvailable` under a tenth of
+/// `MemTotal` in `/proc/meminfo`), looked up at most once a second. Many mounts with
+/// large caches then give memory back instead of pushing the machine into reclaim.
+mod memory {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    static CHECKED_AT: AtomicU64 = AtomicU64::new(0);
+    static SHORT: AtomicBool = AtomicBool::new(false);
+
+    pub fn is_short() -> bool {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = CHECKED_AT.load(Ordering::Relaxed);
+        if now != last
+            && CHECKED_AT
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            if let Ok(text) = std::fs::read_to_string("/proc/meminfo") {
+                let short = short_of(&text);
+                if short != SHORT.swap(short, Ordering::Relaxed) {
+                    log::info!(
+                        "memory {}: span cache {}",
+                        if short { "is short" } else { "recovered" },
+                        if short {
+                            "shrinks to 1/8 of its cap"
+                        } else {
+                            "back to its cap"
+                        }
+                    );
+                }
+            }
+        }
+        SHORT.load(Ordering::Relaxed)
+    }
+
+    /// `MemAvailable < MemTotal / 10` in a `/proc/meminfo` text.
+    pub fn short_of(meminfo: &str) -> bool {
+        let field = |name: &str| {
+            meminfo
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        };
+        match (field("MemTotal:"), field("MemAvailable:")) {
+            (Some(total), Some(avail)) => avail < total / 10,
+            _ => false,
+        }
     }
 }
 
@@ -300,6 +365,16 @@ mod tests {
         assert_eq!(run(Insert::Recent), 240);
         let probation = run(Insert::Probation);
         assert!(probation < 150, "{probation} decodes");
+    }
+
+    #[test]
+    fn memory_is_short_under_a_tenth_available() {
+        let info = |avail| {
+            format!("MemTotal:       24000000 kB\nMemFree: 1 kB\nMemAvailable:   {avail} kB\n")
+        };
+        assert!(memory::short_of(&info(2_000_000)));
+        assert!(!memory::short_of(&info(3_000_000)));
+        assert!(!memory::short_of("garbage"));
     }
 
     #[test]
