@@ -433,8 +433,8 @@ impl StreamReader {
                 .map_err(|e| inner.read_error(off, e)),
             Backing::Spans(cache) => {
                 let last = inner.read_spans(cache, buf, off)?;
-                // Reading the second half of a span: get the next one ready.
                 if let Some((span, within, len)) = last {
+                    // Reading the second half of a span: get the next one ready.
                     if within * 2 >= len {
                         for next in span + 1..=span + PREFETCH_SPANS {
                             if next < inner.table.span_count() && !cache.contains(next) {
@@ -553,6 +553,11 @@ impl Inner {
             }
             let n = avail.min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&data[within..within + n]);
+            drop(data);
+            // Read to its end: the kernel keeps these bytes as the file's pages.
+            if within + n == span_len {
+                cache.retire(span);
+            }
             done += n;
             off += n as u64;
             last = Some((span, within + n, span_len));
