@@ -34,6 +34,12 @@ pub const MAX_READ: u32 = 1 << 20;
 /// normal use; it only ever turns one lookup into EIO.
 pub const PANIC_HOOK_ENV: &str = "SNAPFS_TEST_PANIC_ON_LOOKUP";
 
+/// Test hook: milliseconds the filesystem waits, when the session ends, before it
+/// lets go of its tree (and with it an upper dir's lock and the cache). The
+/// integration tests use it to make a slow daemon exit reproducible. Unset in normal
+/// use.
+pub const EXIT_DELAY_HOOK_ENV: &str = "SNAPFS_TEST_EXIT_DELAY_MS";
+
 /// A FUSE filesystem serving one [`Tree`].
 pub struct SnapFs<T> {
     tree: T,
@@ -219,6 +225,15 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
             .set_max_write(MAX_READ)
             .or_else(|max| config.set_max_write(max));
         Ok(())
+    }
+
+    fn destroy(&mut self) {
+        if let Some(ms) = std::env::var(EXIT_DELAY_HOOK_ENV)
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

@@ -501,6 +501,26 @@ fn lock(m: &Mutex<UpperFile>) -> MutexGuard<'_, UpperFile> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How long opening an upper dir waits for another holder to let go: a daemon whose
+/// view was just unmounted with plain `umount` still holds the lock for a moment
+/// while it exits.
+const UPPER_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Takes an exclusive flock on `f`, retrying for up to `patience`.
+fn lock_exclusive(f: &File, patience: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + patience;
+    loop {
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A read-only tree made writable by an upper directory (see the module doc).
 pub struct UpperTree {
     lower: Box<dyn Tree>,
@@ -524,8 +544,7 @@ impl UpperTree {
             .truncate(false)
             .open(&fpath)
             .map_err(ioerr("cannot open", &fpath))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lockf.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if !lock_exclusive(&lockf, UPPER_LOCK_PATIENCE) {
             return Err(Error::Usage(format!(
                 "upper dir {} is in use by another snapfs mount",
                 dir.display()

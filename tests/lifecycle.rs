@@ -441,3 +441,61 @@ fn umount_lazy_detaches_a_busy_mount() {
     );
     m.unmount();
 }
+
+/// `snapfs umount` returns only once the daemon has exited, so the upper dir is free
+/// at once: `umount && commit` and `umount && mount` with the same upper never race
+/// the exiting daemon (CI once failed on exactly that). The daemon is made slow to
+/// exit (test hook: 700 ms after its mount is gone) so the race is certain. Plain
+/// `umount(8)` returns before the daemon exits; opening the upper dir then waits for
+/// the lock. ROOT ONLY.
+#[test]
+fn umount_waits_for_the_daemon_so_upper_is_free_at_once() {
+    let td = TestDir::new("umount-wait");
+    let (base, _) = small_layers(&td);
+    let upper = td.join("upper");
+    let upper_s = upper.display().to_string();
+    for round in 0..4 {
+        let mut fg = util::FgMount::start(
+            &base,
+            &td.join("mnt"),
+            &["--upper", &upper_s],
+            &[("SNAPFS_TEST_EXIT_DELAY_MS", "700")],
+        );
+        fs::write(fg.join(format!("round-{round}")), format!("{round}\n")).unwrap();
+        let m = fg.mount.take().expect("mounted");
+        if round % 2 == 1 {
+            // umount(8) does not wait for the daemon.
+            sh(td.path(), &format!("umount '{}'", m.path().display())).assert_ok();
+            drop(m);
+            assert!(
+                fg.alive(),
+                "round {round}: the exit delay hook did not apply"
+            );
+        } else {
+            m.unmount();
+            assert!(
+                !fg.alive(),
+                "round {round}: daemon still running when snapfs umount returned"
+            );
+        }
+        let delta = td.join(format!("delta-{round}.tar"));
+        util::snapfs([
+            "commit",
+            &base.display().to_string(),
+            "--upper",
+            &upper_s,
+            "-o",
+            &delta.display().to_string(),
+        ])
+        .assert_ok();
+        let listing = sh(td.path(), &format!("tar -tf '{}'", delta.display()))
+            .assert_ok()
+            .stdout_str();
+        for r in 0..=round {
+            assert!(
+                listing.lines().any(|l| l == format!("round-{r}")),
+                "round {round}: round-{r} missing from the delta: {listing}"
+            );
+        }
+    }
+}

@@ -1,9 +1,14 @@
-//! `snapfs umount`: unmount a snapfs mount, including a stale one whose daemon died.
+//! `snapfs umount`: unmount a snapfs mount, including a stale one whose daemon died,
+//! and wait until the daemon behind it has exited, so that its upper dir is released
+//! and `snapfs umount X && snapfs commit ...` never races the exiting daemon.
 
 use std::ffi::CString;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
 
 use clap::Args;
 
@@ -14,9 +19,13 @@ use crate::error::{Error, Result};
 pub struct UmountArgs {
     /// The mountpoint.
     mountpoint: PathBuf,
-    /// Detach even if busy (lazy unmount).
+    /// Detach even if busy (lazy unmount). Does not wait for the daemon, which
+    /// serves open files until they are closed.
     #[arg(short, long)]
     lazy: bool,
+    /// How long to wait for the daemon to exit after the unmount (seconds).
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    wait: u64,
 }
 
 /// Runs `snapfs umount`.
@@ -31,14 +40,83 @@ pub fn run(args: UmountArgs) -> Result<ExitCode> {
     };
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| Error::Usage(format!("invalid mountpoint {}", path.display())))?;
+    // Taken before the unmount: afterwards the daemon's mount is gone and a reused
+    // pid could not be told apart. A pidfd keeps naming the same process.
+    let daemons = if args.lazy {
+        Vec::new()
+    } else {
+        daemon_pidfds(&path)
+    };
     let flags = if args.lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: `c` is a valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
-        return Ok(ExitCode::SUCCESS);
+    let unmounted = if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        unmount_error(&path, args.lazy, std::io::Error::last_os_error())
+    };
+    if unmounted.is_ok() {
+        wait_for_exit(&path, daemons, Duration::from_secs(args.wait));
     }
-    let err = std::io::Error::last_os_error();
+    unmounted
+}
+
+/// The daemons serving `path`, as pidfds. The daemon's command line carries the
+/// canonical mountpoint; `path` is tried as given and with its parent canonicalized
+/// (the mountpoint itself is not resolved: that could block on a hung mount).
+fn daemon_pidfds(path: &Path) -> Vec<(u32, OwnedFd)> {
+    let mut pids = super::list::daemon_pids(path);
+    if pids.is_empty() {
+        if let (Some(parent), Some(name)) = (path.parent(), path.file_name()) {
+            if let Ok(p) = parent.canonicalize() {
+                pids = super::list::daemon_pids(&p.join(name));
+            }
+        }
+    }
+    pids.into_iter()
+        .filter_map(|pid| {
+            // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+            // SAFETY: a non-negative return is a fresh fd that nothing else owns.
+            (fd >= 0).then(|| (pid, unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+        })
+        .collect()
+}
+
+/// Waits until every process in `daemons` has exited (a pidfd polls readable then),
+/// for at most `limit`; warns about any still running.
+fn wait_for_exit(path: &Path, daemons: Vec<(u32, OwnedFd)>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    for (pid, fd) in daemons {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one valid pollfd.
+        let rc = loop {
+            let rc = unsafe { libc::poll(&mut p, 1, ms) };
+            if rc >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                break rc;
+            }
+        };
+        if rc == 0 {
+            eprintln!(
+                "snapfs: {} is unmounted, but its daemon (pid {pid}) is still running after {} s",
+                path.display(),
+                limit.as_secs()
+            );
+        }
+    }
+}
+
+/// Maps a failed umount2(2) to a readable error, or unmounts through fusermount
+/// when the kernel refused because we are not root.
+fn unmount_error(path: &Path, lazy: bool, err: std::io::Error) -> Result<ExitCode> {
+    let path = path.to_path_buf();
     match err.raw_os_error() {
-        Some(libc::EPERM) => fusermount(&path, args.lazy),
+        Some(libc::EPERM) => fusermount(&path, lazy),
         Some(libc::EBUSY) => Err(Error::Usage(format!(
             "{} is busy (files open or a process inside it); close them or use --lazy",
             path.display()
