@@ -187,6 +187,7 @@ fn archive_case(data: &[u8]) -> Outcome {
 /// without panics or loops, and encodes to an index that is accepted again.
 pub fn index_loader(data: &[u8]) -> Outcome {
     let _ = format::peek(data);
+    let _ = format::peek_prefix(data);
     load_and_walk(data)?;
     // Recompute the trailing CRC-32 so that mutated records reach `validate`.
     if data.len() >= 4 {

@@ -124,7 +124,8 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     };
     for path in archives {
         let archive = Archive::open(path)?;
-        if store::find_current(&archive).is_some() {
+        if let Some(index) = store::find_current(&archive) {
+            store::prefetch(&index);
             continue;
         }
         if crate::snapshot::read_embedded(&archive)?.is_some() {

@@ -167,24 +167,50 @@ fn open_header(bytes: &[u8]) -> Result<(Header, Cursor<'_>), String> {
     if bytes.len() < HEADER_BYTES + 4 {
         return Err("index file is truncated".into());
     }
-    if &bytes[..8] != MAGIC {
-        return Err("not a snapfs index (bad magic)".into());
-    }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
     let mut c = Cursor {
         bytes: body,
-        pos: 8,
+        pos: 0,
     };
+    check_magic_and_version(&mut c)?;
+    if crc32fast::hash(body) != stored {
+        return Err("index checksum mismatch (corrupt file)".into());
+    }
+    let header = header_fields(&mut c)?;
+    Ok((header, c))
+}
+
+/// The number of leading bytes [`peek_prefix`] needs.
+pub const PREFIX_BYTES: usize = HEADER_BYTES;
+
+/// Reads magic, version, archive identity and span from the first [`PREFIX_BYTES`] of
+/// an index file, without the checksum: a cheap answer to "was this index built for
+/// this archive?". Only [`decode`] makes an index trusted.
+pub fn peek_prefix(prefix: &[u8]) -> Result<Header, String> {
+    let mut c = Cursor {
+        bytes: prefix,
+        pos: 0,
+    };
+    check_magic_and_version(&mut c)?;
+    header_fields(&mut c)
+}
+
+fn check_magic_and_version(c: &mut Cursor<'_>) -> Result<(), String> {
+    if c.take(8).ok() != Some(&MAGIC[..]) {
+        return Err("not a snapfs index (bad magic)".into());
+    }
     let version = c.u32()?;
     if version != VERSION {
         return Err(format!(
             "index format version {version}, this snapfs reads {VERSION}"
         ));
     }
-    if crc32fast::hash(body) != stored {
-        return Err("index checksum mismatch (corrupt file)".into());
-    }
+    Ok(())
+}
+
+/// Flags, archive identity and span, after magic and version.
+fn header_fields(c: &mut Cursor<'_>) -> Result<Header, String> {
     let _flags = c.u32()?;
     let id = ArchiveId {
         size: c.u64()?,
@@ -193,7 +219,7 @@ fn open_header(bytes: &[u8]) -> Result<(Header, Cursor<'_>), String> {
         tail_crc: c.u32()?,
     };
     let span_bytes = c.u64()?;
-    Ok((Header { id, span_bytes }, c))
+    Ok(Header { id, span_bytes })
 }
 
 /// Parses and validates an index file. Nothing in `bytes` is trusted.
