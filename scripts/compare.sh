@@ -7,7 +7,7 @@
 # ratarmount (pip), archivemount, squashfuse, squashfs-tools, gnuplot-nox (apt-get) if
 # missing and skips a tool with a note when that fails.
 #
-#   bash scripts/compare.sh                   # full run: ~17 min on 2 cores with TMO=60 (see docs/BENCHMARKS.md)
+#   bash scripts/compare.sh                   # full run: under 15 min on 2 cores (see docs/BENCHMARKS.md)
 #   BIG_MB=64 SMALL_FILES=2000 RUNTIME=2 REPS=1 LAYERS=5 bash scripts/compare.sh   # smoke
 #
 # Knobs (environment):
@@ -17,8 +17,10 @@
 #   REPS=3             repetitions of every timing (median reported); cold mounts run once
 #   READ_REPS=1        repetitions of the read-every-file timings (1 and 8 processes)
 #   TMO=60             cap (s) of one timed step; a step over it is reported as ">TMO"
-#   READ_TMO=30        cap (s) of one read-every-file step; a capped step reports the
+#   READ_TMO=20        cap (s) of one read-every-file step; a capped step reports the
 #                      rate of the bytes it read
+#   SLOW=8             a timing whose first run takes longer than this (s) is not
+#                      repeated (noted in the report)
 #   LAYERS=50          layers in the stacking test; LAYER_FILES=200 files per layer
 #   WORK=dir KEEP=1    work dir (default: mktemp under /var/tmp, removed at exit)
 #   OUT=file.md        also write the report there; SVG=file.svg chart path
@@ -35,7 +37,8 @@ RUNTIME=${RUNTIME:-5}
 REPS=${REPS:-3}
 READ_REPS=${READ_REPS:-1}
 TMO=${TMO:-60}
-READ_TMO=${READ_TMO:-30}
+READ_TMO=${READ_TMO:-20}
+SLOW=${SLOW:-8}
 LAYERS=${LAYERS:-50}
 LAYER_FILES=${LAYER_FILES:-200}
 KEEP=${KEEP:-0}
@@ -179,7 +182,10 @@ tstep() {
     elif ((rc == 124 || rc == 137)); then echo ">$TMO"
     else note "$key: '$*' failed ($rc): $(tail -n 1 "$W/tstep.err")"; echo err; fi
 }
-# reps KEY CMD...: REPS runs of tstep, median recorded; stops at the first non-number.
+# slow V: whether a time V (s) is over SLOW, i.e. not worth repeating.
+slow() { awk -v v="$1" -v s="$SLOW" 'BEGIN { exit !(v > s) }'; }
+# reps KEY CMD...: REPS runs of tstep, median recorded; stops at the first non-number,
+# and after the first run when that took over SLOW s (noted).
 reps() {
     local key=$1 i v times=()
     shift
@@ -187,6 +193,10 @@ reps() {
         v=$(tstep "$key" "$@")
         [[ $v =~ ^[0-9.]+$ ]] || { rec "$key" "$v"; return; }
         times+=("$v")
+        if ((i == 0 && REPS > 1)) && slow "$v"; then
+            note "$key: ran once (${v} s > SLOW=${SLOW} s)"
+            break
+        fi
     done
     rec "$key" "$(median "${times[@]}")"
 }
@@ -267,6 +277,10 @@ for t in "${TOOLS[@]}"; do
         down "$t" "$m"
         [[ $v =~ ^[0-9.]+$ ]] || { ok=0; rec "mount.warm.$t" "$v"; break; }
         times+=("$v")
+        if ((i == 0 && REPS > 1)) && slow "$v"; then
+            note "mount.warm.$t: ran once (${v} s > SLOW=${SLOW} s)"
+            break
+        fi
     done
     ((ok)) && rec "mount.warm.$t" "$(median "${times[@]}")"
 done
@@ -453,7 +467,7 @@ p(f"{env['HOST']}; snapfs {env['REV']}; {env['VERS']}.")
 p("")
 p(f"Corpora: {env['BIG_MB']} MiB semi-compressible file (tar {num('size.big.tar')/2**20:.0f} MiB, tar.gz {num('size.big.tar.gz')/2**20:.0f} MiB, "
   f"tar.zst {num('size.big.tar.zst')/2**20:.0f} MiB); {env['SMALL_FILES']} small files, {small_mb:.0f} MB in {int(num('small.entries'))} entries "
-  f"(tar {num('size.small.tar')/2**20:.0f} MiB, tar.gz {num('size.small.tar.gz')/2**20:.0f} MiB). Medians of {env['REPS']} runs (read-every-file rows: {env['READ_REPS']}; cold mounts: 1 run); "
+  f"(tar {num('size.small.tar')/2**20:.0f} MiB, tar.gz {num('size.small.tar.gz')/2**20:.0f} MiB). Medians of {env['REPS']} runs (read-every-file rows: {env['READ_REPS']}; cold mounts: 1 run; a timing whose first run took over {env['SLOW']} s: 1 run); "
   f"page caches dropped before every timed step; fio {env['RUNTIME']} s per run, each on a fresh mount; "
   f"steps capped at {env['TMO']} s, read-every-file steps at {env['READ_TMO']} s, reported as bytes read / elapsed (\">N\" = still running at the cap).")
 p("")
@@ -527,7 +541,7 @@ if notes:
 print("\n".join(out))
 EOF
 python3 "$W/report.py" "$W" BIG_MB="$BIG_MB" SMALL_FILES="$SMALL_FILES" RUNTIME="$RUNTIME" \
-    REPS="$REPS" READ_REPS="$READ_REPS" TMO="$TMO" READ_TMO="$READ_TMO" LAYERS="$LAYERS" LAYER_FILES="$LAYER_FILES" REV="$REV" VERS="$VERS" HOST="$HOST" >"$W/report.md"
+    REPS="$REPS" READ_REPS="$READ_REPS" TMO="$TMO" READ_TMO="$READ_TMO" SLOW="$SLOW" LAYERS="$LAYERS" LAYER_FILES="$LAYER_FILES" REV="$REV" VERS="$VERS" HOST="$HOST" >"$W/report.md"
 if ((HAVE_PLOT)) && [[ -s $W/chart.dat ]]; then
     [[ -n $SVG ]] || SVG=$W/benchmarks.svg
     gnuplot -e "datafile='$W/chart.dat'; outfile='$SVG'" "$REPO/scripts/plot.gnuplot" 2>"$W/gnuplot.err" || note "gnuplot failed: $(tail -n 1 "$W/gnuplot.err")"
