@@ -3,7 +3,7 @@
 //! size and are reused after eviction, so the daemon's resident memory follows the
 //! cap: cached, spare and in-flight buffers are all counted against it.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 
 use lru::LruCache;
@@ -19,7 +19,15 @@ struct State {
     spare: Vec<Vec<u8>>,
     /// Probationary insertions so far (every `PROBATION_KEEP`th goes in as recent).
     probation_inserts: u64,
+    /// Spans asked for ahead of a reader and not yet started.
+    queued: HashSet<usize>,
+    /// The spans most recently read to their end (at most `RETIRED_KEPT`): a prefetch
+    /// of one of them arrived too late and is dropped rather than decoded again.
+    retired: VecDeque<usize>,
 }
+
+/// Retired spans remembered so that late prefetches of them are dropped.
+const RETIRED_KEPT: usize = 32;
 
 /// One in this many probationary spans is inserted as most recently used.
 const PROBATION_KEEP: u64 = 32;
@@ -60,6 +68,8 @@ impl SpanCache {
                 decoding: HashSet::new(),
                 spare: Vec::new(),
                 probation_inserts: 0,
+                queued: HashSet::new(),
+                retired: VecDeque::new(),
             }),
             decoded: Condvar::new(),
         }
@@ -105,6 +115,8 @@ impl SpanCache {
             st = self.decoded.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         st.decoding.insert(key);
+        // Read again after it was retired: a later prefetch of it is wanted again.
+        st.retired.retain(|&k| k != key);
         // Make room for the buffer about to be filled.
         while st.bytes > self.room(&st) {
             let Some((_, old)) = st.lru.pop_lru() else {
@@ -162,6 +174,30 @@ impl SpanCache {
             st.bytes -= old.capacity() as u64;
             self.recycle(&mut st, old);
         }
+        if !st.retired.contains(&key) {
+            if st.retired.len() == RETIRED_KEPT {
+                st.retired.pop_front();
+            }
+            st.retired.push_back(key);
+        }
+    }
+
+    /// Marks `key` as asked for ahead of a reader. False (nothing to do) if it is
+    /// cached, being decoded or already asked for: a reader asks on every read.
+    pub fn queue_prefetch(&self, key: usize) -> bool {
+        let mut st = self.lock();
+        if st.lru.contains(&key) || st.decoding.contains(&key) {
+            return false;
+        }
+        st.queued.insert(key)
+    }
+
+    /// Takes `key` off the prefetch queue; false if decoding it now would be waste:
+    /// it is cached or being decoded, or a reader already read it to its end.
+    pub fn start_prefetch(&self, key: usize) -> bool {
+        let mut st = self.lock();
+        st.queued.remove(&key);
+        !(st.lru.contains(&key) || st.decoding.contains(&key) || st.retired.contains(&key))
     }
 
     /// Keeps the buffer of a span leaving the cache for the next decode, unless a
@@ -315,6 +351,44 @@ mod tests {
         }
         // 0,1 decoded; 0 hit; 2 evicts 1; 3 evicts 0 (LRU after 2? 0 was used after 1)
         assert_eq!(decodes, 5);
+    }
+
+    #[test]
+    fn prefetch_is_asked_once_and_dropped_when_late() {
+        let cache = SpanCache::new(1000, 0);
+        let fill = |_, out: &mut Vec<u8>| {
+            out.resize(100, 7);
+            Ok(())
+        };
+        // Asked once while queued, however many reads ask.
+        assert!(cache.queue_prefetch(5));
+        assert!(!cache.queue_prefetch(5));
+        // The reader got there first and read it to its end: the prefetch is waste.
+        cache.get_or_insert(5, 100, Insert::Recent, fill).unwrap();
+        cache.retire(5);
+        assert!(!cache.contains(5));
+        assert!(!cache.start_prefetch(5));
+        // A queued span nobody read yet is decoded.
+        assert!(cache.queue_prefetch(6));
+        assert!(cache.start_prefetch(6));
+        // Cached spans are not asked for; a retired span read again may be prefetched
+        // again later.
+        cache.get_or_insert(6, 100, Insert::Recent, fill).unwrap();
+        assert!(!cache.queue_prefetch(6));
+        cache.get_or_insert(5, 100, Insert::Recent, fill).unwrap();
+        cache.retire(5);
+        cache.get_or_insert(5, 100, Insert::Recent, fill).unwrap();
+        cache.retire(5);
+        assert!(!cache.start_prefetch(5));
+        cache.get_or_insert(5, 100, Insert::Recent, fill).unwrap();
+        assert!(cache.queue_prefetch(7));
+        // Only the last RETIRED_KEPT retired spans are remembered.
+        for k in 100..100 + RETIRED_KEPT + 1 {
+            cache.get_or_insert(k, 1, Insert::Recent, fill).unwrap();
+            cache.retire(k);
+        }
+        assert!(cache.start_prefetch(100));
+        assert!(!cache.start_prefetch(101));
     }
 
     #[test]
