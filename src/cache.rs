@@ -227,6 +227,7 @@ impl SpanCache {
     }
 
     /// Whether `key` is cached or being decoded (does not touch its recency).
+    #[cfg(test)]
     pub fn contains(&self, key: usize) -> bool {
         let st = self.lock();
         st.lru.contains(&key) || st.decoding.contains(&key)

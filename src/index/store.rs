@@ -302,15 +302,19 @@ mod tests {
         b.append_data(&mut h, "f", &b"abc"[..]).unwrap();
         fs::write(&tar, b.into_inner().unwrap()).unwrap();
         let archive = Archive::open(&tar).unwrap();
+        let build = || {
+            load_or_build(
+                &archive,
+                &BuildOptions::default(),
+                None,
+                false,
+                &Progress::default(),
+            )
+            .unwrap()
+            .1
+        };
         assert_eq!(find_current(&archive), None);
-        let (_, origin) = load_or_build(
-            &archive,
-            &BuildOptions::default(),
-            None,
-            false,
-            &Progress::default(),
-        )
-        .unwrap();
+        let origin = build();
         let Origin::Built(idx) = origin else {
             panic!("not saved: {origin:?}")
         };
@@ -322,14 +326,7 @@ mod tests {
         fs::write(&idx, &bytes).unwrap();
         assert_eq!(find_current(&archive).as_deref(), Some(idx.as_path()));
         assert!(load(&idx, &archive, None).is_err());
-        let (_, origin) = load_or_build(
-            &archive,
-            &BuildOptions::default(),
-            None,
-            false,
-            &Progress::default(),
-        )
-        .unwrap();
+        let origin = build();
         assert!(matches!(origin, Origin::Built(_)), "{origin:?}");
         assert!(load(&idx, &archive, None).is_ok());
         // A changed archive (same size, other bytes) is told apart from the header alone.
