@@ -42,6 +42,39 @@ pub enum Error {
     Errno(i32),
     /// Bad command-line usage or configuration.
     Usage(String),
+    /// A resource (an upper dir, a view) is held by another snapfs process or view.
+    InUse {
+        /// The resource.
+        path: PathBuf,
+        /// Who holds it, e.g. "another snapfs mount".
+        holder: String,
+    },
+    /// A mountpoint cannot be unmounted now (files open, a process inside it).
+    Busy {
+        /// The mountpoint.
+        path: PathBuf,
+    },
+    /// A mountpoint already has a FUSE (or snapfs) mount on it.
+    AlreadyMounted {
+        /// The mountpoint.
+        path: PathBuf,
+        /// The file system type there, e.g. "fuse.snapfs".
+        fstype: String,
+    },
+    /// A path is not what an operation needs (not a mountpoint, not an upper dir,
+    /// not a regular file, ...).
+    NotA {
+        /// The path.
+        path: PathBuf,
+        /// What it should have been, e.g. "snapfs upper dir".
+        expected: &'static str,
+        /// Details, if any (what it is instead).
+        detail: Option<String>,
+    },
+    /// A snapfs daemon or service reported an error (its own one line, relayed).
+    Daemon(String),
+    /// An internal invariant broke (a worker vanished, a writer reused after failure).
+    Internal(String),
 }
 
 impl Error {
@@ -76,7 +109,9 @@ impl Error {
             Error::Archive { .. } => libc::EIO,
             Error::Index { .. } => libc::EIO,
             Error::Errno(e) => *e,
-            Error::Usage(_) => libc::EINVAL,
+            Error::Usage(_) | Error::NotA { .. } => libc::EINVAL,
+            Error::InUse { .. } | Error::Busy { .. } | Error::AlreadyMounted { .. } => libc::EBUSY,
+            Error::Daemon(_) | Error::Internal(_) => libc::EIO,
         }
     }
 }
@@ -106,7 +141,33 @@ impl fmt::Display for Error {
                 write!(f, "index {}: {message}", path.display())
             }
             Error::Errno(e) => write!(f, "{}", io::Error::from_raw_os_error(*e)),
-            Error::Usage(m) => write!(f, "{m}"),
+            Error::Usage(m) | Error::Daemon(m) => write!(f, "{m}"),
+            Error::InUse { path, holder } => {
+                write!(f, "{} is in use by {holder}", path.display())
+            }
+            Error::Busy { path } => write!(
+                f,
+                "{} is busy (files open or a process inside it); close them or use --lazy",
+                path.display()
+            ),
+            Error::AlreadyMounted { path, fstype } => write!(
+                f,
+                "{} already has a {fstype} mount on it; unmount it first (snapfs umount {})",
+                path.display(),
+                path.display()
+            ),
+            Error::NotA {
+                path,
+                expected,
+                detail,
+            } => {
+                write!(f, "{} is not a {expected}", path.display())?;
+                if let Some(d) = detail {
+                    write!(f, " ({d})")?;
+                }
+                Ok(())
+            }
+            Error::Internal(m) => write!(f, "internal error: {m}"),
         }
     }
 }

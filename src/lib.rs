@@ -1,8 +1,10 @@
-//! snapfs: lazy, read-only FUSE views of snapshot tarballs.
+//! snapfs: snapshot tarballs as lazy FUSE views, read-only or writable.
 //!
 //! Data flows one way: archive bytes ([`archive`]) → index ([`index`]) → tree
-//! ([`index::tree::Tree`]) → FUSE ([`fs`]). `archive` and `index` never touch FUSE and
-//! are usable as a library.
+//! ([`index::tree::Tree`]) → FUSE ([`fs`]). Layers ([`layers`]), the upper directory
+//! ([`upper`]) and id maps ([`idmap`]) compose trees, [`view`] assembles them, the
+//! snapshot writer ([`snapshot`]) consumes one. Only [`fs`] knows FUSE: everything
+//! below it is usable, and tested, as a library.
 #![deny(missing_docs)]
 
 pub mod archive;
@@ -17,5 +19,6 @@ pub mod index;
 pub mod layers;
 pub mod snapshot;
 pub mod upper;
+pub mod view;
 
 pub use error::{Error, Result};

@@ -545,10 +545,10 @@ impl UpperTree {
             .open(&fpath)
             .map_err(ioerr("cannot open", &fpath))?;
         if !lock_exclusive(&lockf, UPPER_LOCK_PATIENCE) {
-            return Err(Error::Usage(format!(
-                "upper dir {} is in use by another snapfs mount",
-                dir.display()
-            )));
+            return Err(Error::InUse {
+                path: dir.to_path_buf(),
+                holder: "another snapfs mount".into(),
+            });
         }
         let have = std::fs::read(&fpath).map_err(ioerr("cannot read", &fpath))?;
         if have.is_empty() {
@@ -557,11 +557,14 @@ impl UpperTree {
                 .and_then(|_| lockf.sync_all())
                 .map_err(ioerr("cannot write", &fpath))?;
         } else if have != FORMAT {
-            return Err(Error::Usage(format!(
-                "{} is not a snapfs upper dir (format file says {:?})",
-                dir.display(),
-                String::from_utf8_lossy(&have).trim()
-            )));
+            return Err(Error::NotA {
+                path: dir.to_path_buf(),
+                expected: "snapfs upper dir",
+                detail: Some(format!(
+                    "its format file says {:?}",
+                    String::from_utf8_lossy(&have).trim()
+                )),
+            });
         }
         let work = dir.join("work");
         let _ = std::fs::remove_dir_all(&work);

@@ -53,10 +53,11 @@ pub fn run(args: CommitArgs) -> Result<ExitCode> {
         super::check_archive(a)?;
     }
     if !args.upper.join("format").exists() {
-        return Err(Error::Usage(format!(
-            "{} is not a snapfs upper dir",
-            args.upper.display()
-        )));
+        return Err(Error::NotA {
+            path: args.upper.clone(),
+            expected: "snapfs upper dir",
+            detail: Some("it has no format file".into()),
+        });
     }
     let format = args.format.or_else(|| format_of(&args.output)).ok_or_else(|| {
         Error::Usage(format!(
@@ -65,12 +66,12 @@ pub fn run(args: CommitArgs) -> Result<ExitCode> {
         ))
     })?;
     let comp = compression(format, args.level)?;
-    let lower = super::view::open_stack(&args.archives, &BuildOptions::default(), 256 << 20)?;
+    let lower = crate::view::open_stack(&args.archives, &BuildOptions::default(), 256 << 20)?;
     let view = UpperTree::new(lower, &args.upper).map_err(|e| match e {
-        Error::Usage(m) if m.contains("in use") => Error::Usage(format!(
-            "{} belongs to a mounted view; unmount it first (a cut never reads a view while it is being written)",
-            args.upper.display()
-        )),
+        Error::InUse { path, .. } => Error::InUse {
+            path,
+            holder: "a mounted view; unmount it first (a cut never reads a view while it is being written)".into(),
+        },
         other => other,
     })?;
     let changes = crate::upper::changes(&args.upper)?;

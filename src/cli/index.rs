@@ -11,7 +11,7 @@ use clap::Args;
 use crate::archive::{Archive, Progress};
 use crate::error::Result;
 use crate::index::build::BuildOptions;
-use crate::index::store::{self, Origin};
+use crate::index::store::Origin;
 use crate::index::Index;
 
 /// Arguments of `snapfs index`.
@@ -25,24 +25,6 @@ pub struct IndexArgs {
     /// Rebuild even if a valid index exists.
     #[arg(long)]
     force: bool,
-}
-
-/// The index of `archive`: the one embedded in a snapshot cut by snapfs (unless
-/// `force`), else a persisted one, else a new one (saved). This is the one place
-/// that knows both the snapshot format and the index store.
-pub fn load(
-    archive: &Archive,
-    opts: &BuildOptions,
-    required_span: Option<u64>,
-    force: bool,
-    progress: &Progress,
-) -> Result<(Index, Origin)> {
-    if !force {
-        if let Some(index) = crate::snapshot::read_embedded(archive)? {
-            return Ok((index, Origin::Embedded));
-        }
-    }
-    store::load_or_build(archive, opts, required_span, force, progress)
 }
 
 /// Loads or builds the index of `archive`, with a progress bar on a terminal.
@@ -66,7 +48,8 @@ pub fn obtain(
         bar
     });
     let result = std::thread::scope(|s| {
-        let worker = s.spawn(|| load(archive, opts, required_span, force, &progress));
+        let worker =
+            s.spawn(|| crate::view::load_index(archive, opts, required_span, force, &progress));
         if let Some(bar) = &bar {
             while !worker.is_finished() {
                 bar.set_position(progress.load(Ordering::Relaxed));
@@ -79,7 +62,7 @@ pub fn obtain(
         bar.finish_and_clear();
     }
     result.unwrap_or_else(|_| {
-        Err(crate::error::Error::Usage(
+        Err(crate::error::Error::Internal(
             "indexing thread panicked".into(),
         ))
     })

@@ -7,9 +7,7 @@ mod helper;
 mod index;
 mod list;
 mod mount;
-mod session;
 mod umount;
-mod view;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -95,7 +93,11 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
 fn check_archive(p: &PathBuf) -> Result<()> {
     match std::fs::metadata(p) {
         Ok(m) if m.is_file() => Ok(()),
-        Ok(_) => Err(Error::Usage(format!("{}: not a regular file", p.display()))),
+        Ok(_) => Err(Error::NotA {
+            path: p.clone(),
+            expected: "regular file",
+            detail: Some("archives are files".into()),
+        }),
         Err(e) => Err(Error::io("cannot open archive", p, e)),
     }
 }

@@ -15,16 +15,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 
 use clap::Args;
-use fuser::{Config, MountOption, SessionACL};
 
 use crate::archive::Archive;
 use crate::error::{Error, Result};
-use crate::fs::SnapFs;
-use crate::idmap::{IdMap, MappedTree};
+use crate::fs::{MountOptions, Session};
+use crate::idmap::IdMap;
 use crate::index::build::BuildOptions;
 use crate::index::store;
-use crate::index::tree::DynTree;
-use crate::upper::UpperTree;
+use crate::view::{self, ViewSpec};
 
 /// Arguments of `snapfs mount`.
 #[derive(Args, Debug)]
@@ -90,10 +88,11 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     match std::fs::metadata(mountpoint) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
-            return Err(Error::Usage(format!(
-                "mountpoint {} is not a directory",
-                mountpoint.display()
-            )))
+            return Err(Error::NotA {
+                path: mountpoint.to_path_buf(),
+                expected: "directory",
+                detail: Some("a mountpoint must be one".into()),
+            })
         }
         Err(e) => return Err(Error::io("cannot use mountpoint", mountpoint, e)),
     }
@@ -365,56 +364,23 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     let _ = child.wait();
     let msg = msg.trim();
     if msg.is_empty() {
-        Err(Error::Usage(format!(
+        Err(Error::Daemon(format!(
             "snapfs daemon for {} exited before the mount was live",
             paths[0].display()
         )))
     } else {
-        Err(Error::Usage(msg.to_string()))
+        Err(Error::Daemon(msg.to_string()))
     }
 }
 
-fn mount_config(args: &MountArgs, archives: &[PathBuf]) -> Config {
+fn mount_options(args: &MountArgs, archives: &[PathBuf]) -> MountOptions {
     let names: Vec<String> = archives.iter().map(|a| a.display().to_string()).collect();
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("snapfs:{}", names.join(":"))),
-        MountOption::Subtype("snapfs".into()),
-        MountOption::DefaultPermissions,
-        MountOption::NoAtime,
-    ];
-    if args.upper.is_none() {
-        config.mount_options.insert(0, MountOption::RO);
-    }
-    for opt in args
-        .options
-        .iter()
-        .flat_map(|o| o.split(','))
-        .filter(|o| !o.is_empty())
-    {
-        match opt {
-            "allow_other" => config.acl = SessionACL::All,
-            "allow_root" => config.acl = SessionACL::RootAndOwner,
-            "default_permissions" => {}
-            "ro" if args.upper.is_none() => {}
-            "ro" => config.mount_options.push(MountOption::RO),
-            // mount(8) says rw unless told ro; a view without --upper stays read-only.
-            "rw" => {}
-            "auto_unmount" => config.mount_options.push(MountOption::AutoUnmount),
-            "dev" => config.mount_options.push(MountOption::Dev),
-            "nodev" => config.mount_options.push(MountOption::NoDev),
-            "suid" => config.mount_options.push(MountOption::Suid),
-            "nosuid" => config.mount_options.push(MountOption::NoSuid),
-            "exec" => config.mount_options.push(MountOption::Exec),
-            "noexec" => config.mount_options.push(MountOption::NoExec),
-            other => config
-                .mount_options
-                .push(MountOption::CUSTOM(other.to_string())),
-        }
-    }
-    config.n_threads = Some(args.threads.clamp(1, 64));
-    config.clone_fd = true;
-    config
+    MountOptions::parse(
+        format!("snapfs:{}", names.join(":")),
+        &args.options,
+        args.upper.is_some(),
+        args.threads,
+    )
 }
 
 /// Mounts and serves until unmounted or signalled. Reports readiness on `ready`.
@@ -436,22 +402,14 @@ fn serve(
         }
     };
     let mut session = session;
-    let mut unmounter = session.unmount_callable();
+    let mut unmounter = session.unmounter()?;
+    let mut cleanup = session.unmounter()?;
     // Signals were blocked in setup(); one thread waits for them and unmounts.
-    let target = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(
-        mountpoint.as_os_str(),
-    ))
-    .map_err(|_| Error::Usage("mountpoint contains a NUL byte".into()))?;
-    let target_for_cleanup = target.clone();
     std::thread::spawn(move || {
         wait_for_signal();
         log::info!("signal received, unmounting");
-        // Our own mount (as root) is detached directly; fuser's through its unmounter.
-        // SAFETY: target is a valid NUL-terminated path.
-        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
-            if let Err(e) = unmounter.unmount() {
-                log::error!("unmount failed: {e}");
-            }
+        if let Err(e) = unmounter.unmount() {
+            log::error!("unmount failed: {e}");
         }
     });
     let pid_file = match &args.pid_file {
@@ -460,8 +418,7 @@ fn serve(
             Err(e) => {
                 let e = Error::io("cannot write pid file", f, e);
                 log::error!("{e}");
-                // SAFETY: target is a valid NUL-terminated path; undo our own mount.
-                unsafe { libc::umount2(target_for_cleanup.as_ptr(), libc::MNT_DETACH) };
+                let _ = cleanup.unmount();
                 if let Some(r) = ready.as_mut() {
                     let _ = writeln!(r, "{e}");
                 }
@@ -483,9 +440,7 @@ fn serve(
     if let Some(mut r) = ready.take() {
         let _ = r.write_all(b"ok\n");
     }
-    let result = session
-        .run()
-        .map_err(|e| Error::io("FUSE session failed on", mountpoint, e));
+    let result = session.run();
     if let Some(f) = pid_file {
         let _ = std::fs::remove_file(f);
     }
@@ -493,28 +448,19 @@ fn serve(
     result.map(|()| ExitCode::SUCCESS)
 }
 
-fn setup(
-    args: &MountArgs,
-    archives: &[PathBuf],
-    mountpoint: &Path,
-) -> Result<fuser::Session<SnapFs<DynTree>>> {
+fn setup(args: &MountArgs, archives: &[PathBuf], mountpoint: &Path) -> Result<Session> {
     block_signals();
-    let opts = BuildOptions {
-        span_bytes: args.span.max(64 << 10),
+    let spec = ViewSpec {
+        layers: archives.to_vec(),
+        upper: args.upper.clone(),
+        idmap: IdMap::from_args(&args.uid_map, &args.gid_map, args.owner.as_deref())?,
+        build: BuildOptions {
+            span_bytes: args.span.max(64 << 10),
+        },
+        cache_bytes: cache_bytes(args),
     };
-    let tree = super::view::open_stack(archives, &opts, cache_bytes(args))?;
-    let tree = match &args.upper {
-        Some(dir) => DynTree(Box::new(UpperTree::new(tree, dir)?)),
-        None => DynTree(tree),
-    };
-    let map = IdMap::from_args(&args.uid_map, &args.gid_map, args.owner.as_deref())?;
-    let tree = if map.is_identity() {
-        tree
-    } else {
-        DynTree(Box::new(MappedTree::new(Box::new(tree), map)))
-    };
-    let config = mount_config(args, archives);
-    super::session::mount(SnapFs::new(tree), mountpoint, &config)
+    let tree = view::open(&spec)?;
+    Session::mount(tree, mountpoint, &mount_options(args, archives))
 }
 
 /// `--cache-size`, or by default 1/16 of the machine's RAM within 256 MiB..1 GiB: a

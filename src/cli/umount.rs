@@ -117,14 +117,12 @@ fn unmount_error(path: &Path, lazy: bool, err: std::io::Error) -> Result<ExitCod
     let path = path.to_path_buf();
     match err.raw_os_error() {
         Some(libc::EPERM) => fusermount(&path, lazy),
-        Some(libc::EBUSY) => Err(Error::Usage(format!(
-            "{} is busy (files open or a process inside it); close them or use --lazy",
-            path.display()
-        ))),
-        Some(libc::EINVAL) => Err(Error::Usage(format!(
-            "{} is not a mountpoint",
-            path.display()
-        ))),
+        Some(libc::EBUSY) => Err(Error::Busy { path }),
+        Some(libc::EINVAL) => Err(Error::NotA {
+            path,
+            expected: "mountpoint",
+            detail: None,
+        }),
         _ => Err(Error::io("cannot unmount", &path, err)),
     }
 }
@@ -136,7 +134,7 @@ fn fusermount(path: &std::path::Path, lazy: bool) -> Result<ExitCode> {
         match Command::new(helper).arg(flag).arg(path).status() {
             Ok(s) if s.success() => return Ok(ExitCode::SUCCESS),
             Ok(_) => {
-                return Err(Error::Usage(format!(
+                return Err(Error::Daemon(format!(
                     "{helper} could not unmount {}",
                     path.display()
                 )))

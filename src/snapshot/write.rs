@@ -323,7 +323,9 @@ impl SnapshotWriter {
     /// Appends one entry. Regular files read their data source to the end.
     pub fn add(&mut self, entry: SnapshotEntry) -> Result<()> {
         if self.failed {
-            return Err(Error::Usage("snapshot writer used after a failure".into()));
+            return Err(Error::Internal(
+                "snapshot writer used after a failure".into(),
+            ));
         }
         let r = self.add_inner(entry);
         if r.is_err() {
@@ -616,7 +618,7 @@ impl SnapshotWriter {
         let (seq, input, out) = self
             .rx
             .recv()
-            .map_err(|_| Error::Usage("compression worker vanished".into()))?;
+            .map_err(|_| Error::Internal("compression worker vanished".into()))?;
         self.in_flight -= 1;
         self.reorder.insert(seq, (input, out));
         while let Some((input, out)) = self.reorder.remove(&self.next_write) {
@@ -676,7 +678,9 @@ impl SnapshotWriter {
     /// the file to its final name. Dropping the writer instead discards everything.
     pub fn finish(mut self) -> Result<SnapshotSummary> {
         if self.failed {
-            return Err(Error::Usage("snapshot writer used after a failure".into()));
+            return Err(Error::Internal(
+                "snapshot writer used after a failure".into(),
+            ));
         }
         // End of archive: two zero blocks.
         self.put_zeros(2 * BLOCK as u64)?;

@@ -1,5 +1,4 @@
-//! The FUSE adapter, and the only `fuser` import: turns kernel requests into [`Tree`]
-//! calls and replies. Sets the cache policy: an immutable tree gets long TTLs,
+//! The FUSE adapter: turns kernel requests into [`Tree`] calls and replies. Sets the cache policy: an immutable tree gets long TTLs,
 //! keep-cache, cached dirs and negative entries; a writable tree ([`Tree::writable`],
 //! the upper view) gets short TTLs and no page or dir caching across opens. Modifying
 //! calls go to the tree, which answers EROFS unless it is writable.
