@@ -291,7 +291,7 @@ fn bench_build(c: &mut Criterion) {
 fn tree_of(path: &Path, cache_bytes: u64) -> (IndexTree, u64) {
     let index = Arc::new(index_of(path));
     let archive = Archive::open(path).unwrap();
-    let stream = StreamReader::new(archive.file, archive.path, index.table.clone(), cache_bytes);
+    let stream = StreamReader::new(archive.source, index.table.clone(), cache_bytes);
     let tree = IndexTree::new(index, stream);
     let dir = tree.lookup(ROOT_INO, b"data").unwrap();
     let ino = tree.lookup(dir, BIG_NAME.as_bytes()).unwrap();

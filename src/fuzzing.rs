@@ -24,10 +24,11 @@ use std::sync::Arc;
 
 use crate::archive::gzip::{self, GzipIndexer, GzipSeekTable};
 use crate::archive::zstd::{self as zst, ZstdIndexer, ZstdSeekTable};
-use crate::archive::{Archive, ArchiveId, Compression, Progress, SeekTable, StreamReader};
+use crate::archive::{Archive, Compression, Progress, SeekTable, StreamReader};
 use crate::index::build::{build_index, BuildOptions};
 use crate::index::tree::{IndexTree, Tree};
 use crate::index::{format, Index, ROOT_INO};
+use crate::source::{FileSource, Source};
 
 /// `Err` names a violated invariant; malformed input alone is never an `Err`.
 pub type Outcome = std::result::Result<(), String>;
@@ -88,21 +89,19 @@ fn path_of(f: &File) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
 }
 
-/// An [`Archive`] over `bytes`, as [`Archive::open`] would make it.
-fn archive_of(bytes: &[u8]) -> std::result::Result<Archive, String> {
+/// A source over the open temporary file `f`, named by [`path_of`].
+fn source_of(f: &File) -> std::result::Result<Arc<dyn Source>, String> {
+    let file = f.try_clone().map_err(|e| format!("harness: clone: {e}"))?;
+    let source = FileSource::from_file(file, path_of(f)).map_err(|e| format!("harness: {e}"))?;
+    Ok(Arc::new(source))
+}
+
+/// An [`Archive`] over `bytes`, as [`Archive::open`] would make it, and the file that
+/// holds them.
+fn archive_of(bytes: &[u8]) -> std::result::Result<(Archive, File), String> {
     let file = temp_file(bytes)?;
-    let path = path_of(&file);
-    let id = ArchiveId::of(&file, &path).map_err(|e| format!("harness: {e}"))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("harness: fstat: {e}"))?;
-    Ok(Archive {
-        file,
-        path,
-        id,
-        compression: Compression::detect(bytes),
-        stamp: crate::archive::FileStamp::of(&meta),
-    })
+    let archive = Archive::from_source(source_of(&file)?).map_err(|e| format!("harness: {e}"))?;
+    Ok((archive, file))
 }
 
 /// Target 1: `data` is an archive (and, if plain, again with its header checksums
@@ -157,11 +156,11 @@ pub fn fix_tar_checksums(data: &[u8]) -> Option<Vec<u8>> {
 
 /// One archive: embedded index, indexing pass, index file round trip, walk.
 fn archive_case(data: &[u8]) -> Outcome {
-    let archive = archive_of(data)?;
+    let (archive, file) = archive_of(data)?;
     let mut rng = Rng::from_bytes(data);
     // The mount path looks for an embedded index first (only valid, checked ones load).
     if let Ok(Some(index)) = crate::snapshot::read_embedded(&archive) {
-        walk_index(index, &archive.file, false, &mut rng)?;
+        walk_index(index, &file, false, &mut rng)?;
     }
     let opts = BuildOptions {
         span_bytes: 1 + rng.below(4096) as u64,
@@ -180,7 +179,7 @@ fn archive_case(data: &[u8]) -> Outcome {
         return Ok(());
     }
     // Built from these very bytes, so every read must succeed.
-    walk_index(loaded, &archive.file, true, &mut rng)
+    walk_index(loaded, &file, true, &mut rng)
 }
 
 /// Target 3: `data` is an index file. Decoding never panics; an accepted index walks
@@ -220,10 +219,7 @@ fn load_and_walk(bytes: &[u8]) -> Outcome {
 
 /// Serves `index` over `archive` and walks it. `strict`: reads must not fail.
 fn walk_index(index: Index, archive: &File, strict: bool, rng: &mut Rng) -> Outcome {
-    let file = archive
-        .try_clone()
-        .map_err(|e| format!("harness: clone: {e}"))?;
-    let path = path_of(archive);
+    let source = source_of(archive)?;
     let table = index.table.clone();
     let stream = if table.max_span_len() > crate::index::store::MAX_SPAN {
         // A mount serves such a stream from a decompressed cache file instead (made
@@ -231,9 +227,9 @@ fn walk_index(index: Index, archive: &File, strict: bool, rng: &mut Rng) -> Outc
         let cache_file = archive
             .try_clone()
             .map_err(|e| format!("harness: clone: {e}"))?;
-        StreamReader::with_cache_file(file, path, table, cache_file)
+        StreamReader::with_cache_file(source, table, cache_file)
     } else {
-        StreamReader::new(file, path, table, 1 + rng.below(256 << 10) as u64)
+        StreamReader::new(source, table, 1 + rng.below(256 << 10) as u64)
     };
     let tree = IndexTree::new(Arc::new(index), stream);
     walk(&tree, strict, rng)
@@ -867,8 +863,7 @@ fn summary(t: &GzipSeekTable) -> Vec<(u64, u64, u8, bool, usize)> {
 /// return exactly `expect`; a read past the end must fail.
 fn check_reads(file: File, table: SeekTable, expect: &[u8], rng: &mut Rng) -> Outcome {
     let cache = 1 + rng.below(128 << 10) as u64;
-    let path = path_of(&file);
-    let reader = StreamReader::new(file, path, Arc::new(table), cache);
+    let reader = StreamReader::new(source_of(&file)?, Arc::new(table), cache);
     let n = expect.len();
     let mut buf = Vec::new();
     for _ in 0..16 {

@@ -366,7 +366,7 @@ mod tests {
         std::fs::write(&path, b.into_inner().unwrap()).unwrap();
         let archive = Archive::open(&path).unwrap();
         let index = build_index(&archive, &BuildOptions::default(), &Default::default()).unwrap();
-        let stream = StreamReader::new(archive.file, archive.path, index.table.clone(), 1 << 20);
+        let stream = StreamReader::new(archive.source, index.table.clone(), 1 << 20);
         Box::new(IndexTree::new(Arc::new(index), stream))
     }
 

@@ -18,6 +18,7 @@ pub mod idmap;
 pub mod index;
 pub mod layers;
 pub mod snapshot;
+pub mod source;
 pub mod upper;
 pub mod view;
 

@@ -63,16 +63,20 @@ pub fn load_index(
 /// The read-only tree of one archive, its index loaded (or built).
 pub fn open_archive(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Result<IndexTree> {
     let archive = Archive::open(path)?;
-    let (index, _) = load_index(&archive, opts, None, false, &Default::default())?;
+    let (index, origin) = load_index(&archive, opts, None, false, &Default::default())?;
     let cache_file = store::cache_file_for(&archive, &index)?;
     let table = index.table.clone();
     let stream = match cache_file {
-        Some(c) => StreamReader::with_cache_file(archive.file, archive.path, table, c),
-        None => StreamReader::new(archive.file, archive.path, table, cache_bytes),
+        Some(c) => StreamReader::with_cache_file(archive.source, table, c),
+        None => StreamReader::new(archive.source, table, cache_bytes),
     };
     // The index was checked against the archive as opened; refuse if it changed since.
-    stream.verify_stamp(&archive.stamp)?;
-    Ok(IndexTree::new(Arc::new(index), stream))
+    stream.verify_unchanged()?;
+    let tree = IndexTree::new(Arc::new(index), stream);
+    Ok(match origin {
+        Origin::Embedded => tree.with_header_check(),
+        _ => tree,
+    })
 }
 
 /// Memory the daemon needs besides its index and span cache: code, FUSE request and

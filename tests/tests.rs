@@ -25,4 +25,5 @@ mod load;
 mod random_ops;
 mod regression;
 mod semantics;
+mod trust;
 mod upper;

@@ -30,10 +30,10 @@
 //! stable address after `inflateInit2_`) and always calls `inflateEnd`.
 
 use std::ffi::{c_int, c_uint, CStr};
-use std::fs::File;
 use std::io::{self, Read};
 use std::mem::MaybeUninit;
-use std::os::unix::fs::FileExt;
+
+use crate::source::Source;
 
 use libz_rs_sys as z;
 
@@ -1098,10 +1098,10 @@ impl<R: Read> Read for GzipIndexer<R> {
     }
 }
 
-/// Positional, buffered reader over the compressed file for [`decode_span`].
+/// Positional, buffered reader over the compressed source for [`decode_span`].
 struct FileInput<'a> {
-    /// The gzip file.
-    file: &'a File,
+    /// The gzip stream.
+    file: &'a dyn Source,
     /// Buffered compressed bytes.
     buf: Vec<u8>,
     /// File offset of `buf[0]`.
@@ -1121,7 +1121,7 @@ thread_local! {
 impl<'a> FileInput<'a> {
     /// Input from `file` starting at `base`, read `first_read` bytes at a time, in
     /// this thread's reusable buffer.
-    fn new(file: &'a File, base: u64, first_read: usize) -> Self {
+    fn new(file: &'a dyn Source, base: u64, first_read: usize) -> Self {
         let mut buf = SPAN_INPUT.take();
         buf.resize(first_read, 0);
         FileInput {
@@ -1192,13 +1192,13 @@ impl FileInput<'_> {
 ///
 /// `out` is cleared first and holds exactly `table.span_range(i)` bytes on
 /// success. Only positional reads (`FileExt::read_at`) are used, so this may
-/// be called concurrently from many threads on one `&File`. Errors (span out
+/// be called concurrently from many threads on one source. Errors (span out
 /// of range, I/O errors, truncated or corrupt data, or a table that does not
 /// match the file) are `io::Error`s whose message includes the compressed
 /// offset. A span may cross gzip member boundaries; CRCs are not checked here
 /// (the indexing pass verified them).
 pub fn decode_span(
-    file: &File,
+    file: &dyn Source,
     table: &GzipSeekTable,
     i: usize,
     out: &mut Vec<u8>,
@@ -1209,7 +1209,7 @@ pub fn decode_span(
 /// Like [`decode_span`], but stops after the first `limit` bytes of the span (a
 /// random read deep into a span needs only the bytes up to it).
 pub fn decode_span_prefix(
-    file: &File,
+    file: &dyn Source,
     table: &GzipSeekTable,
     i: usize,
     limit: u64,

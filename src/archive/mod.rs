@@ -1,6 +1,7 @@
 //! Archive bytes: format detection from magic bytes, the archive's identity (what an index
 //! is tied to), the seek tables of compressed formats, and random reads of the
-//! uncompressed tar stream ([`StreamReader`]). Knows nothing of paths or FUSE.
+//! uncompressed tar stream ([`StreamReader`]). Reads through a [`Source`]; knows
+//! nothing of where the bytes live, of paths in the tree, or of FUSE.
 
 pub mod gzip;
 pub mod pipe;
@@ -46,12 +47,13 @@ mod spans {
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::cache::{Insert, SpanCache};
 use crate::error::{Error, Result};
+use crate::source::{FileSource, Source};
 
 /// How the tar stream is stored in the archive file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,24 +127,21 @@ pub struct ArchiveId {
 }
 
 impl ArchiveId {
-    /// Reads the identity of an open archive (touches only its first and last 64 KiB).
-    pub fn of(file: &File, path: &Path) -> Result<ArchiveId> {
-        let meta = file.metadata().map_err(|e| Error::io("reading", path, e))?;
-        let size = meta.len();
-        let mtime_ns = meta
-            .mtime()
-            .saturating_mul(1_000_000_000)
-            .saturating_add(meta.mtime_nsec());
+    /// Reads the identity of a source (touches only its first and last 64 KiB).
+    pub fn of(source: &dyn Source) -> Result<ArchiveId> {
+        let ident = source.identity();
+        let size = ident.size;
         let crc = |off: u64| -> Result<u32> {
             let len = ID_EDGE.min(size - off) as usize;
             let mut buf = vec![0u8; len];
-            file.read_exact_at(&mut buf, off)
-                .map_err(|e| Error::io("reading", path, e))?;
+            source
+                .read_exact_at(&mut buf, off)
+                .map_err(|e| Error::io("reading", source.name(), e))?;
             Ok(crc32fast::hash(&buf))
         };
         Ok(ArchiveId {
             size,
-            mtime_ns,
+            mtime_ns: ident.version,
             head_crc: crc(0)?,
             tail_crc: crc(size.saturating_sub(ID_EDGE))?,
         })
@@ -207,87 +206,38 @@ impl SeekTable {
     }
 }
 
-/// What the held descriptor of an archive looked like when it was opened: a change of
-/// any field (written in place, truncated, touched) means its bytes may no longer be
-/// the ones the index describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FileStamp {
-    /// Device of the file.
-    pub dev: u64,
-    /// Inode number.
-    pub ino: u64,
-    /// Size in bytes.
-    pub size: u64,
-    /// Modification time, nanoseconds since the epoch.
-    pub mtime_ns: i64,
-    /// Status change time, nanoseconds since the epoch.
-    pub ctime_ns: i64,
-}
-
-impl FileStamp {
-    /// The stamp of a file's metadata.
-    pub fn of(m: &std::fs::Metadata) -> FileStamp {
-        let ns = |s: i64, n: i64| s.saturating_mul(1_000_000_000).saturating_add(n);
-        FileStamp {
-            dev: m.dev(),
-            ino: m.ino(),
-            size: m.len(),
-            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
-            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
-        }
-    }
-
-    /// Why `now` is not this file any more (`None` if it is unchanged).
-    fn change(&self, now: &FileStamp) -> Option<String> {
-        if now.size != self.size {
-            Some(format!(
-                "changed since it was mounted (size {} -> {})",
-                self.size, now.size
-            ))
-        } else if now != self {
-            Some("changed since it was mounted (modified in place)".into())
-        } else {
-            None
-        }
-    }
-}
-
-/// An opened archive: the file, its path and its identity.
+/// An opened archive: its source, its name and its identity.
 pub struct Archive {
-    /// The archive file.
-    pub file: File,
-    /// Its path (for messages).
+    /// Where its bytes are.
+    pub source: Arc<dyn Source>,
+    /// Its name (for messages): a path, or what the source calls itself.
     pub path: PathBuf,
     /// Its identity.
     pub id: ArchiveId,
     /// The detected compression.
     pub compression: Compression,
-    /// The held descriptor's metadata at open time.
-    pub stamp: FileStamp,
 }
 
 impl Archive {
-    /// Opens `path`, detects the format and reads the identity.
+    /// Opens the local file `path`, detects the format and reads the identity.
     pub fn open(path: &Path) -> Result<Archive> {
-        let file = File::open(path).map_err(|e| Error::io("cannot open archive", path, e))?;
-        let meta = file
-            .metadata()
-            .map_err(|e| Error::io("cannot stat archive", path, e))?;
-        if !meta.is_file() {
-            return Err(Error::archive(path, None, None, "not a regular file"));
-        }
+        Archive::from_source(Arc::new(FileSource::open(path)?))
+    }
+
+    /// An archive over `source`: detects the format and reads the identity.
+    pub fn from_source(source: Arc<dyn Source>) -> Result<Archive> {
+        let path = source.name();
         let mut head = [0u8; 8];
-        let n = file
+        let n = source
             .read_at(&mut head, 0)
-            .map_err(|e| Error::io("reading", path, e))?;
-        let compression = Compression::detect(&head[..n]);
-        let id = ArchiveId::of(&file, path)?;
+            .map_err(|e| Error::io("reading", &path, e))?;
+        let compression = Compression::detect(&head[..n.min(head.len())]);
+        let id = ArchiveId::of(&*source)?;
         Ok(Archive {
-            file,
-            path: path.to_path_buf(),
+            source,
+            path,
             id,
             compression,
-            stamp: FileStamp::of(&meta),
         })
     }
 }
@@ -348,66 +298,51 @@ pub struct StreamReader {
 }
 
 struct Inner {
-    archive: File,
+    archive: Arc<dyn Source>,
     path: PathBuf,
     table: Arc<SeekTable>,
     backing: Backing,
-    /// The archive as it was when this reader was made (`None`: fstat failed then).
-    stamp: Option<FileStamp>,
     /// Set once a change was seen: from then on every read fails.
     changed: std::sync::OnceLock<String>,
 }
 
 impl StreamReader {
     /// A reader over `archive` with `table`; spans are cached in `cache_bytes` at most.
-    pub fn new(archive: File, path: PathBuf, table: Arc<SeekTable>, cache_bytes: u64) -> Self {
+    pub fn new(archive: Arc<dyn Source>, table: Arc<SeekTable>, cache_bytes: u64) -> Self {
         let backing = match &*table {
             SeekTable::Plain => Backing::Plain,
             _ => Backing::Spans(Box::new(SpanCache::new(cache_bytes, table.max_span_len()))),
         };
-        Self::with_backing(archive, path, table, backing)
+        Self::with_backing(archive, table, backing)
     }
 
     /// A reader that serves everything from an already decompressed cache file.
-    pub fn with_cache_file(
-        archive: File,
-        path: PathBuf,
-        table: Arc<SeekTable>,
-        cache: File,
-    ) -> Self {
-        Self::with_backing(archive, path, table, Backing::CacheFile(cache))
+    pub fn with_cache_file(archive: Arc<dyn Source>, table: Arc<SeekTable>, cache: File) -> Self {
+        Self::with_backing(archive, table, Backing::CacheFile(cache))
     }
 
-    fn with_backing(archive: File, path: PathBuf, table: Arc<SeekTable>, backing: Backing) -> Self {
-        let stamp = archive.metadata().ok().map(|m| FileStamp::of(&m));
+    fn with_backing(archive: Arc<dyn Source>, table: Arc<SeekTable>, backing: Backing) -> Self {
         StreamReader {
             inner: Arc::new(Inner {
+                path: archive.name(),
                 archive,
-                path,
                 table,
                 backing,
-                stamp,
                 changed: std::sync::OnceLock::new(),
             }),
             prefetch: std::sync::OnceLock::new(),
         }
     }
 
-    /// Fails unless the held archive still is the file `expected` describes (the one
-    /// its index was checked against).
-    pub fn verify_stamp(&self, expected: &FileStamp) -> Result<()> {
-        match &self.inner.stamp {
-            Some(s) if s == expected => Ok(()),
-            Some(s) => Err(self.inner.changed_error(
-                expected
-                    .change(s)
-                    .unwrap_or_else(|| "changed while it was being mounted".into()),
-                0,
-            )),
-            None => Err(self
-                .inner
-                .changed_error("cannot stat the archive".into(), 0)),
-        }
+    /// The archive's name, for messages.
+    pub fn name(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Fails unless the source still is what it was when it was opened (and its
+    /// index checked against it).
+    pub fn verify_unchanged(&self) -> Result<()> {
+        self.inner.check_unchanged(0)
     }
 
     /// Fills `buf` from stream offset `off`. The caller keeps reads within a member's
@@ -432,9 +367,9 @@ impl StreamReader {
                 .archive
                 .read_exact_at(buf, off)
                 .map_err(|e| inner.read_error(off, e)),
-            Backing::CacheFile(f) => f
-                .read_exact_at(buf, off)
-                .map_err(|e| inner.read_error(off, e)),
+            Backing::CacheFile(f) => {
+                FileExt::read_exact_at(f, buf, off).map_err(|e| inner.read_error(off, e))
+            }
             Backing::Spans(cache) => {
                 let last = inner.read_spans(cache, buf, off)?;
                 if let Some((span, within, len)) = last {
@@ -491,25 +426,9 @@ impl Inner {
         if let Some(why) = self.changed.get() {
             return Err(self.changed_error(why.clone(), off));
         }
-        let Some(stamp) = &self.stamp else {
-            return Ok(());
-        };
-        let why =
-            match self.archive.metadata() {
-                Err(e) => Some(format!("cannot stat the held archive: {e}")),
-                Ok(m) => stamp.change(&FileStamp::of(&m)).or_else(|| {
-                    match std::fs::metadata(&self.path) {
-                        Ok(p) if p.dev() == stamp.dev && p.ino() == stamp.ino => None,
-                        Ok(_) => {
-                            Some("replaced since it was mounted (another file has its path)".into())
-                        }
-                        Err(e) => Some(format!("replaced since it was mounted ({e})")),
-                    }
-                }),
-            };
-        match why {
-            None => Ok(()),
-            Some(why) => {
+        match self.archive.check_unchanged() {
+            Ok(()) => Ok(()),
+            Err(why) => {
                 let why = self.changed.get_or_init(|| why).clone();
                 Err(self.changed_error(why, off))
             }
@@ -577,9 +496,9 @@ impl Inner {
     fn decode_span(&self, span: usize, limit: usize, out: &mut Vec<u8>) -> Result<()> {
         let r = match &*self.table {
             SeekTable::Gzip(t) => {
-                gzip::decode_span_prefix(&self.archive, t, span, limit as u64, out)
+                gzip::decode_span_prefix(&*self.archive, t, span, limit as u64, out)
             }
-            SeekTable::Zstd(t) => zstd::decode_span(&self.archive, t, span, out),
+            SeekTable::Zstd(t) => zstd::decode_span(&*self.archive, t, span, out),
             SeekTable::Plain => Ok(()),
         };
         r.map_err(|e| Error::archive(&self.path, None, None, format!("decompression failed: {e}")))
@@ -610,9 +529,11 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         std::fs::write(&path, enc.finish().unwrap()).unwrap();
-        let file = File::open(&path).unwrap();
-        let mut indexer =
-            gzip::GzipIndexer::new(io::BufReader::new(file.try_clone().unwrap()), 1 << 20);
+        let file: Arc<dyn Source> = Arc::new(FileSource::open(&path).unwrap());
+        let mut indexer = gzip::GzipIndexer::new(
+            io::BufReader::new(crate::source::SourceReader::new(file.clone())),
+            1 << 20,
+        );
         io::copy(&mut indexer, &mut io::sink()).unwrap();
         let table = Arc::new(SeekTable::Gzip(indexer.finish().unwrap()));
         if let SeekTable::Gzip(t) = &*table {
@@ -624,7 +545,7 @@ mod tests {
                     .collect::<Vec<_>>()
             );
         }
-        let reader = StreamReader::new(file, path, table, 64 << 20);
+        let reader = StreamReader::new(file, table, 64 << 20);
         let mut got = vec![0u8; 700_000];
         reader.read_exact_at(&mut got, 400_000).unwrap();
         assert_eq!(got, data[400_000..1_100_000]);
@@ -644,10 +565,8 @@ mod tests {
 
         // Random reads deep inside spans decode prefixes, later extended; a small
         // cache forces evictions. Every byte must still be exact.
-        let file = File::open(&reader.inner.path).unwrap();
         let small = StreamReader::new(
-            file,
-            reader.inner.path.clone(),
+            reader.inner.archive.clone(),
             reader.inner.table.clone(),
             1 << 20,
         );

@@ -120,45 +120,55 @@ impl<R: Read> TarStream for ReadStream<R> {
     }
 }
 
-/// A [`TarStream`] over a seekable plain file of known length: skipping seeks.
+/// A [`TarStream`] over a plain (uncompressed) source: skipping skips the data.
 pub struct FileStream {
-    inner: io::BufReader<std::fs::File>,
-    pos: u64,
-    len: u64,
+    inner: crate::source::SourceReader,
+    buf: Vec<u8>,
+    pos: usize,
+    end: usize,
 }
 
+/// Bytes a [`FileStream`] reads at a time.
+const FILE_STREAM_BUF: usize = 256 << 10;
+
 impl FileStream {
-    /// Wraps `file`, whose length is `len`.
-    pub fn new(file: std::fs::File, len: u64) -> Self {
+    /// Wraps `inner`.
+    pub fn new(inner: crate::source::SourceReader) -> Self {
         FileStream {
-            inner: io::BufReader::with_capacity(256 << 10, file),
+            inner,
+            buf: vec![0; FILE_STREAM_BUF],
             pos: 0,
-            len,
+            end: 0,
         }
     }
 }
 
 impl Read for FileStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.pos += n as u64;
+        if self.pos == self.end {
+            if buf.len() >= self.buf.len() {
+                return self.inner.read(buf);
+            }
+            self.end = self.inner.read(&mut self.buf)?;
+            self.pos = 0;
+        }
+        let n = buf.len().min(self.end - self.pos);
+        buf[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
         Ok(n)
     }
 }
 
 impl TarStream for FileStream {
     fn skip(&mut self, n: u64) -> io::Result<()> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.len);
-        let Some(end) = end else {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "archive ends inside member data",
-            ));
-        };
-        let delta = i64::try_from(n).map_err(|_| io::Error::other("skip too large"))?;
-        self.inner.seek_relative(delta)?;
-        self.pos = end;
-        Ok(())
+        let buffered = (self.end - self.pos) as u64;
+        if n <= buffered {
+            self.pos += n as usize;
+            return Ok(());
+        }
+        self.pos = 0;
+        self.end = 0;
+        self.inner.skip(n - buffered)
     }
 }
 
@@ -188,6 +198,15 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
             pos: 0,
             global_pax: Vec::new(),
             done: false,
+        }
+    }
+
+    /// Starts reading `stream`, which begins at offset `start` of the tar stream (a
+    /// header boundary); offsets in the members it returns are stream offsets.
+    pub fn starting_at(stream: S, archive: &'a Path, start: u64) -> Self {
+        MemberReader {
+            pos: start,
+            ..Self::new(stream, archive)
         }
     }
 

@@ -23,9 +23,7 @@
 //! single-frame stream (plain `zstd`, `zstd -T0`) yields a table with one span
 //! covering everything. Windows up to 2 GiB (`zstd --long=31`) are accepted.
 
-use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
 
 use ::zstd::zstd_safe::{self, DCtx, DParameter, InBuffer, OutBuffer, WriteBuf};
 
@@ -245,10 +243,10 @@ impl<R: Read> Source for ReaderSource<R> {
     }
 }
 
-/// Positional reads from a shared file, optionally stopping at `end`.
+/// Positional reads from a shared source, optionally stopping at `end`.
 struct FileSource<'a> {
-    /// The compressed file.
-    file: &'a File,
+    /// The compressed stream.
+    file: &'a dyn crate::source::Source,
     /// Offset of the next read.
     pos: u64,
     /// Offset to stop reading at, if known.
@@ -612,7 +610,7 @@ impl<R: Read> Read for ZstdIndexer<R> {
 /// is out of range, if the data is corrupt or truncated, or if the file does
 /// not match the table (wrong span length or frame boundary).
 pub fn decode_span(
-    file: &File,
+    file: &dyn crate::source::Source,
     table: &ZstdSeekTable,
     i: usize,
     out: &mut Vec<u8>,
@@ -711,7 +709,7 @@ pub fn decode_span(
 /// fallback cache file); returns the number of bytes written.
 ///
 /// Uses positional reads, so the file's cursor is neither used nor moved.
-pub fn decompress_all(file: &File, dest: &mut dyn Write) -> io::Result<u64> {
+pub fn decompress_all(file: &dyn crate::source::Source, dest: &mut dyn Write) -> io::Result<u64> {
     let src = FileSource {
         file,
         pos: 0,
@@ -740,6 +738,7 @@ pub fn decompress_all(file: &File, dest: &mut dyn Write) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
     use std::path::Path;
     use std::process::{Command, Stdio};
     use std::sync::OnceLock;

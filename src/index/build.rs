@@ -12,6 +12,7 @@ use crate::archive::zstd::ZstdIndexer;
 use crate::archive::{pipe, Archive, Compression, CountingReader, Progress, SeekTable};
 use crate::error::{Error, Result};
 use crate::index::{DirentRecord, Index, InodeRecord, XattrRecord, FLAG_IMPLICIT, FLAG_SPARSE};
+use crate::source::SourceReader;
 
 /// Options that shape an index (stored in it; a change means a rebuild).
 #[derive(Debug, Clone, Copy)]
@@ -40,17 +41,14 @@ pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) 
             "empty file (0 bytes), not a tar archive",
         ));
     }
-    let file = archive
-        .file
-        .try_clone()
-        .map_err(|e| Error::io("cannot open archive", &archive.path, e))?;
+    let file = SourceReader::new(archive.source.clone());
     let path = archive.path.as_path();
     let mut tree = TreeBuilder::new(path, archive.id.mtime_ns);
     let gz_err = |e: std::io::Error| Error::archive(path, None, None, format!("gzip: {e}"));
     let zs_err = |e: std::io::Error| Error::archive(path, None, None, format!("zstd: {e}"));
     let (table, stream_size) = match archive.compression {
         Compression::None => {
-            let mut reader = MemberReader::new(FileStream::new(file, archive.id.size), path);
+            let mut reader = MemberReader::new(FileStream::new(file), path);
             while let Some(m) = reader.next_member()? {
                 tree.add(m);
                 progress.store(reader.position(), std::sync::atomic::Ordering::Relaxed);

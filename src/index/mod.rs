@@ -6,6 +6,7 @@ pub mod build;
 pub mod format;
 pub mod store;
 pub mod tree;
+pub mod verify;
 
 use crate::archive::tar::Segment;
 use crate::archive::{ArchiveId, SeekTable};

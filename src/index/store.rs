@@ -1,8 +1,16 @@
 //! Where indexes live and how they are loaded or rebuilt: `<archive>.snapfs-idx` beside
-//! the archive, or under `$XDG_CACHE_HOME/snapfs/` (default `~/.cache/snapfs/`) when the
-//! archive's directory is not writable. An index is used only if it decodes, validates
-//! and matches the archive's identity and the build options; otherwise it is rebuilt.
-//! Also owns the decompressed cache files of streams that cannot be checkpointed.
+//! a local archive, or under `$XDG_CACHE_HOME/snapfs/` (default `~/.cache/snapfs/`)
+//! when the archive's directory is not writable or the archive has no directory of its
+//! own (a layer blob, keyed by its digest). An index is used only if it decodes,
+//! validates and matches the archive's identity and the build options; otherwise it is
+//! rebuilt. Also owns the decompressed cache files of streams that cannot be
+//! checkpointed.
+//!
+//! An index file is a trust boundary: it decides what a mount shows. A sidecar beside
+//! the archive is used only if it, and its directory, are owned by the mounting user
+//! or root and writable by nobody else (as git's `safe.directory` and ssh's key checks
+//! do); any other is ignored with a log line and the index is built in the user's
+//! cache dir instead.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -13,6 +21,7 @@ use crate::archive::{Archive, Progress, SeekTable};
 use crate::error::{Error, Result};
 use crate::index::build::{build_index, BuildOptions};
 use crate::index::{format, Index};
+use crate::source::IndexHome;
 
 /// Suffix of an index file placed beside its archive.
 pub const SUFFIX: &str = ".snapfs-idx";
@@ -40,20 +49,87 @@ pub fn cache_dir() -> PathBuf {
     base.join("snapfs")
 }
 
-/// The two places an index for `archive` may live, beside first.
-pub fn candidates(archive: &Path) -> [PathBuf; 2] {
-    let abs = fs::canonicalize(archive).unwrap_or_else(|_| archive.to_path_buf());
-    let mut beside = abs.clone().into_os_string();
-    beside.push(SUFFIX);
-    let name = abs
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let key = crc32fast::hash(abs.as_os_str().as_encoded_bytes());
-    [
-        PathBuf::from(beside),
-        cache_dir().join(format!("{name}.{key:08x}{SUFFIX}")),
-    ]
+/// The places an index for `archive` may live, in the order they are tried: beside a
+/// local archive (if that place can be trusted, see the module doc), then the cache
+/// dir.
+pub fn candidates(archive: &Archive) -> Vec<PathBuf> {
+    let mut out = Vec::with_capacity(2);
+    match archive.source.index_home() {
+        IndexHome::Beside(path) => {
+            let abs = fs::canonicalize(&path).unwrap_or(path);
+            let mut beside = abs.clone().into_os_string();
+            beside.push(SUFFIX);
+            let beside = PathBuf::from(beside);
+            match untrusted(&beside) {
+                None => out.push(beside),
+                Some(why) => say_ignored(&beside, &why),
+            }
+            let name = abs
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let key = crc32fast::hash(abs.as_os_str().as_encoded_bytes());
+            out.push(cache_dir().join(format!("{name}.{key:08x}{SUFFIX}")));
+        }
+        IndexHome::Keyed(key) => out.push(cache_dir().join(format!("{key}{SUFFIX}"))),
+    }
+    out
+}
+
+/// Logs, once per process and place, that an index place is not used: a warning if
+/// an index file is there (someone may have meant it to be used).
+fn say_ignored(place: &Path, why: &str) {
+    static SAID: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut said = SAID.lock().unwrap_or_else(|e| e.into_inner());
+    if said.iter().any(|p| p == place) {
+        return;
+    }
+    said.push(place.to_path_buf());
+    if place.exists() {
+        log::warn!(
+            "ignoring the index {}: {why}; indexing into the cache dir instead",
+            place.display()
+        );
+    } else {
+        log::debug!("not keeping an index at {}: {why}", place.display());
+    }
+}
+
+/// Why an index at `path` (existing or to be written) cannot be trusted: the file or
+/// its directory is owned by another user than this one or root, or writable by group
+/// or others. `None` if it can be.
+pub fn untrusted(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let check = |p: &Path, what: &str| -> Option<String> {
+        let m = fs::symlink_metadata(p).ok()?;
+        if m.file_type().is_symlink() {
+            return Some(format!("the {what} is a symlink"));
+        }
+        if m.uid() != euid && m.uid() != 0 {
+            return Some(format!("the {what} is owned by uid {}", m.uid()));
+        }
+        // A sticky directory (like /tmp) protects entries from other users.
+        let sticky_dir = m.is_dir() && m.mode() & libc::S_ISVTX != 0;
+        if m.mode() & 0o022 != 0 && !sticky_dir {
+            return Some(format!(
+                "the {what} is writable by {} (mode {:o})",
+                if m.mode() & 0o002 != 0 {
+                    "others"
+                } else {
+                    "its group"
+                },
+                m.mode() & 0o7777
+            ));
+        }
+        None
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    check(path, "index file").or_else(|| check(dir, "directory"))
 }
 
 /// Loads the index at `path` if it is valid for `archive` (and was built with
@@ -127,7 +203,7 @@ impl std::ops::Deref for IndexBytes {
 /// header is read (a 10 MiB index is not read twice on every mount). The checksum and
 /// every record are checked when it is loaded, and a bad one is rebuilt then.
 pub fn find_current(archive: &Archive) -> Option<PathBuf> {
-    candidates(&archive.path).into_iter().find(|p| {
+    candidates(archive).into_iter().find(|p| {
         let mut prefix = [0u8; format::PREFIX_BYTES];
         File::open(p)
             .and_then(|f| std::io::Read::read_exact(&mut &f, &mut prefix))
@@ -170,7 +246,7 @@ pub fn load_or_build(
     force: bool,
     progress: &Progress,
 ) -> Result<(Index, Origin)> {
-    let places = candidates(&archive.path);
+    let places = candidates(archive);
     for p in places.iter().filter(|_| !force) {
         if !p.exists() {
             continue;
@@ -201,7 +277,9 @@ pub fn cache_file_for(archive: &Archive, index: &Index) -> Result<Option<File>> 
     if index.table.max_span_len() <= MAX_SPAN {
         return Ok(None);
     }
-    let [_, cached] = candidates(&archive.path);
+    let Some(cached) = candidates(archive).pop() else {
+        return Ok(None);
+    };
     let id = &archive.id;
     let path = cached.with_extension(format!(
         "{:x}-{:x}.data",
@@ -229,8 +307,8 @@ pub fn cache_file_for(archive: &Archive, index: &Index) -> Result<Option<File>> 
     let written = {
         let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
         let n = match &*index.table {
-            SeekTable::Zstd(_) => crate::archive::zstd::decompress_all(&archive.file, &mut w),
-            SeekTable::Gzip(_) => decompress_gzip_all(&archive.file, &mut w),
+            SeekTable::Zstd(_) => crate::archive::zstd::decompress_all(&*archive.source, &mut w),
+            SeekTable::Gzip(_) => decompress_gzip_all(archive, &mut w),
             SeekTable::Plain => Ok(0),
         }
         .map_err(|e| {
@@ -259,8 +337,9 @@ pub fn cache_file_for(archive: &Archive, index: &Index) -> Result<Option<File>> 
     Ok(Some(file))
 }
 
-fn decompress_gzip_all(file: &File, out: &mut dyn Write) -> std::io::Result<u64> {
-    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+fn decompress_gzip_all(archive: &Archive, out: &mut dyn Write) -> std::io::Result<u64> {
+    let source = crate::source::SourceReader::new(archive.source.clone());
+    let reader = std::io::BufReader::with_capacity(1 << 20, source);
     std::io::copy(&mut flate2::read::MultiGzDecoder::new(reader), out)
 }
 

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::archive::StreamReader;
 use crate::error::{Error, Result};
+use crate::index::verify::HeaderCheck;
 use crate::index::{Index, InodeRecord, ROOT_INO};
 
 /// Attributes of one inode, as `stat` shows them.
@@ -359,6 +360,8 @@ pub struct IndexTree {
     index: Arc<Index>,
     stream: StreamReader,
     stats: FsStats,
+    /// Set for an index that came with the archive (see [`crate::index::verify`]).
+    check: Option<HeaderCheck>,
 }
 
 fn enoent() -> Error {
@@ -387,7 +390,15 @@ impl IndexTree {
             index,
             stream,
             stats,
+            check: None,
         }
+    }
+
+    /// Checks every regular file against its tar headers before its bytes are first
+    /// served: for an index that is not ours (one embedded in the archive).
+    pub fn with_header_check(mut self) -> Self {
+        self.check = Some(HeaderCheck::new(&self.index));
+        self
     }
 
     /// The index behind this tree.
@@ -599,6 +610,11 @@ impl Tree for IndexTree {
             libc::S_IFDIR => return Err(Error::Errno(libc::EISDIR)),
             _ => return Err(Error::Errno(libc::EINVAL)),
         }
+        if let Some(check) = &self.check {
+            check
+                .ensure(&self.index, &self.stream, ino, r)
+                .map_err(|e| self.with_entry(ino, e))?;
+        }
         if offset >= r.size {
             return Ok(Vec::new());
         }
@@ -704,7 +720,7 @@ pub(crate) fn huge_files_tree(files: usize) -> IndexTree {
     // The loader accepts it, so it must be served without panicking.
     let index = format::decode(&format::encode(&index)).expect("the loader accepts it");
     let file = tempfile::tempfile().expect("tempfile");
-    let stream = StreamReader::new(file, "hostile.tar".into(), index.table.clone(), 1 << 20);
+    let stream = StreamReader::new(Arc::new(file), index.table.clone(), 1 << 20);
     IndexTree::new(Arc::new(index), stream)
 }
 

@@ -20,8 +20,8 @@
 //! of exactly [`GZIP_FOOTER_LEN`] bytes holding one stored deflate block. zstd — a
 //! final frame of exactly [`ZSTD_FOOTER_LEN`] bytes holding one raw block.
 
+use crate::source::SourceReader;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
 
 use crate::archive::{Archive, Compression, SeekTable};
 use crate::error::{Error, Result};
@@ -189,11 +189,7 @@ fn unwrap_footer(
 /// footer's index length, itself capped relative to the file size).
 pub fn read_embedded(archive: &Archive) -> Result<Option<Index>> {
     let err = |m: String| Error::archive(&archive.path, None, None, m);
-    let size = archive
-        .file
-        .metadata()
-        .map_err(|e| Error::io("reading", &archive.path, e))?
-        .len();
+    let size = archive.id.size;
     let wrap_len = match archive.compression {
         Compression::None => FOOTER_LEN,
         Compression::Gzip => GZIP_FOOTER_LEN,
@@ -205,7 +201,7 @@ pub fn read_embedded(archive: &Archive) -> Result<Option<Index>> {
     let footer_start = size - wrap_len;
     let mut tail = vec![0u8; wrap_len as usize];
     archive
-        .file
+        .source
         .read_exact_at(&mut tail, footer_start)
         .map_err(|e| Error::io("reading", &archive.path, e))?;
     let Some(block) = unwrap_footer(&tail, archive.compression).map_err(&err)? else {
@@ -264,11 +260,7 @@ fn load_index(
         .checked_add(range_len)
         .filter(|&e| e <= footer_start)
         .ok_or("index range lies outside the file")?;
-    let src = RangeReader {
-        file: &archive.file,
-        pos: f.compressed_offset,
-        end,
-    };
+    let src = SourceReader::range(archive.source.clone(), f.compressed_offset, end);
     let mut bytes = Vec::with_capacity(index_len.min(64 << 20));
     let read = match f.compression {
         Compression::None => src.take(padded).read_to_end(&mut bytes),
@@ -323,24 +315,4 @@ fn load_index(
     }
     index.id = archive.id;
     Ok(Some(index))
-}
-
-/// Positional reads of `[pos, end)` of a file.
-struct RangeReader<'a> {
-    file: &'a std::fs::File,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for RangeReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.end.saturating_sub(self.pos);
-        let n = (buf.len() as u64).min(left) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        let got = self.file.read_at(&mut buf[..n], self.pos)?;
-        self.pos += got as u64;
-        Ok(got)
-    }
 }

@@ -229,7 +229,7 @@ fn round_trip_through_member_reader_index_and_seek_table() {
             }
         }
         // Reading files through the index and the stream reader.
-        let reader = StreamReader::new(file, path.clone(), idx.table.clone(), 1 << 20);
+        let reader = StreamReader::new(Arc::new(file), idx.table.clone(), 1 << 20);
         for rec in idx.inodes.iter().filter(|r| r.file_type() == libc::S_IFREG) {
             let mut buf = vec![0u8; rec.size as usize];
             reader.read_exact_at(&mut buf, rec.data).unwrap();

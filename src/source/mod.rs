@@ -1,0 +1,163 @@
+//! Where archive bytes live: a [`Source`] answers positional reads and says what it is
+//! (its [`Identity`], checked on every read, and where an index of it may be kept).
+//! Backends: a local file ([`FileSource`]) and a byte range of another source
+//! ([`RangeSource`], a layer blob inside an image archive). Everything above this
+//! module asks a `Source` for bytes and never knows where they come from.
+
+mod file;
+mod range;
+
+use std::io::{self, Read};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub use file::FileSource;
+pub use range::RangeSource;
+
+/// What an index of a source is tied to besides its bytes' hashes: the size and a
+/// version stamp that changes whenever the content may have (a local file's mtime in
+/// nanoseconds; a content-addressed blob's digest; an object's ETag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    /// Size in bytes.
+    pub size: u64,
+    /// Version stamp (mtime in ns, or a hash of a digest or ETag).
+    pub version: i64,
+}
+
+/// Where the index of a source may be kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IndexHome {
+    /// A local file: `<path>.snapfs-idx` beside it, or the user's cache dir.
+    Beside(PathBuf),
+    /// No place of its own: the user's cache dir under this key (a layer digest, a
+    /// hash of a URL). Keys are file-name safe.
+    Keyed(String),
+}
+
+/// Random-access bytes of one archive. Shared between threads.
+pub trait Source: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `off`; fewer only at the end.
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+
+    /// The size and version this source had when it was opened.
+    fn identity(&self) -> Identity;
+
+    /// `Err(why)` if the source no longer is what it was when opened (written in
+    /// place, truncated, replaced): its bytes may not be the ones an index describes.
+    fn check_unchanged(&self) -> Result<(), String>;
+
+    /// Its name in messages (a path, a URL, `outer.tar@sha256:...`).
+    fn name(&self) -> PathBuf;
+
+    /// Where its index may be kept.
+    fn index_home(&self) -> IndexHome;
+
+    /// Fills `buf` from `off`; an early end is an `UnexpectedEof` error.
+    fn read_exact_at(&self, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, off) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("read past the end at offset {off}"),
+                    ))
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    off = off.checked_add(n as u64).ok_or_else(overflow)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn overflow() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "offset overflow")
+}
+
+/// Sequential reads of `[pos, end)` of a source, for indexing passes and whole-stream
+/// decompression. Skipping forward is free (the next read starts further on).
+pub struct SourceReader {
+    source: Arc<dyn Source>,
+    pos: u64,
+    end: u64,
+}
+
+impl SourceReader {
+    /// Reads all of `source` from the start.
+    pub fn new(source: Arc<dyn Source>) -> Self {
+        let end = source.identity().size;
+        SourceReader {
+            source,
+            pos: 0,
+            end,
+        }
+    }
+
+    /// Reads `[start, end)` of `source`.
+    pub fn range(source: Arc<dyn Source>, start: u64, end: u64) -> Self {
+        SourceReader {
+            source,
+            pos: start,
+            end,
+        }
+    }
+
+    /// Offset of the next read.
+    pub fn position(&self) -> u64 {
+        self.pos
+    }
+
+    /// Skips `n` bytes; fails if that passes the end.
+    pub fn skip(&mut self, n: u64) -> io::Result<()> {
+        match self.pos.checked_add(n).filter(|&p| p <= self.end) {
+            Some(p) => {
+                self.pos = p;
+                Ok(())
+            }
+            None => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "archive ends inside member data",
+            )),
+        }
+    }
+}
+
+impl Read for SourceReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.end.saturating_sub(self.pos);
+        let n = usize::try_from(left).map_or(buf.len(), |l| l.min(buf.len()));
+        if n == 0 {
+            return Ok(0);
+        }
+        let got = self.source.read_at(&mut buf[..n], self.pos)?;
+        self.pos += got as u64;
+        Ok(got)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reader_reads_ranges_and_skips_within_them() {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(f.path(), &data).unwrap();
+        let src: Arc<dyn Source> = Arc::new(FileSource::open(f.path()).unwrap());
+        let mut r = SourceReader::range(src.clone(), 100, 5000);
+        let mut out = Vec::new();
+        r.skip(100).unwrap();
+        r.read_to_end(&mut out).unwrap();
+        assert_eq!(out, data[200..5000]);
+        assert!(r.skip(1).is_err());
+        let mut whole = Vec::new();
+        SourceReader::new(src).read_to_end(&mut whole).unwrap();
+        assert_eq!(whole, data);
+    }
+}
