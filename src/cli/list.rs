@@ -81,6 +81,33 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     v
 }
 
+/// The file system types of the mounts stacked on `mountpoint` (bottom first), from
+/// mountinfo text.
+pub fn types_at(text: &str, mountpoint: &Path) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let at = left.split(' ').nth(4)?;
+            let fstype = right.split(' ').next()?;
+            (unescape(at) == mountpoint.as_os_str().as_bytes()).then(|| fstype.to_string())
+        })
+        .collect()
+}
+
+/// Refuses a mountpoint that already has a FUSE mount (snapfs's or another's) on
+/// top: mounting again would stack a second mount and hide the first.
+pub fn check_not_fuse_mounted(mountpoint: &Path) -> Result<()> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("cannot read", "/proc/self/mountinfo", e))?;
+    match types_at(&text, mountpoint).pop() {
+        Some(t) if t == "fuse" || t.starts_with("fuse.") => Err(Error::AlreadyMounted {
+            path: mountpoint.to_path_buf(),
+            fstype: t,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The snapfs mounts visible to this process.
 pub fn mounts() -> Result<Vec<MountEntry>> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")
@@ -187,6 +214,16 @@ pub fn run(_args: ListArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_types_at_a_path_bottom_first() {
+        let text = "36 35 98:0 / /mnt/a rw - ext4 /dev/x rw\n\
+                    37 36 0:50 / /mnt/a ro - fuse.snapfs snapfs:/a.tar ro\n\
+                    38 35 0:51 / /mnt/a\\040b rw - fuse.sshfs h:/ rw\n";
+        assert_eq!(types_at(text, Path::new("/mnt/a")), ["ext4", "fuse.snapfs"]);
+        assert_eq!(types_at(text, Path::new("/mnt/a b")), ["fuse.sshfs"]);
+        assert!(types_at(text, Path::new("/mnt")).is_empty());
+    }
 
     #[test]
     fn parses_snapfs_lines_only() {

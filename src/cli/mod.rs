@@ -16,7 +16,8 @@ use clap::{Parser, Subcommand};
 
 use crate::error::{Error, Result};
 
-/// Mount snapshot tarballs (tar, tar.gz, tar.zst) as lazy, read-only FUSE trees.
+/// Mount snapshot tarballs (tar, tar.gz, tar.zst) as lazy FUSE views: read-only, or
+/// writable with an upper dir whose changes `commit` cuts into new snapshots.
 #[derive(Parser, Debug)]
 #[command(name = "snapfs", version, about, long_about = None)]
 pub struct Cli {
@@ -28,7 +29,8 @@ pub struct Cli {
 enum Command {
     /// Build (or refresh) the persisted index of an archive and print a summary.
     Index(index::IndexArgs),
-    /// Mount an archive read-only; returns once the mount is live.
+    /// Mount archives as a view (read-only, or writable with --upper); returns once the
+    /// mount is live.
     Mount(mount::MountArgs),
     /// Unmount a snapfs mount (also cleans up a mount whose daemon died).
     Umount(umount::UmountArgs),

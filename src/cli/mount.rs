@@ -27,9 +27,13 @@ use crate::view::{self, ViewSpec};
 /// Arguments of `snapfs mount`.
 #[derive(Args, Debug)]
 pub struct MountArgs {
-    /// The archive (tar, tar.gz or tar.zst) followed by the mountpoint.
-    #[arg(required = true, num_args = 2.., value_name = "ARCHIVE... MOUNTPOINT")]
-    paths: Vec<PathBuf>,
+    /// The archives (tar, tar.gz or tar.zst; detected from their bytes), bottom layer
+    /// first: each one after the first is stacked on top as an OCI layer.
+    #[arg(required = true, value_name = "ARCHIVE")]
+    archives: Vec<PathBuf>,
+    /// Where the view appears (an existing directory).
+    #[arg(value_name = "MOUNTPOINT")]
+    mountpoint: PathBuf,
     /// Stay in the foreground (logs to stderr; Ctrl-C unmounts).
     #[arg(short, long)]
     foreground: bool,
@@ -80,13 +84,17 @@ pub struct MountArgs {
 /// Runs `snapfs mount`.
 pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     fold_options(&mut args)?;
-    let (archives, mountpoint) = split_paths(&args.paths)?;
+    let (archives, mountpoint) = (&args.archives[..], args.mountpoint.as_path());
     IdMap::from_args(&args.uid_map, &args.gid_map, args.owner.as_deref())?;
     for a in archives {
         super::check_archive(a)?;
     }
     match std::fs::metadata(mountpoint) {
-        Ok(m) if m.is_dir() => {}
+        Ok(m) if m.is_dir() => {
+            let canonical = std::fs::canonicalize(mountpoint)
+                .map_err(|e| Error::io("cannot use mountpoint", mountpoint, e))?;
+            super::list::check_not_fuse_mounted(&canonical)?;
+        }
         Ok(_) => {
             return Err(Error::NotA {
                 path: mountpoint.to_path_buf(),
@@ -133,7 +141,7 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
         let (index, _) = super::index::obtain(&archive, &opts, None, false)?;
         store::cache_file_for(&archive, &index)?;
     }
-    daemonize(&args.paths, &args)
+    daemonize(&args)
 }
 
 /// Foreground mode with `--log-file`: stderr (where the log goes) is appended to `f`.
@@ -253,17 +261,13 @@ fn fold_options(args: &mut MountArgs) -> Result<()> {
     Ok(())
 }
 
-fn split_paths(paths: &[PathBuf]) -> Result<(&[PathBuf], &Path)> {
-    match paths.split_last() {
-        Some((m, a)) if !a.is_empty() => Ok((a, m.as_path())),
-        _ => Err(Error::Usage(
-            "usage: snapfs mount [OPTIONS] <ARCHIVE>... <MOUNTPOINT>".into(),
-        )),
-    }
-}
-
 /// Starts the daemon and waits for its verdict on a pipe.
-fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
+fn daemonize(args: &MountArgs) -> Result<ExitCode> {
+    let paths: Vec<&PathBuf> = args
+        .archives
+        .iter()
+        .chain(std::iter::once(&args.mountpoint))
+        .collect();
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two fds into the array we own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -335,7 +339,7 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     cmd.args(
         paths
             .iter()
-            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())),
     );
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     cmd.current_dir("/");
