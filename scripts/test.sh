@@ -18,6 +18,7 @@ PACKAGES="fuse3:fusermount3 pigz:pigz zstd:zstd attr:getfattr python3:python3 ta
 # crates.io tools, pinned: the POSIX suites run inside writable views.
 CRATES="pjdfstest@0.2.2:pjdfstest fsx@0.3.2:fsx"
 
+export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 missing_pkgs=()
 for p in $PACKAGES; do
   command -v "${p#*:}" >/dev/null 2>&1 || missing_pkgs+=("${p%%:*}")
@@ -26,7 +27,6 @@ done
 if ! command -v busybox >/dev/null 2>&1 || ldd "$(command -v busybox)" >/dev/null 2>&1; then
   missing_pkgs+=(busybox-static)
 fi
-export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
 missing_crates=()
 for c in $CRATES; do
   want="${c%%:*}"; tool="${c#*:}"

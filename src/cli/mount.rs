@@ -273,7 +273,7 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(Error::io(
             "cannot create pipe for",
-            &paths[0],
+            paths[0],
             std::io::Error::last_os_error(),
         ));
     }
@@ -358,7 +358,7 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| Error::io("cannot start daemon for", &paths[0], e))?;
+        .map_err(|e| Error::io("cannot start daemon for", paths[0], e))?;
     drop(write_end);
     let mut msg = String::new();
     let _ = File::from(read_end).read_to_string(&mut msg);
