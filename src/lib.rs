@@ -17,6 +17,7 @@ pub mod fuzzing;
 pub mod idmap;
 pub mod index;
 pub mod layers;
+pub mod service;
 pub mod snapshot;
 pub mod source;
 pub mod upper;
