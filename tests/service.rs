@@ -439,6 +439,11 @@ fn service_socket_api_refuses_bad_requests_and_stays_up() {
         let l3: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
         assert_eq!(l3["status"]["pid"], svc.pid());
     }
+    // A view with a file open is busy: refused, and it keeps serving.
+    let open = fs::File::open(mnt.join("readme")).unwrap();
+    refused(r#"{"op":"remove","key":"one"}"#, "is busy");
+    assert_eq!(fs::read(mnt.join("readme")).unwrap(), b"seed 3\n");
+    drop(open);
     svc.ok(&json!({"op": "remove", "mountpoint": mnt}));
     assert!(!util::is_mounted(&mnt));
     assert_eq!(svc.ok(&json!({"op": "list"}))["views"], json!([]));
@@ -483,4 +488,32 @@ fn service_serves_fifty_views_of_one_archive() {
     println!("service RSS: {rss0} kB idle, {rss} kB with {N} views (see scripts/service-rss.sh)");
     svc.stop();
     assert!(util::mounts_under(td.path()).is_empty());
+}
+
+#[test]
+fn service_keeps_a_view_it_cannot_restore_as_failed_until_removed() {
+    let td = TestDir::new("svc-failed");
+    let _left = NoMountsLeft(td.path().to_path_buf());
+    let tar = corpus::small_tar(td.path(), "a.tar", 4)
+        .canonicalize()
+        .unwrap();
+    let mnt = td.mkdir("m").canonicalize().unwrap();
+    let svc = service(&td, &[]);
+    mount_via(&svc, &[], &[&tar], &mnt);
+    svc.stop();
+    assert!(!util::is_mounted(&mnt));
+    fs::rename(&tar, td.join("moved.tar")).unwrap();
+    let svc = service(&td, &[]);
+    let views = svc.ok(&json!({"op": "list"}))["views"].clone();
+    assert_eq!(views[0]["state"], "failed", "{views}");
+    let why = views[0]["error"].as_str().unwrap_or_default();
+    assert!(why.contains(s(&tar)), "{why}");
+    assert!(!util::is_mounted(&mnt));
+    let f = listed(false, &mnt).expect("failed view listed");
+    assert_eq!(f[2], "failed");
+    // `snapfs umount` finds the service that has the view and removes it there.
+    util::snapfs(["umount", s(&mnt)]).assert_ok();
+    assert_eq!(svc.ok(&json!({"op": "list"}))["views"], json!([]));
+    assert!(listed(false, &mnt).is_none());
+    svc.stop();
 }

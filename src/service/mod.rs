@@ -396,6 +396,10 @@ impl Inner {
     /// paths checked as for a new one.
     fn restore(&self, v: &ViewConfig) -> Result<(Served, u64)> {
         mounts::clean_stale(&v.mountpoint)?;
+        // A new upper dir would silently be an empty view: a missing one is an error.
+        if let Some(u) = &v.upper {
+            std::fs::metadata(u).map_err(|e| Error::io("cannot open upper dir", u, e))?;
+        }
         let checked = check(v.clone())?;
         if let Some(fstype) = mounts::mounted_at(&checked.mountpoint)? {
             return Err(Error::AlreadyMounted {
