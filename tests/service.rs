@@ -385,6 +385,16 @@ fn service_socket_api_refuses_bad_requests_and_stays_up() {
     );
     refused(r#"{"op":"remove","key":"nope"}"#, "no view with key");
     refused(r#"{"op":"remove"}"#, "a key or a mountpoint");
+    // One service per root.
+    let r = util::run_timeout(
+        Command::new(util::bin())
+            .args(["serve", "--root"])
+            .arg(&svc.root)
+            .arg("--socket")
+            .arg(td.join("other.sock")),
+        Duration::from_secs(60),
+    );
+    util::assert_one_line_error(&r, "in use by another snapfs service");
     assert!(
         util::mounts_under(td.path()).is_empty(),
         "a refused add left a mount"
@@ -458,7 +468,22 @@ fn service_serves_fifty_views_of_one_archive() {
     let tar = corpus::small_tar(td.path(), "a.tar", 8);
     let gz = corpus::compress(&tar, Comp::Gzip).canonicalize().unwrap();
     let want = fs::read(td.join("src-a.tar/d1/f001.dat")).unwrap();
-    let svc = service(&td, &["--cache-size", "64M", "--threads", "2"]);
+    let pid_file = td.join("serve.pid");
+    let svc = service(
+        &td,
+        &[
+            "--cache-size",
+            "64M",
+            "--threads",
+            "2",
+            "--pid-file",
+            s(&pid_file),
+        ],
+    );
+    assert_eq!(
+        fs::read_to_string(&pid_file).unwrap().trim(),
+        svc.pid().to_string()
+    );
     let rss0 = util::proc_status_kb(svc.pid(), "VmRSS").unwrap_or(0);
     let mut mnts = Vec::new();
     for i in 0..N {
@@ -488,6 +513,7 @@ fn service_serves_fifty_views_of_one_archive() {
     println!("service RSS: {rss0} kB idle, {rss} kB with {N} views (see scripts/service-rss.sh)");
     svc.stop();
     assert!(util::mounts_under(td.path()).is_empty());
+    assert!(!pid_file.exists(), "pid file left after a clean exit");
 }
 
 #[test]
