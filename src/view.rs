@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::archive::{Archive, Progress, StreamReader};
+use crate::cache::SpanPool;
 use crate::error::{Error, Result};
 use crate::idmap::{IdMap, MappedTree};
 use crate::index::build::BuildOptions;
@@ -32,12 +33,22 @@ pub struct ViewSpec {
 
 /// Opens the view `spec` describes: its one tree, ready to serve.
 pub fn open(spec: &ViewSpec) -> Result<Box<dyn Tree>> {
-    let mut tree = open_stack(&spec.layers, &spec.build, spec.cache_bytes)?;
-    if let Some(dir) = &spec.upper {
+    let tree = open_stack(&spec.layers, &spec.build, spec.cache_bytes)?;
+    finish(tree, spec.upper.as_deref(), &spec.idmap)
+}
+
+/// Puts the stacked read-only tree of a view under its upper directory (if any) and
+/// its id map (unless the identity).
+pub fn finish(
+    mut tree: Box<dyn Tree>,
+    upper: Option<&Path>,
+    idmap: &IdMap,
+) -> Result<Box<dyn Tree>> {
+    if let Some(dir) = upper {
         tree = Box::new(UpperTree::new(tree, dir)?);
     }
-    if !spec.idmap.is_identity() {
-        tree = Box::new(MappedTree::new(tree, spec.idmap.clone()));
+    if !idmap.is_identity() {
+        tree = Box::new(MappedTree::new(tree, idmap.clone()));
     }
     Ok(tree)
 }
@@ -60,15 +71,29 @@ pub fn load_index(
     store::load_or_build(archive, opts, required_span, force, progress)
 }
 
+/// Where an archive's decoded spans are kept.
+pub enum Spans<'a> {
+    /// A cache of its own, of this many bytes.
+    Own(u64),
+    /// A pool shared with other archives (the service's).
+    Pool(&'a Arc<SpanPool>),
+}
+
 /// The read-only tree of one archive, its index loaded (or built).
 pub fn open_archive(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Result<IndexTree> {
-    let archive = Archive::open(path)?;
+    open_archive_in(Archive::open(path)?, opts, Spans::Own(cache_bytes))
+}
+
+/// The read-only tree of an opened archive, its index loaded (or built), its spans
+/// cached as `spans` says.
+pub fn open_archive_in(archive: Archive, opts: &BuildOptions, spans: Spans) -> Result<IndexTree> {
     let (index, origin) = load_index(&archive, opts, None, false, &Default::default())?;
     let cache_file = store::cache_file_for(&archive, &index)?;
     let table = index.table.clone();
-    let stream = match cache_file {
-        Some(c) => StreamReader::with_cache_file(archive.source, table, c),
-        None => StreamReader::new(archive.source, table, cache_bytes),
+    let stream = match (cache_file, spans) {
+        (Some(c), _) => StreamReader::with_cache_file(archive.source, table, c),
+        (None, Spans::Own(bytes)) => StreamReader::new(archive.source, table, bytes),
+        (None, Spans::Pool(pool)) => StreamReader::in_pool(archive.source, table, pool),
     };
     // The index was checked against the archive as opened; refuse if it changed since.
     stream.verify_unchanged()?;
@@ -85,6 +110,14 @@ pub fn open_archive(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Resul
 /// random reads on a 1 GiB tar.gz peaked 7-10 MiB over that).
 const DAEMON_OVERHEAD: u64 = 48 << 20;
 
+/// The part of a `--cache-size` budget that decoded spans may use: the rest is the
+/// process's own overhead.
+pub fn span_budget(cache_bytes: u64) -> u64 {
+    cache_bytes
+        .saturating_sub(DAEMON_OVERHEAD)
+        .max(cache_bytes / 2)
+}
+
 /// The archives stacked as layers (last on top); one archive is served directly.
 /// `cache_bytes` (less the daemon's own overhead) is shared out between the layers.
 pub fn open_stack(
@@ -92,14 +125,16 @@ pub fn open_stack(
     opts: &BuildOptions,
     cache_bytes: u64,
 ) -> Result<Box<dyn Tree>> {
-    let spans = cache_bytes
-        .saturating_sub(DAEMON_OVERHEAD)
-        .max(cache_bytes / 2);
-    let each = spans / archives.len().max(1) as u64;
+    let each = span_budget(cache_bytes) / archives.len().max(1) as u64;
     let mut trees: Vec<Box<dyn Tree>> = Vec::with_capacity(archives.len());
     for path in archives {
         trees.push(Box::new(open_archive(path, opts, each)?));
     }
+    stack(trees)
+}
+
+/// Trees stacked as layers (last on top); one tree is served directly.
+pub fn stack(mut trees: Vec<Box<dyn Tree>>) -> Result<Box<dyn Tree>> {
     if trees.len() == 1 {
         trees
             .pop()

@@ -1,7 +1,10 @@
 //! `snapfs list`: the live snapfs mounts (fs type `fuse.snapfs` in
 //! `/proc/self/mountinfo`), their archives (from the mount source
 //! `snapfs:<archive>[:<archive>...]`), their daemon pids (found in `/proc` by command
-//! line and an open `/dev/fuse`) and whether the daemon still answers.
+//! line and an open `/dev/fuse`) and whether the daemon still answers. Views of a
+//! snapfs service (`--service`, `$SNAPFS_SERVICE`, and every `snapfs serve` found in
+//! `/proc`) are asked of the service and marked with it; `-l` adds each view's
+//! service, upper dir and bytes read per archive.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -11,10 +14,20 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::error::{Error, Result};
+use crate::service::{client, Request, ViewInfo, ViewState};
 
 /// Arguments of `snapfs list`.
 #[derive(Args, Debug)]
-pub struct ListArgs {}
+pub struct ListArgs {
+    /// Long listing: also the service, the upper dir and the bytes read from each
+    /// archive (known for service views).
+    #[arg(short, long)]
+    long: bool,
+    /// Also list the views of the service on SOCKET [default: $SNAPFS_SERVICE, and
+    /// every running `snapfs serve`].
+    #[arg(long, value_name = "SOCKET")]
+    service: Option<PathBuf>,
+}
 
 /// One snapfs mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,11 +198,156 @@ fn state(mountpoint: &Path) -> &'static str {
     }
 }
 
+/// The sockets of the snapfs services to ask: `explicit` (or `$SNAPFS_SERVICE`),
+/// then every `snapfs serve` process found in `/proc` (its `--socket`, else
+/// `--root`/snapfs.sock).
+pub fn service_sockets(explicit: Option<&Path>) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = super::service_socket(explicit).into_iter().collect();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in rd.flatten() {
+        if !e.file_name().as_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_snapfs = args.first().is_some_and(|a| {
+            Path::new(std::ffi::OsStr::from_bytes(a))
+                .file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b"snapfs"))
+        });
+        if !is_snapfs || args.get(1) != Some(&&b"serve"[..]) {
+            continue;
+        }
+        let value = |flag: &[u8]| -> Option<PathBuf> {
+            let mut it = args.iter();
+            while let Some(a) = it.next() {
+                if *a == flag {
+                    return it
+                        .next()
+                        .map(|v| PathBuf::from(std::ffi::OsStr::from_bytes(v)));
+                }
+                if let Some(v) = a.strip_prefix(flag).and_then(|r| r.strip_prefix(b"=")) {
+                    return Some(PathBuf::from(std::ffi::OsStr::from_bytes(v)));
+                }
+            }
+            None
+        };
+        let socket = value(b"--socket")
+            .or_else(|| value(b"--root").map(|r| crate::service::control::default_socket(&r)));
+        let Some(mut socket) = socket else { continue };
+        if socket.is_relative() {
+            match std::fs::read_link(e.path().join("cwd")) {
+                Ok(cwd) => socket = cwd.join(socket),
+                Err(_) => continue,
+            }
+        }
+        if !v.contains(&socket) {
+            v.push(socket);
+        }
+    }
+    v
+}
+
+/// A view of a service.
+struct ServiceView {
+    socket: PathBuf,
+    pid: u32,
+    info: ViewInfo,
+}
+
+/// The views of every service found; an unreachable `explicit` one is an error,
+/// found ones that do not answer are skipped.
+fn service_views(explicit: Option<&Path>) -> Result<Vec<ServiceView>> {
+    let mut v = Vec::new();
+    let named = super::service_socket(explicit);
+    for socket in service_sockets(explicit) {
+        let status = match client::call(&socket, &Request::Status {}) {
+            Ok(r) => r.status,
+            Err(e) if named.as_deref() == Some(socket.as_path()) => return Err(e),
+            Err(_) => continue,
+        };
+        for info in status.iter().flat_map(|s| s.views.iter()) {
+            v.push(ServiceView {
+                socket: socket.clone(),
+                pid: status.as_ref().map_or(0, |s| s.pid),
+                info: info.clone(),
+            });
+        }
+    }
+    Ok(v)
+}
+
+fn state_name(s: ViewState) -> &'static str {
+    match s {
+        ViewState::Starting => "starting",
+        ViewState::Live => "live",
+        ViewState::Stopping => "stopping",
+        ViewState::Failed => "failed",
+    }
+}
+
 /// Runs `snapfs list`: one tab-separated line per mount after a header:
-/// mountpoint, daemon pid(s) (`-` if none), state (`live`/`stale`), archives.
-pub fn run(_args: ListArgs) -> Result<ExitCode> {
-    let mut out = String::from("MOUNTPOINT\tPID\tSTATE\tARCHIVES\n");
+/// mountpoint, daemon pid(s) (`-` if none; `service:PID` for a service's view),
+/// state (`live`/`stale`, or a service view's `starting`/`failed`/...), archives.
+/// With `-l`, between state and archives: the service's socket, the upper dir and
+/// the bytes read from each archive (comma separated, archive order; `-` where
+/// unknown).
+pub fn run(args: ListArgs) -> Result<ExitCode> {
+    let mut views = service_views(args.service.as_deref())?;
+    let mut out = if args.long {
+        String::from("MOUNTPOINT\tPID\tSTATE\tSERVICE\tUPPER\tBYTES_READ\tARCHIVES\n")
+    } else {
+        String::from("MOUNTPOINT\tPID\tSTATE\tARCHIVES\n")
+    };
+    let line = |out: &mut String,
+                mp: &Path,
+                pid: &str,
+                state: &str,
+                sv: Option<&ServiceView>,
+                archives: &[PathBuf]| {
+        let archives: Vec<String> = archives.iter().map(|a| a.display().to_string()).collect();
+        out.push_str(&format!("{}\t{pid}\t{state}\t", mp.display()));
+        if args.long {
+            let dash = || "-".to_string();
+            let socket = sv.map_or_else(dash, |v| v.socket.display().to_string());
+            let upper = sv
+                .and_then(|v| v.info.config.upper.as_ref())
+                .map_or_else(dash, |u| u.display().to_string());
+            let read = sv.map_or_else(dash, |v| {
+                let n: Vec<String> = v
+                    .info
+                    .sources
+                    .iter()
+                    .map(|s| s.bytes_read.to_string())
+                    .collect();
+                n.join(",")
+            });
+            out.push_str(&format!("{socket}\t{upper}\t{read}\t"));
+        }
+        out.push_str(&archives.join(" "));
+        out.push('\n');
+    };
     for m in mounts()? {
+        if let Some(i) = views
+            .iter()
+            .position(|v| v.info.config.mountpoint == m.mountpoint)
+        {
+            let v = views.remove(i);
+            let pid = format!("service:{}", v.pid);
+            line(
+                &mut out,
+                &m.mountpoint,
+                &pid,
+                state_name(v.info.state),
+                Some(&v),
+                &m.archives,
+            );
+            continue;
+        }
         let pids = daemon_pids(&m.mountpoint);
         // A found daemon holds the connection open, so the mount is live. Only a mount
         // without one is probed: a path lookup on a mount briefly pins it, and a
@@ -200,12 +358,20 @@ pub fn run(_args: ListArgs) -> Result<ExitCode> {
             let p: Vec<String> = pids.iter().map(u32::to_string).collect();
             (p.join(","), "live")
         };
-        let archives: Vec<String> = m.archives.iter().map(|a| a.display().to_string()).collect();
-        out.push_str(&format!(
-            "{}\t{pids}\t{state}\t{}\n",
-            m.mountpoint.display(),
-            archives.join(" ")
-        ));
+        line(&mut out, &m.mountpoint, &pids, state, None, &m.archives);
+    }
+    // Service views not mounted (failed, starting).
+    for v in &views {
+        let pid = format!("service:{}", v.pid);
+        let c = &v.info.config;
+        line(
+            &mut out,
+            &c.mountpoint,
+            &pid,
+            state_name(v.info.state),
+            Some(v),
+            &c.layers,
+        );
     }
     print!("{out}");
     Ok(ExitCode::SUCCESS)

@@ -7,6 +7,7 @@ mod helper;
 mod index;
 mod list;
 mod mount;
+mod serve;
 mod umount;
 
 use std::path::PathBuf;
@@ -38,6 +39,9 @@ enum Command {
     List(list::ListArgs),
     /// Capture a plain directory into a new seekable, self-indexed snapshot.
     Create(create::CreateArgs),
+    /// Serve many views from one process: a control socket to add, list and remove
+    /// them, one span cache, views restored after a restart.
+    Serve(serve::ServeArgs),
     /// Cut a snapshot (delta layer, or --full) from a writable view's upper dir.
     #[command(
         long_about = "Cut a snapshot from a writable view's upper dir: by default a delta \
@@ -70,6 +74,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Umount(a) => umount::run(a),
         Command::List(a) => list::run(a),
         Command::Create(a) => create::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Commit(a) => commit::run(a),
     }
 }
@@ -89,6 +94,19 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// The environment variable naming the socket of the snapfs service that `mount`,
+/// `umount` and `list` talk to when no `--service` is given.
+pub const SERVICE_ENV: &str = "SNAPFS_SERVICE";
+
+/// The service socket a command was pointed at: `--service`, else `$SNAPFS_SERVICE`.
+fn service_socket(flag: Option<&std::path::Path>) -> Option<PathBuf> {
+    flag.map(PathBuf::from).or_else(|| {
+        std::env::var_os(SERVICE_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
 }
 
 /// Checks that an archive argument names a readable regular file.

@@ -22,6 +22,7 @@ use crate::fs::{MountOptions, Session};
 use crate::idmap::IdMap;
 use crate::index::build::BuildOptions;
 use crate::index::store;
+use crate::service::{client, Request, ViewConfig};
 use crate::view::{self, ViewSpec};
 
 /// Arguments of `snapfs mount`.
@@ -76,6 +77,10 @@ pub struct MountArgs {
     /// Write the daemon's pid to FILE once the mount is live (removed on clean exit).
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
+    /// Ask the snapfs service listening on SOCKET (`snapfs serve`) to mount the view
+    /// instead of starting a daemon of its own [default: $SNAPFS_SERVICE if set].
+    #[arg(long, value_name = "SOCKET")]
+    service: Option<PathBuf>,
     /// Internal: file descriptor on which the daemon reports readiness.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
@@ -106,6 +111,11 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     }
     if let Some(u) = &args.upper {
         std::fs::create_dir_all(u).map_err(|e| Error::io("cannot create upper dir", u, e))?;
+    }
+    if args.ready_fd.is_none() {
+        if let Some(socket) = super::service_socket(args.service.as_deref()) {
+            return via_service(&args, archives, mountpoint, &socket);
+        }
     }
     if let Some(f) = &args.pid_file {
         check_writable_file(f, "cannot create pid file")?;
@@ -142,6 +152,48 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
         store::cache_file_for(&archive, &index)?;
     }
     daemonize(&args)
+}
+
+/// Asks the service on `socket` to mount the view; returns once it is live.
+fn via_service(
+    args: &MountArgs,
+    archives: &[PathBuf],
+    mountpoint: &Path,
+    socket: &Path,
+) -> Result<ExitCode> {
+    let daemon_only = [
+        (args.foreground, "--foreground"),
+        (args.log_file.is_some(), "--log-file"),
+        (args.pid_file.is_some(), "--pid-file"),
+        (args.cache_size.is_some(), "--cache-size"),
+    ];
+    if let Some((_, flag)) = daemon_only.iter().find(|(given, _)| *given) {
+        return Err(Error::Usage(format!(
+            "{flag} belongs to the service (snapfs serve), not to a view mounted with --service"
+        )));
+    }
+    // The service runs elsewhere (another cwd): it gets absolute, resolved paths.
+    let resolve = |p: &Path, what| std::fs::canonicalize(p).map_err(|e| Error::io(what, p, e));
+    let view = ViewConfig {
+        mountpoint: resolve(mountpoint, "cannot use mountpoint")?,
+        layers: archives
+            .iter()
+            .map(|a| resolve(a, "cannot open archive"))
+            .collect::<Result<_>>()?,
+        upper: match &args.upper {
+            Some(u) => Some(resolve(u, "cannot use upper dir")?),
+            None => None,
+        },
+        uid_map: args.uid_map.clone(),
+        gid_map: args.gid_map.clone(),
+        owner: args.owner.clone(),
+        options: args.options.clone(),
+        threads: Some(args.threads),
+        span: Some(args.span),
+        ..Default::default()
+    };
+    client::call(socket, &Request::Add { view })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Foreground mode with `--log-file`: stderr (where the log goes) is appended to `f`.
@@ -467,13 +519,17 @@ fn setup(args: &MountArgs, archives: &[PathBuf], mountpoint: &Path) -> Result<Se
     Session::mount(tree, mountpoint, &mount_options(args, archives))
 }
 
+fn cache_bytes(args: &MountArgs) -> u64 {
+    default_cache_bytes(args.cache_size)
+}
+
 /// `--cache-size`, or by default 1/16 of the machine's RAM within 256 MiB..1 GiB: a
 /// small-file archive read in path order (not archive order) touches every span again
 /// and again, and runs at the speed of the cache holding its stream or not.
-fn cache_bytes(args: &MountArgs) -> u64 {
+pub(super) fn default_cache_bytes(cache_size: Option<u64>) -> u64 {
     const MIN: u64 = 256 << 20;
     const MAX: u64 = 1 << 30;
-    args.cache_size.unwrap_or_else(|| {
+    cache_size.unwrap_or_else(|| {
         // SAFETY: sysconf only reads system configuration.
         let (pages, page) = unsafe {
             (
@@ -503,7 +559,7 @@ fn signal_set() -> libc::sigset_t {
 }
 
 /// Blocks the termination signals in this thread and every thread it spawns later.
-fn block_signals() {
+pub(super) fn block_signals() {
     let set = signal_set();
     // SAFETY: the set is initialised; a null old-set pointer is allowed.
     unsafe {
@@ -511,7 +567,7 @@ fn block_signals() {
     }
 }
 
-fn wait_for_signal() {
+pub(super) fn wait_for_signal() {
     let set = signal_set();
     let mut sig = 0;
     // SAFETY: set is initialised and the signals are blocked in every thread.
