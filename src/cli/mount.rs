@@ -95,11 +95,7 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
         super::check_archive(a)?;
     }
     match std::fs::metadata(mountpoint) {
-        Ok(m) if m.is_dir() => {
-            let canonical = std::fs::canonicalize(mountpoint)
-                .map_err(|e| Error::io("cannot use mountpoint", mountpoint, e))?;
-            super::list::check_not_fuse_mounted(&canonical)?;
-        }
+        Ok(m) if m.is_dir() => {}
         Ok(_) => {
             return Err(Error::NotA {
                 path: mountpoint.to_path_buf(),
@@ -114,9 +110,13 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     }
     if args.ready_fd.is_none() {
         if let Some(socket) = super::service_socket(args.service.as_deref()) {
+            // The service checks the mountpoint itself (and names its own view there).
             return via_service(&args, archives, mountpoint, &socket);
         }
     }
+    let canonical = std::fs::canonicalize(mountpoint)
+        .map_err(|e| Error::io("cannot use mountpoint", mountpoint, e))?;
+    super::list::check_not_fuse_mounted(&canonical)?;
     if let Some(f) = &args.pid_file {
         check_writable_file(f, "cannot create pid file")?;
     }
