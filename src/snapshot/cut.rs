@@ -18,7 +18,7 @@ use crate::index::tree::{Attr, Tree};
 use crate::index::ROOT_INO;
 use crate::layers::{OPAQUE_MARKER, WHITEOUT_PREFIX};
 use crate::snapshot::write::{EntryKind, SnapshotEntry, SnapshotWriter};
-use crate::upper::{Change, ChangeKind};
+use crate::upper::layout::{Change, ChangeKind};
 
 /// Reads a file of a tree sequentially (the data source of one entry).
 struct TreeFile {

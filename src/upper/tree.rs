@@ -1,50 +1,8 @@
-//! The writable view: a read-only tree (one archive or stacked layers) under an upper
-//! directory that records every change, overlayfs style, with lazy copy-up. Owns the
-//! upper directory's layout, copy-up, whiteouts for deletes, the view's inode numbers
-//! and the partial files that keep serving unwritten ranges from the archive.
-//!
-//! # Layout of the upper directory `DIR`
-//!
-//! ```text
-//! DIR/format      "snapfs-upper 1"; locked (flock) by the daemon serving DIR
-//! DIR/work/       scratch: entries are built here, then renamed into tree/
-//! DIR/tree/       the changed paths of the view, at their view paths
-//! ```
-//!
-//! Every entry of `tree/` carries the view's type, mode, owner, mtime and (devices)
-//! rdev. Control data lives in `user.snapfs.*` extended attributes, which users of the
-//! view can neither see nor set:
-//!
-//! - **whiteout**: an empty regular file with `user.snapfs.whiteout`: the path is
-//!   deleted in the view.
-//! - **directory**: merges with the lower directory at the same path, unless it has
-//!   `user.snapfs.opaque` (lower hidden) or `user.snapfs.origin=<lower path>` (a
-//!   renamed directory: merges with that lower directory instead).
-//! - **regular file**: its content is whole, unless it has
-//!   `user.snapfs.origin=<lower path>`: then it is a *partial* file whose size is the
-//!   view's size and whose `user.snapfs.ranges` (decimal `start-end` pairs, comma
-//!   separated, sorted, half-open) lists the byte ranges present in the (sparse)
-//!   upper file; every other byte comes from the lower file at `origin`. An empty
-//!   list means a metadata-only copy-up (chmod, chown, touch, setxattr).
-//! - **symlink, device, fifo, socket**: whole (copy-up recreates them).
-//! - **xattrs of the view**: `user.snapfs.x.<name>` on the upper entry, authoritative
-//!   when `user.snapfs.xattrs` is present; otherwise the view shows the lower entry's
-//!   xattrs (the origin, or the lower entry at the same path). Symlinks and special
-//!   files cannot carry user xattrs on ext4, so their view xattrs cannot change.
-//! - **hard links** are real hard links in `tree/` (the xattrs travel with the inode).
-//!   Changing a lower file that has several names copies it up once and links every
-//!   name of it in the view.
-//!
-//! Paths in `origin` are relative to the root of the lower tree, without a leading
-//! `/`. Parent directories in `tree/` exist for every entry (copied up with the
-//! lower directory's metadata). [`changes`] walks the layout for `snapfs commit`.
-//!
-//! Durability: every change is a completed syscall on `tree/` before the reply, so it
-//! survives a killed daemon; the ranges of a partial file are written on close
-//! (flush), fsync, truncate and rename. fsync syncs the upper file and its directory.
+//! [`UpperTree`]: the view's inodes (names, lower and upper identity), lookups that
+//! merge the upper directory with the lower tree, listings, and every [`Tree`] call.
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
@@ -54,482 +12,86 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use super::layout::*;
+use super::sys::*;
 use crate::error::{Error, Result};
-use crate::index::tree::{Attr, DirSink, FreeSpace, FsStats, Owner, SetAttr, SetTime, Tree};
+use crate::index::tree::{Attr, DirSink, FreeSpace, FsStats, Owner, SetAttr, Tree};
 use crate::index::ROOT_INO;
-
-/// Prefix of the control xattrs (refused to users of the view).
-pub const CONTROL_PREFIX: &[u8] = b"user.snapfs.";
-/// Marks a whiteout.
-pub const X_WHITEOUT: &[u8] = b"user.snapfs.whiteout";
-/// Marks an opaque directory.
-pub const X_OPAQUE: &[u8] = b"user.snapfs.opaque";
-/// Lower path a partial file or renamed directory comes from.
-pub const X_ORIGIN: &[u8] = b"user.snapfs.origin";
-/// Ranges present in a partial file.
-pub const X_RANGES: &[u8] = b"user.snapfs.ranges";
-/// The `user.snapfs.x.*` set is the view's xattrs.
-pub const X_OWN: &[u8] = b"user.snapfs.xattrs";
-/// Prefix of the view's own xattrs.
-pub const X_VIEW: &[u8] = b"user.snapfs.x.";
-/// POSIX ACL xattrs: kept as real ACLs on the upper entry.
-const ACL_PREFIX: &[u8] = b"system.posix_acl_";
-const FORMAT: &[u8] = b"snapfs-upper 1\n";
-
-fn errno(e: i32) -> Error {
-    Error::Errno(e)
-}
-
-fn ioerr<'a>(what: &'static str, p: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
-    move |e| Error::io(what, p, e)
-}
-
-fn last_err() -> io::Error {
-    io::Error::last_os_error()
-}
-
-fn cpath(p: &Path) -> io::Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-fn cbytes(b: &[u8]) -> io::Result<CString> {
-    CString::new(b).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
-}
-
-fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
-    let mut v = dir.to_vec();
-    if !v.is_empty() {
-        v.push(b'/');
-    }
-    v.extend_from_slice(name);
-    v
-}
-
-// ---------------------------------------------------------------- ranges
-
-/// Sorted, disjoint, non-touching half-open byte ranges `[start, end)`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Ranges(pub Vec<(u64, u64)>);
-
-impl Ranges {
-    /// Parses the `user.snapfs.ranges` encoding (`"0-4096,8192-9000"`, or empty).
-    pub fn decode(b: &[u8]) -> Option<Ranges> {
-        let s = std::str::from_utf8(b).ok()?;
-        let mut r = Ranges::default();
-        for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (a, b) = part.split_once('-')?;
-            let (a, b) = (a.parse::<u64>().ok()?, b.parse::<u64>().ok()?);
-            if a > b {
-                return None;
-            }
-            r.insert(a, b);
-        }
-        Some(r)
-    }
-
-    /// The `user.snapfs.ranges` encoding.
-    pub fn encode(&self) -> Vec<u8> {
-        let v: Vec<String> = self.0.iter().map(|(a, b)| format!("{a}-{b}")).collect();
-        v.join(",").into_bytes()
-    }
-
-    /// Adds `[a, b)`, merging with neighbours.
-    pub fn insert(&mut self, a: u64, b: u64) {
-        if a >= b {
-            return;
-        }
-        let (mut a, mut b) = (a, b);
-        let mut out = Vec::with_capacity(self.0.len() + 1);
-        let mut placed = false;
-        for &(x, y) in &self.0 {
-            if y < a {
-                out.push((x, y));
-            } else if x > b {
-                if !placed {
-                    out.push((a, b));
-                    placed = true;
-                }
-                out.push((x, y));
-            } else {
-                a = a.min(x);
-                b = b.max(y);
-            }
-        }
-        if !placed {
-            out.push((a, b));
-        }
-        self.0 = out;
-    }
-
-    /// Drops everything at or past `len`.
-    pub fn truncate(&mut self, len: u64) {
-        self.0.retain(|&(a, _)| a < len);
-        if let Some(last) = self.0.last_mut() {
-            last.1 = last.1.min(len);
-        }
-    }
-
-    /// Whether `[0, len)` is covered.
-    pub fn covers(&self, len: u64) -> bool {
-        len == 0 || matches!(self.0.first(), Some(&(0, b)) if b >= len)
-    }
-}
-
-// ---------------------------------------------------------------- xattrs, syscalls
-
-/// Where an xattr call goes: a path (never followed) or an open file.
-#[derive(Clone, Copy)]
-enum At<'a> {
-    Path(&'a Path),
-    Fd(&'a File),
-}
-
-impl At<'_> {
-    fn get(&self, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
-        let n = cbytes(name)?;
-        let p = match self {
-            At::Path(p) => Some(cpath(p)?),
-            At::Fd(_) => None,
-        };
-        let call = |buf: *mut libc::c_void, len: usize| -> isize {
-            // SAFETY: valid C strings; buf is null with len 0 or points to len bytes.
-            unsafe {
-                match (self, &p) {
-                    (At::Path(_), Some(p)) => libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf, len),
-                    (At::Fd(f), _) => libc::fgetxattr(f.as_raw_fd(), n.as_ptr(), buf, len),
-                    _ => -1,
-                }
-            }
-        };
-        loop {
-            let len = call(std::ptr::null_mut(), 0);
-            if len < 0 {
-                let e = last_err();
-                return match e.raw_os_error() {
-                    Some(libc::ENODATA) => Ok(None),
-                    _ => Err(e),
-                };
-            }
-            let mut buf = vec![0u8; len as usize];
-            let got = call(buf.as_mut_ptr().cast(), buf.len());
-            if got < 0 {
-                let e = last_err();
-                match e.raw_os_error() {
-                    Some(libc::ERANGE) => continue,
-                    Some(libc::ENODATA) => return Ok(None),
-                    _ => return Err(e),
-                }
-            }
-            buf.truncate(got as usize);
-            return Ok(Some(buf));
-        }
-    }
-
-    fn set(&self, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
-        let n = cbytes(name)?;
-        let v = value.as_ptr().cast();
-        // SAFETY: valid C strings and a value buffer of value.len() bytes.
-        let r = unsafe {
-            match self {
-                At::Path(p) => {
-                    let p = cpath(p)?;
-                    libc::lsetxattr(p.as_ptr(), n.as_ptr(), v, value.len(), flags)
-                }
-                At::Fd(f) => libc::fsetxattr(f.as_raw_fd(), n.as_ptr(), v, value.len(), flags),
-            }
-        };
-        if r < 0 {
-            return Err(last_err());
-        }
-        Ok(())
-    }
-
-    /// Removes `name`; `false` if it was absent.
-    fn remove(&self, name: &[u8]) -> io::Result<bool> {
-        let n = cbytes(name)?;
-        // SAFETY: valid C strings.
-        let r = unsafe {
-            match self {
-                At::Path(p) => {
-                    let p = cpath(p)?;
-                    libc::lremovexattr(p.as_ptr(), n.as_ptr())
-                }
-                At::Fd(f) => libc::fremovexattr(f.as_raw_fd(), n.as_ptr()),
-            }
-        };
-        if r < 0 {
-            let e = last_err();
-            return match e.raw_os_error() {
-                Some(libc::ENODATA) => Ok(false),
-                _ => Err(e),
-            };
-        }
-        Ok(true)
-    }
-
-    fn list(&self) -> io::Result<Vec<Vec<u8>>> {
-        let p = match self {
-            At::Path(p) => Some(cpath(p)?),
-            At::Fd(_) => None,
-        };
-        let call = |buf: *mut libc::c_char, len: usize| -> isize {
-            // SAFETY: valid C string; buf is null with len 0 or points to len bytes.
-            unsafe {
-                match (self, &p) {
-                    (At::Path(_), Some(p)) => libc::llistxattr(p.as_ptr(), buf, len),
-                    (At::Fd(f), _) => libc::flistxattr(f.as_raw_fd(), buf, len),
-                    _ => -1,
-                }
-            }
-        };
-        loop {
-            let len = call(std::ptr::null_mut(), 0);
-            if len < 0 {
-                let e = last_err();
-                return match e.raw_os_error() {
-                    Some(libc::ENOTSUP) => Ok(Vec::new()),
-                    _ => Err(e),
-                };
-            }
-            let mut buf = vec![0u8; len as usize];
-            let got = call(buf.as_mut_ptr().cast(), buf.len());
-            if got < 0 {
-                let e = last_err();
-                if e.raw_os_error() == Some(libc::ERANGE) {
-                    continue;
-                }
-                return Err(e);
-            }
-            buf.truncate(got as usize);
-            return Ok(buf
-                .split(|b| *b == 0)
-                .filter(|n| !n.is_empty())
-                .map(<[u8]>::to_vec)
-                .collect());
-        }
-    }
-}
-
-fn timespec(t: Option<SetTime>) -> libc::timespec {
-    match t {
-        None => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
-        },
-        Some(SetTime::Now) => libc::timespec {
-            tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
-        },
-        Some(SetTime::At(s, ns)) => libc::timespec {
-            tv_sec: s as libc::time_t,
-            tv_nsec: i64::from(ns) as _,
-        },
-    }
-}
-
-fn set_times(at: At<'_>, atime: Option<SetTime>, mtime: Option<SetTime>) -> io::Result<()> {
-    let ts = [timespec(atime), timespec(mtime)];
-    // SAFETY: ts holds two timespecs; the path is a valid C string.
-    let r = unsafe {
-        match at {
-            At::Path(p) => {
-                let c = cpath(p)?;
-                libc::utimensat(
-                    libc::AT_FDCWD,
-                    c.as_ptr(),
-                    ts.as_ptr(),
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
-            }
-            At::Fd(f) => libc::futimens(f.as_raw_fd(), ts.as_ptr()),
-        }
-    };
-    if r < 0 {
-        return Err(last_err());
-    }
-    Ok(())
-}
-
-fn chown(at: At<'_>, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
-    let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));
-    // SAFETY: plain syscalls on a valid C string or fd.
-    let r = unsafe {
-        match at {
-            At::Path(p) => libc::lchown(cpath(p)?.as_ptr(), u, g),
-            At::Fd(f) => libc::fchown(f.as_raw_fd(), u, g),
-        }
-    };
-    if r < 0 {
-        return Err(last_err());
-    }
-    Ok(())
-}
-
-/// chmod; a no-op on symlinks (their mode is fixed).
-fn chmod(at: At<'_>, mode: u32, is_link: bool) -> io::Result<()> {
-    if is_link {
-        return Ok(());
-    }
-    // SAFETY: plain syscalls on a valid C string or fd.
-    let r = unsafe {
-        match at {
-            At::Path(p) => libc::chmod(cpath(p)?.as_ptr(), mode & 0o7777),
-            At::Fd(f) => libc::fchmod(f.as_raw_fd(), mode & 0o7777),
-        }
-    };
-    if r < 0 {
-        return Err(last_err());
-    }
-    Ok(())
-}
-
-fn lstat(p: &Path) -> io::Result<Option<std::fs::Metadata>> {
-    match std::fs::symlink_metadata(p) {
-        Ok(m) => Ok(Some(m)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-fn open_file(p: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(p)
-}
-
-fn sync_dir(p: &Path) -> io::Result<()> {
-    File::open(p)?.sync_all()
-}
-
-/// What the upper layer has at a path.
-enum UpperEntry {
-    Absent,
-    Whiteout,
-    Present(std::fs::Metadata),
-}
-
-fn classify(p: &Path) -> io::Result<UpperEntry> {
-    Ok(match lstat(p)? {
-        None => UpperEntry::Absent,
-        Some(m) if m.is_file() && m.len() == 0 && At::Path(p).get(X_WHITEOUT)?.is_some() => {
-            UpperEntry::Whiteout
-        }
-        Some(m) => UpperEntry::Present(m),
-    })
-}
-
-fn attr_of(ino: u64, m: &std::fs::Metadata) -> Attr {
-    Attr {
-        ino,
-        mode: m.mode(),
-        nlink: m.nlink() as u32,
-        uid: m.uid(),
-        gid: m.gid(),
-        size: m.size(),
-        blocks: m.blocks(),
-        mtime: m.mtime(),
-        mtime_nsec: m.mtime_nsec() as u32,
-        rdev: m.rdev() as u32,
-        implicit: false,
-    }
-}
 
 // ---------------------------------------------------------------- state
 
 /// An upper regular file: its open descriptor and, if partial, its ranges.
-struct UpperFile {
-    fd: Option<Arc<File>>,
+pub(super) struct UpperFile {
+    pub(super) fd: Option<Arc<File>>,
     /// `Some` while the file is partial (bytes outside come from `origin`).
-    ranges: Option<Ranges>,
-    dirty: bool,
+    pub(super) ranges: Option<Ranges>,
+    pub(super) dirty: bool,
 }
 
 #[derive(Clone)]
-struct Node {
-    kind: u32,
+pub(super) struct Node {
+    pub(super) kind: u32,
     /// Names (parent, name); the first one is used to reach the upper entry. A
     /// directory has exactly one; empty once unlinked.
-    names: Vec<(u64, Vec<u8>)>,
+    pub(super) names: Vec<(u64, Vec<u8>)>,
     /// Lower inode: content of a lower or partial file, merged lower directory.
-    lower: Option<u64>,
+    pub(super) lower: Option<u64>,
     /// Path of `lower` in the lower tree.
-    lower_path: Vec<u8>,
-    upper: bool,
-    file: Option<Arc<Mutex<UpperFile>>>,
-    opens: u32,
+    pub(super) lower_path: Vec<u8>,
+    pub(super) upper: bool,
+    pub(super) file: Option<Arc<Mutex<UpperFile>>>,
+    pub(super) opens: u32,
 }
 
-struct Listed {
-    name: Vec<u8>,
-    ino: u64,
-    kind: u32,
+pub(super) struct Listed {
+    pub(super) name: Vec<u8>,
+    pub(super) ino: u64,
+    pub(super) kind: u32,
 }
 
 #[derive(Default)]
-struct State {
-    nodes: HashMap<u64, Node>,
-    next: u64,
-    by_lower: HashMap<u64, u64>,
-    by_upper: HashMap<(u64, u64), u64>,
-    dirs: HashMap<(u64, Vec<u8>), u64>,
-    listings: HashMap<u64, Arc<Vec<Listed>>>,
-    handles: HashMap<u64, Arc<Vec<Listed>>>,
-    next_fh: u64,
+pub(super) struct State {
+    pub(super) nodes: HashMap<u64, Node>,
+    pub(super) next: u64,
+    pub(super) by_lower: HashMap<u64, u64>,
+    pub(super) by_upper: HashMap<(u64, u64), u64>,
+    pub(super) dirs: HashMap<(u64, Vec<u8>), u64>,
+    pub(super) listings: HashMap<u64, Arc<Vec<Listed>>>,
+    pub(super) handles: HashMap<u64, Arc<Vec<Listed>>>,
+    pub(super) next_fh: u64,
 }
 
 impl State {
-    fn node(&self, ino: u64) -> Result<&Node> {
+    pub(super) fn node(&self, ino: u64) -> Result<&Node> {
         self.nodes.get(&ino).ok_or(errno(libc::ENOENT))
     }
-    fn node_mut(&mut self, ino: u64) -> Result<&mut Node> {
+    pub(super) fn node_mut(&mut self, ino: u64) -> Result<&mut Node> {
         self.nodes.get_mut(&ino).ok_or(errno(libc::ENOENT))
     }
-    fn add(&mut self, n: Node) -> u64 {
+    pub(super) fn add(&mut self, n: Node) -> u64 {
         let ino = self.next;
         self.next += 1;
         self.nodes.insert(ino, n);
         ino
     }
-    fn changed(&mut self, dir: u64) {
+    pub(super) fn changed(&mut self, dir: u64) {
         self.listings.remove(&dir);
     }
 }
 
-fn lock(m: &Mutex<UpperFile>) -> MutexGuard<'_, UpperFile> {
+pub(super) fn lock(m: &Mutex<UpperFile>) -> MutexGuard<'_, UpperFile> {
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// How long opening an upper dir waits for another holder to let go: a daemon whose
-/// view was just unmounted with plain `umount` still holds the lock for a moment
-/// while it exits.
-const UPPER_LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(3);
-
-/// Takes an exclusive flock on `f`, retrying for up to `patience`.
-fn lock_exclusive(f: &File, patience: std::time::Duration) -> bool {
-    let deadline = std::time::Instant::now() + patience;
-    loop {
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
 }
 
 /// A read-only tree made writable by an upper directory (see the module doc).
 pub struct UpperTree {
-    lower: Box<dyn Tree>,
-    dir: PathBuf,
-    root: PathBuf,
-    work: PathBuf,
-    state: RwLock<State>,
-    tmp: AtomicU64,
-    _lock: File,
+    pub(super) lower: Box<dyn Tree>,
+    pub(super) dir: PathBuf,
+    pub(super) root: PathBuf,
+    pub(super) work: PathBuf,
+    pub(super) state: RwLock<State>,
+    pub(super) tmp: AtomicU64,
+    pub(super) _lock: File,
 }
 
 impl UpperTree {
@@ -621,21 +183,21 @@ impl UpperTree {
         &self.dir
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+    pub(super) fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
+    pub(super) fn read_state(&self) -> std::sync::RwLockReadGuard<'_, State> {
         self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn tmp_path(&self) -> PathBuf {
+    pub(super) fn tmp_path(&self) -> PathBuf {
         let n = self.tmp.fetch_add(1, Ordering::Relaxed);
         self.work.join(format!("t{n}"))
     }
 
     /// Upper path of `ino` (through its first name).
-    fn upath(&self, st: &State, ino: u64) -> Result<PathBuf> {
+    pub(super) fn upath(&self, st: &State, ino: u64) -> Result<PathBuf> {
         let mut parts: Vec<&[u8]> = Vec::new();
         let mut cur = ino;
         let mut guard = 0;
@@ -656,17 +218,17 @@ impl UpperTree {
         Ok(path)
     }
 
-    fn child_path(&self, st: &State, parent: u64, name: &[u8]) -> Result<PathBuf> {
+    pub(super) fn child_path(&self, st: &State, parent: u64, name: &[u8]) -> Result<PathBuf> {
         Ok(self.upath(st, parent)?.join(OsStr::from_bytes(name)))
     }
 
     /// The lower entry named `name` in the lower directory merged into `parent`.
-    fn lower_child(&self, st: &State, parent: u64, name: &[u8]) -> Option<u64> {
+    pub(super) fn lower_child(&self, st: &State, parent: u64, name: &[u8]) -> Option<u64> {
         let l = st.nodes.get(&parent)?.lower?;
         self.lower.lookup(l, name).ok()
     }
 
-    fn lower_resolve(&self, path: &[u8]) -> Option<u64> {
+    pub(super) fn lower_resolve(&self, path: &[u8]) -> Option<u64> {
         let mut ino = ROOT_INO;
         for c in path.split(|b| *b == b'/').filter(|c| !c.is_empty()) {
             ino = self.lower.lookup(ino, c).ok()?;
@@ -674,7 +236,7 @@ impl UpperTree {
         Some(ino)
     }
 
-    fn lower_dir(&self, ino: Option<u64>) -> Option<u64> {
+    pub(super) fn lower_dir(&self, ino: Option<u64>) -> Option<u64> {
         let i = ino?;
         match self.lower.attr(i) {
             Ok(a) if a.mode & libc::S_IFMT == libc::S_IFDIR => Some(i),
@@ -684,7 +246,7 @@ impl UpperTree {
 
     // ------------------------------------------------------------ lookup
 
-    fn lookup_locked(&self, st: &mut State, parent: u64, name: &[u8]) -> Result<u64> {
+    pub(super) fn lookup_locked(&self, st: &mut State, parent: u64, name: &[u8]) -> Result<u64> {
         let pn = st.node(parent)?;
         if pn.kind != libc::S_IFDIR {
             return Err(errno(libc::ENOTDIR));
@@ -817,7 +379,7 @@ impl UpperTree {
     }
 
     /// The merged listing of directory `ino` (cached until the directory changes).
-    fn listing(&self, st: &mut State, ino: u64) -> Result<Arc<Vec<Listed>>> {
+    pub(super) fn listing(&self, st: &mut State, ino: u64) -> Result<Arc<Vec<Listed>>> {
         if let Some(l) = st.listings.get(&ino) {
             return Ok(l.clone());
         }
@@ -872,167 +434,12 @@ impl UpperTree {
 
     // ------------------------------------------------------------ copy-up
 
-    /// Sets owner, mode and mtime of a freshly made upper entry from `a`.
-    fn apply_meta(&self, at: At<'_>, a: &Attr, is_link: bool) -> Result<()> {
-        let p = Path::new("upper entry");
-        chown(at, Some(a.uid), Some(a.gid)).map_err(ioerr("cannot chown", p))?;
-        chmod(at, a.mode, is_link).map_err(ioerr("cannot chmod", p))?;
-        let t = Some(SetTime::At(a.mtime, a.mtime_nsec));
-        set_times(at, t, t).map_err(ioerr("cannot set times of", p))?;
-        Ok(())
-    }
-
-    /// Runs `f`, then puts the times of directory `dir` back (an internal change of
-    /// the upper layer must not show as a change of the view).
-    fn keep_times<T>(&self, dir: &Path, f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let m = std::fs::symlink_metadata(dir).map_err(ioerr("cannot stat", dir))?;
-        let r = f();
-        let at = Some(SetTime::At(m.atime(), m.atime_nsec() as u32));
-        let mt = Some(SetTime::At(m.mtime(), m.mtime_nsec() as u32));
-        set_times(At::Path(dir), at, mt).map_err(ioerr("cannot set times of", dir))?;
-        r
-    }
-
-    /// Makes directory `ino` exist in the upper layer (metadata only).
-    fn copy_up_dir(&self, st: &mut State, ino: u64) -> Result<()> {
-        let n = st.node(ino)?.clone();
-        if n.upper {
-            return Ok(());
-        }
-        if n.kind != libc::S_IFDIR {
-            return Err(errno(libc::ENOTDIR));
-        }
-        let (parent, name) = n.names.first().cloned().ok_or(errno(libc::ENOENT))?;
-        self.copy_up_dir(st, parent)?;
-        let l = n.lower.ok_or(errno(libc::EIO))?;
-        let la = self.lower.attr(l)?;
-        let pp = self.upath(st, parent)?;
-        let target = pp.join(OsStr::from_bytes(&name));
-        let tmp = self.tmp_path();
-        self.keep_times(&pp, || {
-            std::fs::create_dir(&tmp).map_err(ioerr("cannot create", &tmp))?;
-            self.apply_meta(At::Path(&tmp), &la, false)?;
-            // A whiteout cannot be here: the directory is visible.
-            std::fs::rename(&tmp, &target).map_err(ioerr("cannot copy up", &target))
-        })?;
-        st.node_mut(ino)?.upper = true;
-        Ok(())
-    }
-
-    /// Every name the view has for lower-only file `ino` (several if hardlinked).
-    fn all_names(&self, st: &mut State, ino: u64) -> Result<()> {
-        let n = st.node(ino)?;
-        let Some(l) = n.lower else { return Ok(()) };
-        let nlink = self.lower.attr(l)?.nlink as usize;
-        if n.names.len() >= nlink {
-            return Ok(());
-        }
-        // Walk the whole view; lookups add every name they meet to the node.
-        let mut stack = vec![ROOT_INO];
-        while let Some(d) = stack.pop() {
-            let list = self.listing(st, d)?;
-            for e in list.iter() {
-                if e.kind == libc::S_IFDIR {
-                    stack.push(e.ino);
-                }
-            }
-            if st.node(ino)?.names.len() >= nlink {
-                break;
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes non-directory `ino` exist in the upper layer: a regular file as a sparse
-    /// file without data (partial, nothing present), others recreated. All its view
-    /// names become hard links of the one upper inode.
-    fn copy_up_file(&self, st: &mut State, ino: u64) -> Result<()> {
-        let n = st.node(ino)?.clone();
-        if n.upper {
-            return Ok(());
-        }
-        if n.kind == libc::S_IFDIR {
-            return self.copy_up_dir(st, ino);
-        }
-        let l = n.lower.ok_or(errno(libc::EIO))?;
-        let la = self.lower.attr(l)?;
-        if la.nlink > 1 {
-            self.all_names(st, ino)?;
-        }
-        let names = st.node(ino)?.names.clone();
-        let (p0, n0) = names.first().cloned().ok_or(errno(libc::ENOENT))?;
-        for (p, _) in &names {
-            self.copy_up_dir(st, *p)?;
-        }
-        let pp = self.upath(st, p0)?;
-        let first = pp.join(OsStr::from_bytes(&n0));
-        let tmp = self.tmp_path();
-        let mut file = None;
-        self.keep_times(&pp, || {
-            match n.kind {
-                libc::S_IFREG => {
-                    let f = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&tmp)
-                        .map_err(ioerr("cannot create", &tmp))?;
-                    f.set_len(la.size).map_err(ioerr("cannot size", &tmp))?;
-                    let x = At::Fd(&f);
-                    x.set(X_ORIGIN, &n.lower_path, 0)
-                        .and_then(|_| x.set(X_RANGES, b"", 0))
-                        .map_err(ioerr("cannot set xattr on", &tmp))?;
-                    self.apply_meta(At::Fd(&f), &la, false)?;
-                    file = Some(f);
-                }
-                libc::S_IFLNK => {
-                    let target = self.lower.read_link(l)?;
-                    std::os::unix::fs::symlink(OsStr::from_bytes(&target), &tmp)
-                        .map_err(ioerr("cannot create", &tmp))?;
-                    self.apply_meta(At::Path(&tmp), &la, true)?;
-                }
-                _ => {
-                    mknod(&tmp, la.mode, la.rdev).map_err(ioerr("cannot create", &tmp))?;
-                    self.apply_meta(At::Path(&tmp), &la, false)?;
-                }
-            }
-            std::fs::rename(&tmp, &first).map_err(ioerr("cannot copy up", &first))
-        })?;
-        for (p, name) in names.iter().skip(1) {
-            let dp = self.upath(st, *p)?;
-            let other = dp.join(OsStr::from_bytes(name));
-            self.keep_times(&dp, || {
-                std::fs::hard_link(&first, &other).map_err(ioerr("cannot link", &other))
-            })?;
-        }
-        let m = std::fs::symlink_metadata(&first).map_err(ioerr("cannot stat", &first))?;
-        st.by_lower.remove(&l);
-        st.by_upper.insert((m.dev(), m.ino()), ino);
-        let node = st.node_mut(ino)?;
-        node.upper = true;
-        if n.kind == libc::S_IFREG {
-            node.file = Some(Arc::new(Mutex::new(UpperFile {
-                fd: file.map(Arc::new),
-                ranges: Some(Ranges::default()),
-                dirty: false,
-            })));
-        } else {
-            node.lower = None;
-        }
-        Ok(())
-    }
-
-    fn copy_up(&self, st: &mut State, ino: u64) -> Result<()> {
-        if st.node(ino)?.kind == libc::S_IFDIR {
-            self.copy_up_dir(st, ino)
-        } else {
-            self.copy_up_file(st, ino)
-        }
-    }
-
     /// The open upper file of regular upper node `ino`.
-    fn upper_file(&self, st: &State, ino: u64) -> Result<(Arc<Mutex<UpperFile>>, Arc<File>)> {
+    pub(super) fn upper_file(
+        &self,
+        st: &State,
+        ino: u64,
+    ) -> Result<(Arc<Mutex<UpperFile>>, Arc<File>)> {
         let n = st.node(ino)?;
         let uf = n.file.clone().ok_or(errno(libc::EINVAL))?;
         let fd = {
@@ -1073,7 +480,7 @@ impl UpperTree {
 
     /// Makes the upper entry's `user.snapfs.x.*` set authoritative, copying the lower
     /// entry's xattrs the first time.
-    fn own_xattrs(&self, x: At<'_>, lower: Option<u64>) -> Result<()> {
+    pub(super) fn own_xattrs(&self, x: At<'_>, lower: Option<u64>) -> Result<()> {
         let p = Path::new("upper entry");
         if x.get(X_OWN).map_err(ioerr("xattr", p))?.is_some() {
             return Ok(());
@@ -1486,46 +893,6 @@ impl UpperTree {
                 Ok(())
             }
         }
-    }
-}
-
-fn mknod(p: &Path, mode: u32, rdev: u32) -> io::Result<()> {
-    let major = (rdev >> 8) & 0xfff;
-    let minor = (rdev & 0xff) | ((rdev >> 12) & 0xfff00);
-    let c = cpath(p)?;
-    // SAFETY: valid C string.
-    let r = unsafe { libc::mknod(c.as_ptr(), mode, libc::makedev(major, minor)) };
-    if r < 0 {
-        return Err(last_err());
-    }
-    Ok(())
-}
-
-fn read_full_at(f: &File, buf: &mut [u8], off: u64) -> io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match f.read_at(&mut buf[done..], off + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
-impl Ranges {
-    /// From `pos` (before `end`): whether it is present, and where that run ends.
-    fn segment(&self, pos: u64, end: u64) -> (bool, u64) {
-        for &(a, b) in &self.0 {
-            if a <= pos && pos < b {
-                return (true, b.min(end));
-            }
-            if a > pos {
-                return (false, a.min(end));
-            }
-        }
-        (false, end)
     }
 }
 
@@ -2045,7 +1412,7 @@ impl Tree for UpperTree {
 }
 
 /// Feeds `.`, `..` and the listing from `offset` (offsets are index + 1).
-fn emit(ino: u64, parent: u64, list: &[Listed], offset: u64, sink: &mut DirSink<'_>) {
+pub(super) fn emit(ino: u64, parent: u64, list: &[Listed], offset: u64, sink: &mut DirSink<'_>) {
     let mut off = offset;
     if off == 0 {
         if sink(1, b".", ino, libc::S_IFDIR) {
@@ -2065,124 +1432,4 @@ fn emit(ino: u64, parent: u64, list: &[Listed], offset: u64, sink: &mut DirSink<
             break;
         }
     }
-}
-
-// ---------------------------------------------------------------- changes
-
-/// One changed path of the view, as an upper directory records it (for `snapfs
-/// commit`). Parents come before their children; names are sorted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Change {
-    /// Path in the view: relative, `/`-separated, no leading `/`.
-    pub path: Vec<u8>,
-    /// The entry in `DIR/tree/`: `lstat` it for type, mode, owner, mtime, size and
-    /// rdev, and for hard-link identity (dev, ino); read it for content or target.
-    pub upper: PathBuf,
-    /// What changed.
-    pub kind: ChangeKind,
-    /// The view's xattrs when the upper entry owns them; `None` means those of the
-    /// lower entry (the origin, or the lower entry at `path`; none for a new entry).
-    pub xattrs: Option<Vec<(Vec<u8>, Vec<u8>)>>,
-}
-
-/// The kind of a [`Change`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// The path is deleted (an OCI whiteout `.wh.NAME`).
-    Deleted,
-    /// A directory with the upper entry's metadata. `opaque`: nothing of the lower
-    /// directory at this path shows (OCI `.wh..wh..opq`). `origin`: a renamed
-    /// directory whose lower entries come from this lower path (an OCI writer
-    /// emits them under `path`, and the directory is opaque there). Neither: merges
-    /// with the lower directory at `path`.
-    Dir {
-        /// Lower directory at `path` hidden.
-        opaque: bool,
-        /// Lower directory merged instead (renames).
-        origin: Option<Vec<u8>>,
-    },
-    /// A regular file whose whole content is the upper file.
-    File,
-    /// A regular file of the upper file's size: bytes in `ranges` come from the upper
-    /// file, all others from the lower file at `origin`. Empty `ranges`: only
-    /// metadata changed.
-    Partial {
-        /// Lower file path.
-        origin: Vec<u8>,
-        /// Ranges present in the upper file.
-        ranges: Ranges,
-    },
-    /// A symlink, device, fifo or socket, whole.
-    Other,
-}
-
-/// Lists the changes recorded in upper directory `upper_dir` (see the module doc).
-pub fn changes(upper_dir: &Path) -> Result<Vec<Change>> {
-    let root = upper_dir.join("tree");
-    let mut out = Vec::new();
-    if lstat(&root).map_err(ioerr("cannot stat", &root))?.is_none() {
-        return Ok(out);
-    }
-    let mut stack: Vec<Vec<u8>> = vec![Vec::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = root.join(OsStr::from_bytes(&rel));
-        let mut names: Vec<Vec<u8>> = std::fs::read_dir(&dir)
-            .map_err(ioerr("cannot list", &dir))?
-            .map(|e| e.map(|e| e.file_name().as_bytes().to_vec()))
-            .collect::<io::Result<_>>()
-            .map_err(ioerr("cannot list", &dir))?;
-        names.sort();
-        let mut subdirs = Vec::new();
-        for name in names {
-            let path = join(&rel, &name);
-            let upper = root.join(OsStr::from_bytes(&path));
-            let x = At::Path(&upper);
-            let xa = |n: &[u8]| x.get(n).map_err(ioerr("cannot read xattr of", &upper));
-            let (kind, owns) = match classify(&upper).map_err(ioerr("cannot stat", &upper))? {
-                UpperEntry::Absent => continue,
-                UpperEntry::Whiteout => (ChangeKind::Deleted, false),
-                UpperEntry::Present(m) if m.is_dir() => {
-                    subdirs.push(path.clone());
-                    let kind = ChangeKind::Dir {
-                        opaque: xa(X_OPAQUE)?.is_some(),
-                        origin: xa(X_ORIGIN)?,
-                    };
-                    (kind, true)
-                }
-                UpperEntry::Present(m) if m.is_file() => {
-                    let kind = match xa(X_ORIGIN)? {
-                        Some(origin) => ChangeKind::Partial {
-                            origin,
-                            ranges: xa(X_RANGES)?
-                                .and_then(|r| Ranges::decode(&r))
-                                .unwrap_or_default(),
-                        },
-                        None => ChangeKind::File,
-                    };
-                    (kind, true)
-                }
-                UpperEntry::Present(_) => (ChangeKind::Other, false),
-            };
-            let xattrs = if owns && xa(X_OWN)?.is_some() {
-                let mut v = Vec::new();
-                for n in x.list().map_err(ioerr("cannot list xattrs of", &upper))? {
-                    if let Some(name) = n.strip_prefix(X_VIEW) {
-                        v.push((name.to_vec(), xa(&n)?.unwrap_or_default()));
-                    }
-                }
-                Some(v)
-            } else {
-                None
-            };
-            out.push(Change {
-                path,
-                upper,
-                kind,
-                xattrs,
-            });
-        }
-        // Depth first, in name order.
-        stack.extend(subdirs.into_iter().rev());
-    }
-    Ok(out)
 }
