@@ -175,15 +175,15 @@ fn time(secs: i64, nsec: u32) -> SystemTime {
 }
 
 fn file_attr(a: &Attr) -> FileAttr {
-    let t = time(a.mtime, a.mtime_nsec);
+    let mtime = time(a.mtime, a.mtime_nsec);
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.blocks,
-        atime: t,
-        mtime: t,
-        ctime: t,
-        crtime: t,
+        atime: time(a.atime, a.atime_nsec),
+        mtime,
+        ctime: time(a.ctime, a.ctime_nsec),
+        crtime: mtime,
         kind: file_type(a.mode),
         perm: (a.mode & 0o7777) as u16,
         nlink: a.nlink,
@@ -748,6 +748,10 @@ fn negative_attr() -> FileAttr {
         blocks: 0,
         mtime: 0,
         mtime_nsec: 0,
+        atime: 0,
+        atime_nsec: 0,
+        ctime: 0,
+        ctime_nsec: 0,
         rdev: 0,
         implicit: false,
     });

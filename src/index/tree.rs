@@ -28,6 +28,14 @@ pub struct Attr {
     pub mtime: i64,
     /// Modification time, nanoseconds.
     pub mtime_nsec: u32,
+    /// Access time, seconds.
+    pub atime: i64,
+    /// Access time, nanoseconds.
+    pub atime_nsec: u32,
+    /// Status change time, seconds.
+    pub ctime: i64,
+    /// Status change time, nanoseconds.
+    pub ctime_nsec: u32,
     /// Device number.
     pub rdev: u32,
     /// A directory the archive does not list itself (created for a deeper member).
@@ -500,6 +508,10 @@ impl Tree for IndexTree {
             blocks: blocks_for(data_bytes(&self.index, r)),
             mtime: r.mtime,
             mtime_nsec: r.mtime_nsec,
+            atime: r.atime,
+            atime_nsec: r.atime_nsec,
+            ctime: r.ctime,
+            ctime_nsec: r.ctime_nsec,
             rdev: r.rdev,
             implicit: r.flags & crate::index::FLAG_IMPLICIT != 0,
         })

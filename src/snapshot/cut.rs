@@ -121,6 +121,8 @@ impl Cutter<'_> {
         e.gid = u64::from(a.gid);
         e.mtime = a.mtime;
         e.mtime_nsec = a.mtime_nsec;
+        e.atime = Some((a.atime, a.atime_nsec));
+        e.ctime = Some((a.ctime, a.ctime_nsec));
         e.dev_major = libc::major(u64::from(a.rdev));
         e.dev_minor = libc::minor(u64::from(a.rdev));
         if kind != EntryKind::Symlink {

@@ -22,8 +22,9 @@ impl UpperTree {
         let p = Path::new("upper entry");
         chown(at, Some(a.uid), Some(a.gid)).map_err(ioerr("cannot chown", p))?;
         chmod(at, a.mode, is_link).map_err(ioerr("cannot chmod", p))?;
-        let t = Some(SetTime::At(a.mtime, a.mtime_nsec));
-        set_times(at, t, t).map_err(ioerr("cannot set times of", p))?;
+        let atime = Some(SetTime::At(a.atime, a.atime_nsec));
+        let mtime = Some(SetTime::At(a.mtime, a.mtime_nsec));
+        set_times(at, atime, mtime).map_err(ioerr("cannot set times of", p))?;
         Ok(())
     }
 

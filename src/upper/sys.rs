@@ -293,6 +293,10 @@ pub(super) fn attr_of(ino: u64, m: &std::fs::Metadata) -> Attr {
         blocks: m.blocks(),
         mtime: m.mtime(),
         mtime_nsec: m.mtime_nsec() as u32,
+        atime: m.atime(),
+        atime_nsec: m.atime_nsec() as u32,
+        ctime: m.ctime(),
+        ctime_nsec: m.ctime_nsec() as u32,
         rdev: m.rdev() as u32,
         implicit: false,
     }
