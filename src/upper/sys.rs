@@ -374,6 +374,10 @@ impl Obj<'_> {
         }
     }
 
+    pub(super) fn stat(&self) -> io::Result<Stat> {
+        stat_fd(self.fd())
+    }
+
     /// chown; `None` leaves an id alone. A symlink itself is changed.
     pub(super) fn chown(&self, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
         let (u, g) = (uid.unwrap_or(u32::MAX), gid.unwrap_or(u32::MAX));

@@ -1085,24 +1085,27 @@ impl UpperTree {
         let tmp = self.tmp_name();
         let shown_tmp = self.shown_work(&tmp);
         let file = make(&self.workfd, &tmp).map_err(ioerr("cannot create", &shown_tmp))?;
-        {
-            let fd;
-            let x = match &file {
-                Some(f) => Obj::File(f),
-                None => {
-                    fd = sys::open_path(self.workfd.as_fd(), &tmp)
-                        .map_err(ioerr("cannot open", &shown_tmp))?;
-                    Obj::Path(fd.as_fd())
-                }
-            };
-            x.chown(Some(owner.uid), Some(gid))
-                .map_err(ioerr("cannot chown", &shown_tmp))?;
-            x.chmod(mode).map_err(ioerr("cannot chmod", &shown_tmp))?;
-            if kind == libc::S_IFDIR && self.lower_child(st, parent, name).is_some() {
-                x.set(X_OPAQUE, b"", 0)
-                    .map_err(ioerr("cannot set xattr on", &shown_tmp))?;
-            }
+        let pathfd = match &file {
+            Some(_) => None,
+            None => Some(
+                sys::open_path(self.workfd.as_fd(), &tmp)
+                    .map_err(ioerr("cannot open", &shown_tmp))?,
+            ),
+        };
+        let x = match (&file, &pathfd) {
+            (Some(f), _) => Obj::File(f),
+            (None, Some(fd)) => Obj::Path(fd.as_fd()),
+            (None, None) => return Err(Error::Internal("no new entry".into())),
+        };
+        x.chown(Some(owner.uid), Some(gid))
+            .map_err(ioerr("cannot chown", &shown_tmp))?;
+        x.chmod(mode).map_err(ioerr("cannot chmod", &shown_tmp))?;
+        let below = self.lower_child(st, parent, name).is_some();
+        if kind == libc::S_IFDIR && below {
+            x.set(X_OPAQUE, b"", 0)
+                .map_err(ioerr("cannot set xattr on", &shown_tmp))?;
         }
+        let s = x.stat().map_err(ioerr("cannot stat", &shown_tmp))?;
         if kind == libc::S_IFDIR {
             if let UpperEntry::Whiteout =
                 classify(pfd.as_fd(), name).map_err(ioerr("cannot open", &target))?
@@ -1115,14 +1118,31 @@ impl UpperTree {
             .map_err(ioerr("cannot create", &target))?;
         st.changed(parent);
         self.touched(st, parent);
-        let ino = self.lookup_locked(st, parent, name)?;
-        let n = st.node_mut(ino)?;
-        n.lookups += 1;
-        if let (Some(f), Some(uf)) = (file, &n.file) {
-            let mut g = lock(uf);
-            if g.fd.is_none() {
-                g.fd = Some(Arc::new(f));
+        // The node, from what was just made (no lookup needed): a new directory
+        // hides the lower tree's entry (opaque), a new file is whole.
+        let key = (parent, name.to_vec());
+        let mut n = Node::new(s.kind(), key.clone());
+        n.upper = true;
+        n.lookups = 1;
+        if s.is_dir() {
+            n.lower_path = join(&st.node(parent)?.lower_path, name);
+        } else {
+            n.ukey = Some(s.key());
+        }
+        if s.is_file() {
+            n.file = Some(Arc::new(Mutex::new(UpperFile {
+                fd: file.map(Arc::new),
+                part: None,
+            })));
+        }
+        let ino = st.add(n);
+        if s.is_dir() {
+            st.dirs.insert(key, ino);
+            if let Some(fd) = pathfd {
+                self.cache_dir_fd(ino, fd);
             }
+        } else {
+            st.by_upper.insert(s.key(), ino);
         }
         Ok(ino)
     }
