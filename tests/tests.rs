@@ -22,6 +22,7 @@ mod index;
 mod layers;
 mod lifecycle;
 mod load;
+mod posix;
 mod random_ops;
 mod regression;
 mod semantics;
