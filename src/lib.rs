@@ -15,6 +15,7 @@ pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod idmap;
+pub mod image;
 pub mod index;
 pub mod layers;
 pub mod snapshot;

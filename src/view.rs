@@ -1,7 +1,7 @@
-//! Assembles a view, outside FUSE: archives → their indexes (embedded, persisted or
-//! built) → one tree each → stacked as layers → under an upper directory → through an
-//! id map. `mount`, `commit` and the service all open views here; FUSE only serves
-//! the result.
+//! Assembles a view, outside FUSE: inputs → archives (an image input becomes its
+//! layers, through [`crate::image`]) → their indexes (embedded, persisted or built) →
+//! one tree each → stacked as layers → under an upper directory → through an id map.
+//! `mount`, `commit` and the service all open views here; FUSE only serves the result.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,17 +9,22 @@ use std::sync::Arc;
 use crate::archive::{Archive, Progress, StreamReader};
 use crate::error::{Error, Result};
 use crate::idmap::{IdMap, MappedTree};
+use crate::image::{Image, Select};
 use crate::index::build::BuildOptions;
 use crate::index::store::{self, Origin};
 use crate::index::tree::{IndexTree, Tree};
 use crate::index::Index;
 use crate::layers::LayeredTree;
+use crate::source::{FileSource, Source};
 use crate::upper::UpperTree;
 
 /// What a view is made of.
 pub struct ViewSpec {
-    /// The archives, bottom layer first.
+    /// The inputs (archives, or images: OCI layouts, OCI archives, `docker save`
+    /// archives), bottom layer first.
     pub layers: Vec<PathBuf>,
+    /// Which image of an image input (`--image`, `--platform`).
+    pub select: Select,
     /// The upper directory of a writable view.
     pub upper: Option<PathBuf>,
     /// How ids are shown.
@@ -32,7 +37,12 @@ pub struct ViewSpec {
 
 /// Opens the view `spec` describes: its one tree, ready to serve.
 pub fn open(spec: &ViewSpec) -> Result<Box<dyn Tree>> {
-    let mut tree = open_stack(&spec.layers, &spec.build, spec.cache_bytes)?;
+    open_with(spec, &resolve(&spec.layers, &spec.select)?)
+}
+
+/// Opens the view `spec` describes from its inputs, already resolved ([`resolve`]).
+pub fn open_with(spec: &ViewSpec, inputs: &[Input]) -> Result<Box<dyn Tree>> {
+    let mut tree = open_inputs(inputs, &spec.build, spec.cache_bytes)?;
     if let Some(dir) = &spec.upper {
         tree = Box::new(UpperTree::new(tree, dir)?);
     }
@@ -60,9 +70,58 @@ pub fn load_index(
     store::load_or_build(archive, opts, required_span, force, progress)
 }
 
+/// One input of a view: an archive, or an image resolved to its layers.
+pub enum Input {
+    /// A tar, tar.gz or tar.zst file.
+    Archive(PathBuf),
+    /// An image: its layers, bottom first.
+    Image(Box<Image>),
+}
+
+impl Input {
+    /// The archives this input stands for, bottom first (sources not yet read).
+    pub fn archives(&self) -> Result<Vec<Archive>> {
+        match self {
+            Input::Archive(p) => Ok(vec![Archive::open(p)?]),
+            Input::Image(img) => img
+                .layers
+                .iter()
+                .map(|l| Archive::from_source(l.source.clone()))
+                .collect(),
+        }
+    }
+
+    /// The input's path and, for an image, the reference chosen in it.
+    pub fn name(&self) -> (&Path, Option<&str>) {
+        match self {
+            Input::Archive(p) => (p, None),
+            Input::Image(img) => (&img.path, Some(&img.reference)),
+        }
+    }
+}
+
+/// The image step: each input that is an image (told from its content) becomes its
+/// chosen image's layers; anything else stays an archive.
+pub fn resolve(paths: &[PathBuf], select: &Select) -> Result<Vec<Input>> {
+    paths
+        .iter()
+        .map(|p| {
+            Ok(match Image::open(p, select)? {
+                Some(img) => Input::Image(Box::new(img)),
+                None => Input::Archive(p.clone()),
+            })
+        })
+        .collect()
+}
+
 /// The read-only tree of one archive, its index loaded (or built).
 pub fn open_archive(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Result<IndexTree> {
-    let archive = Archive::open(path)?;
+    let source: Arc<dyn Source> = Arc::new(FileSource::open(path)?);
+    open_source(Archive::from_source(source)?, opts, cache_bytes)
+}
+
+/// The read-only tree of an opened archive (a file, or a layer of an image).
+pub fn open_source(archive: Archive, opts: &BuildOptions, cache_bytes: u64) -> Result<IndexTree> {
     let (index, origin) = load_index(&archive, opts, None, false, &Default::default())?;
     let cache_file = store::cache_file_for(&archive, &index)?;
     let table = index.table.clone();
@@ -85,22 +144,38 @@ pub fn open_archive(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Resul
 /// random reads on a 1 GiB tar.gz peaked 7-10 MiB over that).
 const DAEMON_OVERHEAD: u64 = 48 << 20;
 
-/// The archives stacked as layers (last on top); one archive is served directly.
-/// `cache_bytes` (less the daemon's own overhead) is shared out between the layers.
+/// The archives (or images) stacked as layers (last on top); see [`open_inputs`].
 pub fn open_stack(
     archives: &[PathBuf],
     opts: &BuildOptions,
     cache_bytes: u64,
 ) -> Result<Box<dyn Tree>> {
+    open_inputs(&resolve(archives, &Select::default())?, opts, cache_bytes)
+}
+
+/// The inputs' archives stacked as layers (last on top); one plain archive is served
+/// directly, an image always through the layer stack (so whiteouts of its bottom layer
+/// stay hidden, as image extraction leaves them). `cache_bytes` (less the daemon's own
+/// overhead) is shared out between the layers.
+pub fn open_inputs(
+    inputs: &[Input],
+    opts: &BuildOptions,
+    cache_bytes: u64,
+) -> Result<Box<dyn Tree>> {
+    let mut archives = Vec::new();
+    for input in inputs {
+        archives.extend(input.archives()?);
+    }
     let spans = cache_bytes
         .saturating_sub(DAEMON_OVERHEAD)
         .max(cache_bytes / 2);
     let each = spans / archives.len().max(1) as u64;
     let mut trees: Vec<Box<dyn Tree>> = Vec::with_capacity(archives.len());
-    for path in archives {
-        trees.push(Box::new(open_archive(path, opts, each)?));
+    for archive in archives {
+        trees.push(Box::new(open_source(archive, opts, each)?));
     }
-    if trees.len() == 1 {
+    let any_image = inputs.iter().any(|i| matches!(i, Input::Image(_)));
+    if trees.len() == 1 && !any_image {
         trees
             .pop()
             .ok_or_else(|| Error::Internal("a view needs an archive".into()))

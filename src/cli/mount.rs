@@ -6,6 +6,9 @@
 //! `--uid-map`/`--gid-map`/`--owner` wrap the whole view in a [`MappedTree`].
 //! snapfs-specific `-o` options (`upper=DIR`, `uid_map=`, ...) are folded into the
 //! flags first, so `mount -t fuse.snapfs` and fstab lines can carry them.
+//! An input that is a container image (told from its content) stands for its chosen
+//! image's layers (`--image`, `--platform`); `--verify` checks every blob of it here,
+//! before the daemon starts.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -27,9 +30,16 @@ use crate::view::{self, ViewSpec};
 /// Arguments of `snapfs mount`.
 #[derive(Args, Debug)]
 pub struct MountArgs {
-    /// The archive (tar, tar.gz or tar.zst) followed by the mountpoint.
+    /// The archives (tar, tar.gz or tar.zst) or images (OCI layout, OCI archive,
+    /// docker save), bottom first, followed by the mountpoint.
     #[arg(required = true, num_args = 2.., value_name = "ARCHIVE... MOUNTPOINT")]
     paths: Vec<PathBuf>,
+    #[command(flatten)]
+    select: super::ImageArgs,
+    /// Before mounting, read every layer blob of an image input and check it against
+    /// the manifest's digests and sizes and the config's diff_ids.
+    #[arg(long)]
+    verify: bool,
     /// Stay in the foreground (logs to stderr; Ctrl-C unmounts).
     #[arg(short, long)]
     foreground: bool,
@@ -83,8 +93,9 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     let (archives, mountpoint) = split_paths(&args.paths)?;
     IdMap::from_args(&args.uid_map, &args.gid_map, args.owner.as_deref())?;
     for a in archives {
-        super::check_archive(a)?;
+        super::check_input(a)?;
     }
+    let select = args.select.select()?;
     match std::fs::metadata(mountpoint) {
         Ok(m) if m.is_dir() => {}
         Ok(_) => {
@@ -105,7 +116,21 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     if let Some(f) = &args.log_file {
         check_writable_file(f, "cannot create log file")?;
     }
+    // The image step (the daemon repeats it; it reads only small JSON).
+    let inputs = if args.ready_fd.is_none() {
+        view::resolve(archives, &select)?
+    } else {
+        Vec::new()
+    };
+    if args.verify {
+        for input in &inputs {
+            if let view::Input::Image(img) = input {
+                super::verify::check(img)?;
+            }
+        }
+    }
     if args.foreground || args.ready_fd.is_some() {
+        drop(inputs);
         if args.foreground && args.ready_fd.is_none() {
             if let Some(f) = &args.log_file {
                 log_to(f)?;
@@ -121,18 +146,26 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     let opts = BuildOptions {
         span_bytes: args.span.max(64 << 10),
     };
-    for path in archives {
-        let archive = Archive::open(path)?;
-        if let Some(index) = store::find_current(&archive) {
-            store::prefetch(&index);
-            continue;
+    let mut todo: Vec<Archive> = Vec::new();
+    let mut labels = Vec::new();
+    for input in &inputs {
+        for archive in input.archives()? {
+            if let Some(index) = store::find_current(&archive) {
+                store::prefetch(&index);
+                continue;
+            }
+            if crate::snapshot::read_embedded(&archive)?.is_some() {
+                continue;
+            }
+            labels.push(archive.path.display().to_string());
+            todo.push(archive);
         }
-        if crate::snapshot::read_embedded(&archive)?.is_some() {
-            continue;
-        }
-        let (index, _) = super::index::obtain(&archive, &opts, None, false)?;
-        store::cache_file_for(&archive, &index)?;
     }
+    let refs: Vec<&Archive> = todo.iter().collect();
+    super::index::obtain_each(&refs, &labels, &opts, None, false, |i, index, _| {
+        store::cache_file_for(&todo[i], index).map(drop)
+    })?;
+    drop(inputs);
     daemonize(&args.paths, &args)
 }
 
@@ -300,6 +333,12 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     if let Some(o) = &args.owner {
         cmd.arg("--owner").arg(o);
     }
+    if let Some(r) = &args.select.reference {
+        cmd.arg("--image").arg(r);
+    }
+    if let Some(p) = &args.select.platform {
+        cmd.arg("--platform").arg(p);
+    }
     let abs = |p: &Path| -> Result<PathBuf> {
         if p.is_absolute() {
             return Ok(p.to_path_buf());
@@ -373,10 +412,10 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     }
 }
 
-fn mount_options(args: &MountArgs, archives: &[PathBuf]) -> MountOptions {
-    let names: Vec<String> = archives.iter().map(|a| a.display().to_string()).collect();
+fn mount_options(args: &MountArgs, inputs: &[view::Input]) -> MountOptions {
+    let names: Vec<(&Path, Option<&str>)> = inputs.iter().map(view::Input::name).collect();
     MountOptions::parse(
-        format!("snapfs:{}", names.join(":")),
+        super::list::source_name(&names),
         &args.options,
         args.upper.is_some(),
         args.threads,
@@ -452,6 +491,7 @@ fn setup(args: &MountArgs, archives: &[PathBuf], mountpoint: &Path) -> Result<Se
     block_signals();
     let spec = ViewSpec {
         layers: archives.to_vec(),
+        select: args.select.select()?,
         upper: args.upper.clone(),
         idmap: IdMap::from_args(&args.uid_map, &args.gid_map, args.owner.as_deref())?,
         build: BuildOptions {
@@ -459,8 +499,9 @@ fn setup(args: &MountArgs, archives: &[PathBuf], mountpoint: &Path) -> Result<Se
         },
         cache_bytes: cache_bytes(args),
     };
-    let tree = view::open(&spec)?;
-    Session::mount(tree, mountpoint, &mount_options(args, archives))
+    let inputs = view::resolve(&spec.layers, &spec.select)?;
+    let tree = view::open_with(&spec, &inputs)?;
+    Session::mount(tree, mountpoint, &mount_options(args, &inputs))
 }
 
 /// `--cache-size`, or by default 1/16 of the machine's RAM within 256 MiB..1 GiB: a
