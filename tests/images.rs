@@ -719,6 +719,60 @@ fn commit_image_writes_an_image_of_the_writable_view() {
 }
 
 #[test]
+fn docker_25_save_layout_with_manifest_json_beside_index_json() {
+    let t = TestDir::new("img-docker25");
+    let (dir, _) = small_image(&t, "d25");
+    // What Docker 25+ `docker save` writes: the OCI layout plus manifest.json naming
+    // blobs by path, and the full name in io.containerd.image.name.
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let msize = index["manifests"][0]["size"].as_u64().unwrap();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("blobs/sha256").join(&mdigest[7..])).unwrap())
+            .unwrap();
+    let path_of = |d: &serde_json::Value| format!("blobs/sha256/{}", &d.as_str().unwrap()[7..]);
+    let layers: Vec<String> = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| path_of(&l["digest"]))
+        .collect();
+    let mj = serde_json::json!([{
+        "Config": path_of(&manifest["config"]["digest"]),
+        "RepoTags": ["app:1"],
+        "Layers": layers,
+    }]);
+    fs::write(dir.join("manifest.json"), mj.to_string()).unwrap();
+    fs::write(
+        dir.join("index.json"),
+        format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{mdigest}","size":{msize},"annotations":{{"io.containerd.image.name":"docker.io/library/app:1","org.opencontainers.image.ref.name":"1"}}}}]}}"#
+        ),
+    )
+    .unwrap();
+    sh(
+        &dir,
+        "tar --numeric-owner -cf ../d25.tar blobs index.json manifest.json oci-layout",
+    );
+    let save = t.join("d25.tar");
+    for args in [&[][..], &["--image", "app:1"][..]] {
+        let m = Mount::with_args(&save, &t.join("mnt"), args);
+        assert_eq!(fs::read_to_string(m.join("etc/two")).unwrap(), "two\n");
+        let list = snapfs(["list"]).stdout_str();
+        assert!(
+            list.contains(&format!("{}@docker.io/library/app:1", s(&save))),
+            "{list}"
+        );
+    }
+    let r = snapfs(["verify", &s(&save)]);
+    r.assert_ok();
+}
+
+#[test]
 fn platform_and_reference_selection_and_hostile_json() {
     let t = TestDir::new("img-select");
     let (_, layers) = small_image(&t, "s");

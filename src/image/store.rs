@@ -383,6 +383,78 @@ fn tar_lookup<'a>(index: &'a Index, parts: &[Vec<u8>]) -> Lookup<'a> {
 mod tests {
     use super::*;
 
+    fn tar_of(entries: &[(&str, Option<&[u8]>, Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            match (data, link) {
+                (Some(d), _) => {
+                    h.set_size(d.len() as u64);
+                    h.set_cksum();
+                    b.append_data(&mut h, name, *d).unwrap();
+                }
+                (None, Some(l)) => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    b.append_link(&mut h, name, l).unwrap();
+                }
+                (None, None) => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_size(0);
+                    h.set_cksum();
+                    b.append_data(&mut h, name, &[][..]).unwrap();
+                }
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn members_of_an_outer_tar_are_byte_ranges_and_symlinks_stay_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let hex = "a".repeat(64);
+        let layer = format!("{hex}.tar");
+        let linked = format!("{}/layer.tar", "b".repeat(64));
+        let bytes = tar_of(&[
+            (&layer, Some(b"LAYER-BYTES"), None),
+            (&"b".repeat(64), None, None),
+            (&linked, None, Some(&format!("../{layer}"))),
+            ("escape", None, Some("../../etc/passwd")),
+            (
+                "manifest.json",
+                Some(b"[{\"Config\":\"c.json\",\"Layers\":[]}]"),
+                None,
+            ),
+        ]);
+        let path = dir.path().join("save.tar");
+        std::fs::write(&path, &bytes).unwrap();
+        let (store, kind) = Store::probe(&path).unwrap().unwrap();
+        assert_eq!(kind, Kind::DockerSave);
+        let (src, size) = store.open(&path, &linked, None).unwrap().unwrap();
+        assert_eq!(size, 11);
+        let mut buf = vec![0u8; 11];
+        src.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, b"LAYER-BYTES");
+        let off = bytes.windows(11).position(|w| w == b"LAYER-BYTES").unwrap();
+        assert_eq!(
+            src.name(),
+            PathBuf::from(format!("{}@{off}+11", path.display()))
+        );
+        let e = store.open(&path, "escape", None).err().unwrap().to_string();
+        assert!(e.contains("refusing the path"), "{e}");
+        assert!(store.open(&path, "missing", None).unwrap().is_none());
+        assert!(store.read(&path, &layer, 4).is_err(), "cap");
+        // A rootfs tar is an archive, judged by its first header only.
+        let plain = dir.path().join("rootfs.tar");
+        std::fs::write(
+            &plain,
+            tar_of(&[("bin", None, None), ("manifest.json", Some(b"[]"), None)]),
+        )
+        .unwrap();
+        assert!(Store::probe(&plain).unwrap().is_none());
+    }
+
     #[test]
     fn first_member_names_and_path_cleaning() {
         assert!(image_like_first(b"blobs/"));

@@ -472,6 +472,11 @@ pub fn write_image(image: &Image, layer: &Path, out: &Path, opts: &Options) -> R
             f.sync_all()
                 .map_err(|e| Error::io("cannot write image", out, e))?;
             if let Some(t) = tmp_file {
+                fs::set_permissions(
+                    t.path(),
+                    std::os::unix::fs::PermissionsExt::from_mode(0o644),
+                )
+                .map_err(|e| Error::io("cannot set permissions of", t.path(), e))?;
                 t.persist_noclobber(out)
                     .map_err(|e| Error::io("cannot create", out, e.error))?;
             }
