@@ -383,7 +383,10 @@ fn tar_lookup<'a>(index: &'a Index, parts: &[Vec<u8>]) -> Lookup<'a> {
 mod tests {
     use super::*;
 
-    fn tar_of(entries: &[(&str, Option<&[u8]>, Option<&str>)]) -> Vec<u8> {
+    /// A test member: name, file data, symlink target (neither: a directory).
+    type Entry<'a> = (&'a str, Option<&'a [u8]>, Option<&'a str>);
+
+    fn tar_of(entries: &[Entry]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
         for (name, data, link) in entries {
             let mut h = tar::Header::new_gnu();
