@@ -45,7 +45,8 @@ pub struct MountArgs {
     foreground: bool,
     /// Mount options, comma separated: allow_other, allow_root, ro, suid, dev, exec,
     /// noexec, ...; snapfs options upper=DIR, uid_map=C:H:N, gid_map=C:H:N,
-    /// owner=UID:GID, cache_size=, span=, threads=, log_file=, pid_file=; mount(8)
+    /// owner=UID:GID, cache_size=, span=, threads=, log_file=, pid_file=, image=REF,
+    /// platform=OS/ARCH; mount(8)
     /// bookkeeping (defaults, noauto, nofail, _netdev, x-*) is ignored. Mounts are
     /// nosuid,nodev unless suid/dev is given; default_permissions is always on.
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
@@ -233,7 +234,8 @@ fn ignored_option(o: &str) -> bool {
 }
 
 /// Moves snapfs options given with `-o` (`upper=DIR`, `cache_size=`, `span=`,
-/// `threads=`, `uid_map=`, `gid_map=`, `owner=`, `log_file=`, `pid_file=`) into the
+/// `threads=`, `uid_map=`, `gid_map=`, `owner=`, `log_file=`, `pid_file=`, `image=`,
+/// `platform=`) into the
 /// flags they stand for, and drops the mount(8) bookkeeping options; the rest stay
 /// FUSE/kernel options.
 fn fold_options(args: &mut MountArgs) -> Result<()> {
@@ -274,6 +276,8 @@ fn fold_options(args: &mut MountArgs) -> Result<()> {
             "owner" if value.is_some() => args.owner = Some(need(value)?),
             "log_file" => args.log_file = Some(PathBuf::from(need(value)?)),
             "pid_file" => args.pid_file = Some(PathBuf::from(need(value)?)),
+            "image" => args.select.reference = Some(need(value)?),
+            "platform" => args.select.platform = Some(need(value)?),
             _ if ignored_option(opt) => {}
             _ => kept.push(opt.to_string()),
         }
@@ -597,6 +601,9 @@ mod tests {
         assert_eq!(a.threads, 3);
         assert_eq!(a.pid_file, Some(PathBuf::from("/run/p")));
         assert_eq!(a.log_file, Some(PathBuf::from("/var/log/l")));
+        let a = parse(&["-o", "image=repo/app:1,platform=linux/arm64", "a", "m"]);
+        assert_eq!(a.select.reference.as_deref(), Some("repo/app:1"));
+        assert_eq!(a.select.platform.as_deref(), Some("linux/arm64"));
         let a = parse(&["-o", "owner=1000:100", "a", "m"]);
         assert_eq!(a.owner.as_deref(), Some("1000:100"));
         assert!(a.options.is_empty());
