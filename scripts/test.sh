@@ -1,17 +1,60 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests (no FUSE needed) and the integration tests, which mount
-# for real (root, or /dev/fuse plus fusermount3) and compare with GNU tar extraction.
-# Tools the tests call: GNU tar, gzip, pigz, zstd, python3, getfattr (attr), fusermount3, fio.
+# for real (root, or /dev/fuse plus fusermount3) and compare with GNU tar extraction,
+# the kernel's overlayfs and plain directories.
+#
+# Run as root, it first installs what the tests need (Debian packages, the POSIX test
+# suites from crates.io); otherwise it prints the one command that would. Extra
+# arguments go to `cargo test` (e.g. a test name filter).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-missing=()
-for tool in tar gzip pigz zstd python3 getfattr fusermount3 fio; do
-  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+
+# Debian package:command pairs the tests call.
+#   fuse3 pigz zstd attr tar python3: the archives and the tree comparisons
+#   runc busybox-static: container tests; mount util-linux passwd: permission and
+#   mount-helper tests; fio: load tests.
+PACKAGES="fuse3:fusermount3 pigz:pigz zstd:zstd attr:getfattr python3:python3 tar:tar
+  gzip:gzip runc:runc mount:mount util-linux:setpriv passwd:useradd fio:fio"
+# crates.io tools, pinned: the POSIX suites run inside writable views.
+CRATES="pjdfstest@0.2.2:pjdfstest fsx@0.3.2:fsx"
+
+export PATH="$HOME/.cargo/bin:$PATH:/usr/sbin:/sbin"
+missing_pkgs=()
+for p in $PACKAGES; do
+  command -v "${p#*:}" >/dev/null 2>&1 || missing_pkgs+=("${p%%:*}")
 done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "scripts/test.sh: missing tools: ${missing[*]}" >&2
-  echo "  on Debian: apt-get install -y fuse3 pigz zstd attr python3 fio" >&2
-  exit 2
+# The container rootfs needs a statically linked busybox (Debian's plain one is not).
+if ! command -v busybox >/dev/null 2>&1 || ldd "$(command -v busybox)" >/dev/null 2>&1; then
+  missing_pkgs+=(busybox-static)
+fi
+missing_crates=()
+for c in $CRATES; do
+  want="${c%%:*}"; tool="${c#*:}"
+  have=$("$tool" --version 2>/dev/null | awk '{print $2}' || true)
+  [ "$have" = "${want#*@}" ] || missing_crates+=("$want")
+done
+
+if [ ${#missing_pkgs[@]} -gt 0 ] || [ ${#missing_crates[@]} -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then
+    if [ ${#missing_pkgs[@]} -gt 0 ]; then
+      echo "scripts/test.sh: installing ${missing_pkgs[*]}" >&2
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get update -qq
+      apt-get install -y -qq --no-install-recommends "${missing_pkgs[@]}" >/dev/null
+    fi
+    if [ ${#missing_crates[@]} -gt 0 ]; then
+      echo "scripts/test.sh: installing ${missing_crates[*]} from crates.io" >&2
+      cargo install --quiet --locked "${missing_crates[@]}"
+    fi
+  else
+    line=()
+    [ ${#missing_pkgs[@]} -gt 0 ] && line+=("apt-get install -y ${missing_pkgs[*]}")
+    [ ${#missing_crates[@]} -gt 0 ] && line+=("cargo install --locked ${missing_crates[*]}")
+    echo "scripts/test.sh: missing: ${missing_pkgs[*]} ${missing_crates[*]}" >&2
+    echo "  install them (as root): $(IFS='&'; echo "${line[*]}" | sed 's/&/ \&\& /g')" >&2
+    echo "  or run this script as root, which installs them first" >&2
+    exit 2
+  fi
 fi
 [ -e /dev/fuse ] || { echo "scripts/test.sh: /dev/fuse is missing" >&2; exit 2; }
 exec cargo test --release "$@"

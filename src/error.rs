@@ -81,6 +81,9 @@ pub enum Error {
     },
     /// A snapfs daemon or service reported an error (its own one line, relayed).
     Daemon(String),
+    /// A request to the snapfs service cannot be served as asked (malformed, an
+    /// unknown view, a view busy being set up), or its state file is unusable.
+    Service(String),
     /// An internal invariant broke (a worker vanished, a writer reused after failure).
     Internal(String),
 }
@@ -126,7 +129,7 @@ impl Error {
             Error::Index { .. } => libc::EIO,
             Error::Image { .. } => libc::EIO,
             Error::Errno(e) => *e,
-            Error::Usage(_) | Error::NotA { .. } => libc::EINVAL,
+            Error::Usage(_) | Error::NotA { .. } | Error::Service(_) => libc::EINVAL,
             Error::InUse { .. } | Error::Busy { .. } | Error::AlreadyMounted { .. } => libc::EBUSY,
             Error::Daemon(_) | Error::Internal(_) => libc::EIO,
         }
@@ -161,7 +164,7 @@ impl fmt::Display for Error {
                 write!(f, "image {}: {message}", image.display())
             }
             Error::Errno(e) => write!(f, "{}", io::Error::from_raw_os_error(*e)),
-            Error::Usage(m) | Error::Daemon(m) => write!(f, "{m}"),
+            Error::Usage(m) | Error::Daemon(m) | Error::Service(m) => write!(f, "{m}"),
             Error::InUse { path, holder } => {
                 write!(f, "{} is in use by {holder}", path.display())
             }

@@ -1,12 +1,13 @@
 //! Assembles a view, outside FUSE: inputs → archives (an image input becomes its
 //! layers, through [`crate::image`]) → their indexes (embedded, persisted or built) →
-//! one tree each → stacked as layers → under an upper directory → through an id map.
-//! `mount`, `commit` and the service all open views here; FUSE only serves the result.
+//! one tree each → stacked as layers → under an upper directory → through an id map. `mount`, `commit` and the service all open views here; FUSE only serves
+//! the result.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::archive::{Archive, Progress, StreamReader};
+use crate::cache::SpanPool;
 use crate::error::{Error, Result};
 use crate::idmap::{IdMap, MappedTree};
 use crate::image::{Image, Select};
@@ -15,7 +16,6 @@ use crate::index::store::{self, Origin};
 use crate::index::tree::{IndexTree, Tree};
 use crate::index::Index;
 use crate::layers::LayeredTree;
-use crate::source::{FileSource, Source};
 use crate::upper::UpperTree;
 
 /// What a view is made of.
@@ -42,12 +42,22 @@ pub fn open(spec: &ViewSpec) -> Result<Box<dyn Tree>> {
 
 /// Opens the view `spec` describes from its inputs, already resolved ([`resolve`]).
 pub fn open_with(spec: &ViewSpec, inputs: &[Input]) -> Result<Box<dyn Tree>> {
-    let mut tree = open_inputs(inputs, &spec.build, spec.cache_bytes)?;
-    if let Some(dir) = &spec.upper {
+    let tree = open_inputs(inputs, &spec.build, spec.cache_bytes)?;
+    finish(tree, spec.upper.as_deref(), &spec.idmap)
+}
+
+/// Puts the stacked read-only tree of a view under its upper directory (if any) and
+/// its id map (unless the identity).
+pub fn finish(
+    mut tree: Box<dyn Tree>,
+    upper: Option<&Path>,
+    idmap: &IdMap,
+) -> Result<Box<dyn Tree>> {
+    if let Some(dir) = upper {
         tree = Box::new(UpperTree::new(tree, dir)?);
     }
-    if !spec.idmap.is_identity() {
-        tree = Box::new(MappedTree::new(tree, spec.idmap.clone()));
+    if !idmap.is_identity() {
+        tree = Box::new(MappedTree::new(tree, idmap.clone()));
     }
     Ok(tree)
 }
@@ -114,20 +124,29 @@ pub fn resolve(paths: &[PathBuf], select: &Select) -> Result<Vec<Input>> {
         .collect()
 }
 
-/// The read-only tree of one archive, its index loaded (or built).
-pub fn open_archive(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Result<IndexTree> {
-    let source: Arc<dyn Source> = Arc::new(FileSource::open(path)?);
-    open_source(Archive::from_source(source)?, opts, cache_bytes)
+/// Where an archive's decoded spans are kept.
+pub enum Spans<'a> {
+    /// A cache of its own, of this many bytes.
+    Own(u64),
+    /// A pool shared with other archives (the service's).
+    Pool(&'a Arc<SpanPool>),
 }
 
-/// The read-only tree of an opened archive (a file, or a layer of an image).
-pub fn open_source(archive: Archive, opts: &BuildOptions, cache_bytes: u64) -> Result<IndexTree> {
+/// The read-only tree of one archive, its index loaded (or built).
+pub fn open_archive(path: &Path, opts: &BuildOptions, cache_bytes: u64) -> Result<IndexTree> {
+    open_archive_in(Archive::open(path)?, opts, Spans::Own(cache_bytes))
+}
+
+/// The read-only tree of an opened archive, its index loaded (or built), its spans
+/// cached as `spans` says.
+pub fn open_archive_in(archive: Archive, opts: &BuildOptions, spans: Spans) -> Result<IndexTree> {
     let (index, origin) = load_index(&archive, opts, None, false, &Default::default())?;
     let cache_file = store::cache_file_for(&archive, &index)?;
     let table = index.table.clone();
-    let stream = match cache_file {
-        Some(c) => StreamReader::with_cache_file(archive.source, table, c),
-        None => StreamReader::new(archive.source, table, cache_bytes),
+    let stream = match (cache_file, spans) {
+        (Some(c), _) => StreamReader::with_cache_file(archive.source, table, c),
+        (None, Spans::Own(bytes)) => StreamReader::new(archive.source, table, bytes),
+        (None, Spans::Pool(pool)) => StreamReader::in_pool(archive.source, table, pool),
     };
     // The index was checked against the archive as opened; refuse if it changed since.
     stream.verify_unchanged()?;
@@ -143,6 +162,14 @@ pub fn open_source(archive: Archive, opts: &BuildOptions, cache_bytes: u64) -> R
 /// the daemon's resident size stays under index + `--cache-size` (with 24 MiB, fio
 /// random reads on a 1 GiB tar.gz peaked 7-10 MiB over that).
 const DAEMON_OVERHEAD: u64 = 48 << 20;
+
+/// The part of a `--cache-size` budget that decoded spans may use: the rest is the
+/// process's own overhead.
+pub fn span_budget(cache_bytes: u64) -> u64 {
+    cache_bytes
+        .saturating_sub(DAEMON_OVERHEAD)
+        .max(cache_bytes / 2)
+}
 
 /// The archives (or images) stacked as layers (last on top); see [`open_inputs`].
 pub fn open_stack(
@@ -166,16 +193,20 @@ pub fn open_inputs(
     for input in inputs {
         archives.extend(input.archives()?);
     }
-    let spans = cache_bytes
-        .saturating_sub(DAEMON_OVERHEAD)
-        .max(cache_bytes / 2);
-    let each = spans / archives.len().max(1) as u64;
+    let each = span_budget(cache_bytes) / archives.len().max(1) as u64;
     let mut trees: Vec<Box<dyn Tree>> = Vec::with_capacity(archives.len());
     for archive in archives {
-        trees.push(Box::new(open_source(archive, opts, each)?));
+        trees.push(Box::new(open_archive_in(archive, opts, Spans::Own(each))?));
     }
-    let any_image = inputs.iter().any(|i| matches!(i, Input::Image(_)));
-    if trees.len() == 1 && !any_image {
+    if inputs.iter().any(|i| matches!(i, Input::Image(_))) {
+        return Ok(Box::new(LayeredTree::new(trees)?));
+    }
+    stack(trees)
+}
+
+/// Trees stacked as layers (last on top); one tree is served directly.
+pub fn stack(mut trees: Vec<Box<dyn Tree>>) -> Result<Box<dyn Tree>> {
+    if trees.len() == 1 {
         trees
             .pop()
             .ok_or_else(|| Error::Internal("a view needs an archive".into()))

@@ -155,3 +155,32 @@ fn umount_of_something_not_mounted_fails() {
     r.assert_fail();
     assert!(!util::lines(&r.stderr_str()).is_empty(), "no error message");
 }
+
+#[test]
+fn issue_10_mounting_over_a_live_mount_is_refused_and_umount_returns_promptly() {
+    let td = TestDir::new("overmount");
+    let tar = corpus::small_tar(td.path(), "a.tar", 31);
+    let other = corpus::small_tar(td.path(), "b.tar", 32);
+    let mnt = td.mkdir("mnt").canonicalize().unwrap();
+    let m = Mount::new(&tar, &mnt);
+    let r = util::snapfs([OsStr::new("mount"), other.as_os_str(), mnt.as_os_str()]);
+    util::assert_one_line_error(&r, &mnt.display().to_string());
+    assert!(
+        r.stderr_str().contains("already has a fuse.snapfs mount"),
+        "{}",
+        r.stderr_str()
+    );
+    let stacked = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!(" {} ", mnt.display())))
+        .count();
+    assert_eq!(stacked, 1, "only the first mount is there");
+    assert_eq!(fs::read(mnt.join("readme")).unwrap(), b"seed 31\n");
+    // The one daemon exits and umount says nothing about another.
+    let r = util::snapfs([OsStr::new("umount"), mnt.as_os_str()]);
+    r.assert_ok();
+    assert!(r.stderr_str().is_empty(), "{}", r.stderr_str());
+    assert!(!util::is_mounted(&mnt));
+    drop(m);
+}

@@ -26,5 +26,6 @@ mod load;
 mod random_ops;
 mod regression;
 mod semantics;
+mod service;
 mod trust;
 mod upper;

@@ -1,7 +1,10 @@
 //! `snapfs list`: the live snapfs mounts (fs type `fuse.snapfs` in
 //! `/proc/self/mountinfo`), their inputs (from the mount source, see
-//! [`source_name`]), their daemon pids (found in `/proc` by command line and an open
-//! `/dev/fuse`) and whether the daemon still answers.
+//! [`source_name`]; an image shows as `IMAGE@REF`), their daemon pids (found in `/proc`
+//! by command line and an open `/dev/fuse`) and whether the daemon still answers.
+//! Views of a snapfs service (`--service`, `$SNAPFS_SERVICE`, and every `snapfs serve`
+//! found in `/proc`) are asked of the service and marked with it; `-l` adds each view's
+//! service, upper dir and bytes read per archive.
 
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
@@ -11,10 +14,20 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::error::{Error, Result};
+use crate::service::{client, Request, ViewInfo, ViewState};
 
 /// Arguments of `snapfs list`.
 #[derive(Args, Debug)]
-pub struct ListArgs {}
+pub struct ListArgs {
+    /// Long listing: also the service, the upper dir and the bytes read from each
+    /// archive (known for service views).
+    #[arg(short, long)]
+    long: bool,
+    /// Also list the views of the service on SOCKET [default: $SNAPFS_SERVICE, and
+    /// every running `snapfs serve`].
+    #[arg(long, value_name = "SOCKET")]
+    service: Option<PathBuf>,
+}
 
 /// One snapfs mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,6 +167,33 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
     v
 }
 
+/// The file system types of the mounts stacked on `mountpoint` (bottom first), from
+/// mountinfo text.
+pub fn types_at(text: &str, mountpoint: &Path) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let at = left.split(' ').nth(4)?;
+            let fstype = right.split(' ').next()?;
+            (unescape(at) == mountpoint.as_os_str().as_bytes()).then(|| fstype.to_string())
+        })
+        .collect()
+}
+
+/// Refuses a mountpoint that already has a FUSE mount (snapfs's or another's) on
+/// top: mounting again would stack a second mount and hide the first.
+pub fn check_not_fuse_mounted(mountpoint: &Path) -> Result<()> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("cannot read", "/proc/self/mountinfo", e))?;
+    match types_at(&text, mountpoint).pop() {
+        Some(t) if t == "fuse" || t.starts_with("fuse.") => Err(Error::AlreadyMounted {
+            path: mountpoint.to_path_buf(),
+            fstype: t,
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// The snapfs mounts visible to this process.
 pub fn mounts() -> Result<Vec<MountEntry>> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")
@@ -231,11 +271,167 @@ fn state(mountpoint: &Path) -> &'static str {
     }
 }
 
+/// The sockets of the snapfs services to ask: `explicit` (or `$SNAPFS_SERVICE`),
+/// then every `snapfs serve` process found in `/proc` (its `--socket`, else
+/// `--root`/snapfs.sock).
+pub fn service_sockets(explicit: Option<&Path>) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = super::service_socket(explicit).into_iter().collect();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return v;
+    };
+    for e in rd.flatten() {
+        if !e.file_name().as_bytes().iter().all(u8::is_ascii_digit) {
+            continue;
+        }
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_snapfs = args.first().is_some_and(|a| {
+            Path::new(std::ffi::OsStr::from_bytes(a))
+                .file_name()
+                .is_some_and(|n| n.as_bytes().starts_with(b"snapfs"))
+        });
+        if !is_snapfs || args.get(1) != Some(&&b"serve"[..]) {
+            continue;
+        }
+        let value = |flag: &[u8]| -> Option<PathBuf> {
+            let mut it = args.iter();
+            while let Some(a) = it.next() {
+                if *a == flag {
+                    return it
+                        .next()
+                        .map(|v| PathBuf::from(std::ffi::OsStr::from_bytes(v)));
+                }
+                if let Some(v) = a.strip_prefix(flag).and_then(|r| r.strip_prefix(b"=")) {
+                    return Some(PathBuf::from(std::ffi::OsStr::from_bytes(v)));
+                }
+            }
+            None
+        };
+        let socket = value(b"--socket")
+            .or_else(|| value(b"--root").map(|r| crate::service::control::default_socket(&r)));
+        let Some(mut socket) = socket else { continue };
+        if socket.is_relative() {
+            match std::fs::read_link(e.path().join("cwd")) {
+                Ok(cwd) => socket = cwd.join(socket),
+                Err(_) => continue,
+            }
+        }
+        if !v.contains(&socket) {
+            v.push(socket);
+        }
+    }
+    v
+}
+
+/// A view of a service.
+struct ServiceView {
+    socket: PathBuf,
+    pid: u32,
+    info: ViewInfo,
+}
+
+/// The views of every service found; an unreachable `explicit` one is an error,
+/// found ones that do not answer are skipped.
+fn service_views(explicit: Option<&Path>) -> Result<Vec<ServiceView>> {
+    let mut v = Vec::new();
+    let named = super::service_socket(explicit);
+    for socket in service_sockets(explicit) {
+        let status = match client::call(&socket, &Request::Status {}) {
+            Ok(r) => r.status,
+            Err(e) if named.as_deref() == Some(socket.as_path()) => return Err(e),
+            Err(_) => continue,
+        };
+        for info in status.iter().flat_map(|s| s.views.iter()) {
+            v.push(ServiceView {
+                socket: socket.clone(),
+                pid: status.as_ref().map_or(0, |s| s.pid),
+                info: info.clone(),
+            });
+        }
+    }
+    Ok(v)
+}
+
+fn state_name(s: ViewState) -> &'static str {
+    match s {
+        ViewState::Starting => "starting",
+        ViewState::Live => "live",
+        ViewState::Stopping => "stopping",
+        ViewState::Failed => "failed",
+    }
+}
+
+/// The inputs as `list` shows them: paths, an image as `IMAGE@REF`.
+fn shown(archives: &[PathBuf], refs: &[Option<String>]) -> Vec<String> {
+    archives
+        .iter()
+        .enumerate()
+        .map(|(i, a)| match refs.get(i) {
+            Some(Some(r)) => format!("{}@{r}", a.display()),
+            _ => a.display().to_string(),
+        })
+        .collect()
+}
+
 /// Runs `snapfs list`: one tab-separated line per mount after a header:
-/// mountpoint, daemon pid(s) (`-` if none), state (`live`/`stale`), archives.
-pub fn run(_args: ListArgs) -> Result<ExitCode> {
-    let mut out = String::from("MOUNTPOINT\tPID\tSTATE\tARCHIVES\n");
+/// mountpoint, daemon pid(s) (`-` if none; `service:PID` for a service's view),
+/// state (`live`/`stale`, or a service view's `starting`/`failed`/...), archives.
+/// With `-l`, between state and archives: the service's socket, the upper dir and
+/// the bytes read from each archive (comma separated, archive order; `-` where
+/// unknown).
+pub fn run(args: ListArgs) -> Result<ExitCode> {
+    let mut views = service_views(args.service.as_deref())?;
+    let mut out = if args.long {
+        String::from("MOUNTPOINT\tPID\tSTATE\tSERVICE\tUPPER\tBYTES_READ\tARCHIVES\n")
+    } else {
+        String::from("MOUNTPOINT\tPID\tSTATE\tARCHIVES\n")
+    };
+    let line = |out: &mut String,
+                mp: &Path,
+                pid: &str,
+                state: &str,
+                sv: Option<&ServiceView>,
+                archives: Vec<String>| {
+        out.push_str(&format!("{}\t{pid}\t{state}\t", mp.display()));
+        if args.long {
+            let dash = || "-".to_string();
+            let socket = sv.map_or_else(dash, |v| v.socket.display().to_string());
+            let upper = sv
+                .and_then(|v| v.info.config.upper.as_ref())
+                .map_or_else(dash, |u| u.display().to_string());
+            let read = sv.map_or_else(dash, |v| {
+                let n: Vec<String> = v
+                    .info
+                    .sources
+                    .iter()
+                    .map(|s| s.bytes_read.to_string())
+                    .collect();
+                n.join(",")
+            });
+            out.push_str(&format!("{socket}\t{upper}\t{read}\t"));
+        }
+        out.push_str(&archives.join(" "));
+        out.push('\n');
+    };
     for m in mounts()? {
+        if let Some(i) = views
+            .iter()
+            .position(|v| v.info.config.mountpoint == m.mountpoint)
+        {
+            let v = views.remove(i);
+            let pid = format!("service:{}", v.pid);
+            line(
+                &mut out,
+                &m.mountpoint,
+                &pid,
+                state_name(v.info.state),
+                Some(&v),
+                shown(&m.archives, &m.refs),
+            );
+            continue;
+        }
         let pids = daemon_pids(&m.mountpoint);
         // A found daemon holds the connection open, so the mount is live. Only a mount
         // without one is probed: a path lookup on a mount briefly pins it, and a
@@ -246,20 +442,27 @@ pub fn run(_args: ListArgs) -> Result<ExitCode> {
             let p: Vec<String> = pids.iter().map(u32::to_string).collect();
             (p.join(","), "live")
         };
-        let archives: Vec<String> = m
-            .archives
-            .iter()
-            .zip(&m.refs)
-            .map(|(a, r)| match r {
-                Some(r) => format!("{}@{r}", a.display()),
-                None => a.display().to_string(),
-            })
-            .collect();
-        out.push_str(&format!(
-            "{}\t{pids}\t{state}\t{}\n",
-            m.mountpoint.display(),
-            archives.join(" ")
-        ));
+        line(
+            &mut out,
+            &m.mountpoint,
+            &pids,
+            state,
+            None,
+            shown(&m.archives, &m.refs),
+        );
+    }
+    // Service views not mounted (failed, starting).
+    for v in &views {
+        let pid = format!("service:{}", v.pid);
+        let c = &v.info.config;
+        line(
+            &mut out,
+            &c.mountpoint,
+            &pid,
+            state_name(v.info.state),
+            Some(v),
+            shown(&c.layers, &[]),
+        );
     }
     print!("{out}");
     Ok(ExitCode::SUCCESS)
@@ -268,6 +471,16 @@ pub fn run(_args: ListArgs) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mount_types_at_a_path_bottom_first() {
+        let text = "36 35 98:0 / /mnt/a rw - ext4 /dev/x rw\n\
+                    37 36 0:50 / /mnt/a ro - fuse.snapfs snapfs:/a.tar ro\n\
+                    38 35 0:51 / /mnt/a\\040b rw - fuse.sshfs h:/ rw\n";
+        assert_eq!(types_at(text, Path::new("/mnt/a")), ["ext4", "fuse.snapfs"]);
+        assert_eq!(types_at(text, Path::new("/mnt/a b")), ["fuse.sshfs"]);
+        assert!(types_at(text, Path::new("/mnt")).is_empty());
+    }
 
     #[test]
     fn parses_snapfs_lines_only() {

@@ -7,6 +7,7 @@ mod helper;
 mod index;
 mod list;
 mod mount;
+mod serve;
 mod umount;
 mod verify;
 
@@ -17,7 +18,9 @@ use clap::{Parser, Subcommand};
 
 use crate::error::{Error, Result};
 
-/// Mount snapshot tarballs (tar, tar.gz, tar.zst) and container images as lazy FUSE trees.
+/// Mount snapshot tarballs (tar, tar.gz, tar.zst) and container images as lazy FUSE
+/// views: read-only, or writable with an upper dir whose changes `commit` cuts into new
+/// snapshots.
 #[derive(Parser, Debug)]
 #[command(name = "snapfs", version, about, long_about = None)]
 pub struct Cli {
@@ -29,7 +32,8 @@ pub struct Cli {
 enum Command {
     /// Build (or refresh) the persisted index of an archive and print a summary.
     Index(index::IndexArgs),
-    /// Mount an archive read-only; returns once the mount is live.
+    /// Mount archives as a view (read-only, or writable with --upper); returns once the
+    /// mount is live.
     Mount(mount::MountArgs),
     /// Unmount a snapfs mount (also cleans up a mount whose daemon died).
     Umount(umount::UmountArgs),
@@ -37,6 +41,9 @@ enum Command {
     List(list::ListArgs),
     /// Capture a plain directory into a new seekable, self-indexed snapshot.
     Create(create::CreateArgs),
+    /// Serve many views from one process: a control socket to add, list and remove
+    /// them, one span cache, views restored after a restart.
+    Serve(serve::ServeArgs),
     /// Cut a snapshot (delta layer, or --full) from a writable view's upper dir.
     #[command(
         long_about = "Cut a snapshot from a writable view's upper dir: by default a delta \
@@ -72,6 +79,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Umount(a) => umount::run(a),
         Command::List(a) => list::run(a),
         Command::Create(a) => create::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Commit(a) => commit::run(a),
         Command::Verify(a) => verify::run(a),
     }
@@ -92,6 +100,19 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+/// The environment variable naming the socket of the snapfs service that `mount`,
+/// `umount` and `list` talk to when no `--service` is given.
+pub const SERVICE_ENV: &str = "SNAPFS_SERVICE";
+
+/// The service socket a command was pointed at: `--service`, else `$SNAPFS_SERVICE`.
+fn service_socket(flag: Option<&std::path::Path>) -> Option<PathBuf> {
+    flag.map(PathBuf::from).or_else(|| {
+        std::env::var_os(SERVICE_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
 }
 
 /// Which image of an image input to use (shared by mount, index, verify).

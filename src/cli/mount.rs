@@ -25,15 +25,20 @@ use crate::fs::{MountOptions, Session};
 use crate::idmap::IdMap;
 use crate::index::build::BuildOptions;
 use crate::index::store;
+use crate::service::{client, Request, ViewConfig};
 use crate::view::{self, ViewSpec};
 
 /// Arguments of `snapfs mount`.
 #[derive(Args, Debug)]
 pub struct MountArgs {
     /// The archives (tar, tar.gz or tar.zst) or images (OCI layout, OCI archive,
-    /// docker save), bottom first, followed by the mountpoint.
-    #[arg(required = true, num_args = 2.., value_name = "ARCHIVE... MOUNTPOINT")]
-    paths: Vec<PathBuf>,
+    /// docker save; detected from their content), bottom layer first: each one after
+    /// the first is stacked on top as OCI layers.
+    #[arg(required = true, value_name = "ARCHIVE")]
+    archives: Vec<PathBuf>,
+    /// Where the view appears (an existing directory).
+    #[arg(value_name = "MOUNTPOINT")]
+    mountpoint: PathBuf,
     #[command(flatten)]
     select: super::ImageArgs,
     /// Before mounting, read every layer blob of an image input and check it against
@@ -83,6 +88,10 @@ pub struct MountArgs {
     /// Write the daemon's pid to FILE once the mount is live (removed on clean exit).
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
+    /// Ask the snapfs service listening on SOCKET (`snapfs serve`) to mount the view
+    /// instead of starting a daemon of its own [default: $SNAPFS_SERVICE if set].
+    #[arg(long, value_name = "SOCKET")]
+    service: Option<PathBuf>,
     /// Internal: file descriptor on which the daemon reports readiness.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
@@ -91,7 +100,7 @@ pub struct MountArgs {
 /// Runs `snapfs mount`.
 pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     fold_options(&mut args)?;
-    let (archives, mountpoint) = split_paths(&args.paths)?;
+    let (archives, mountpoint) = (&args.archives[..], args.mountpoint.as_path());
     IdMap::from_args(&args.uid_map, &args.gid_map, args.owner.as_deref())?;
     for a in archives {
         super::check_input(a)?;
@@ -111,12 +120,6 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     if let Some(u) = &args.upper {
         std::fs::create_dir_all(u).map_err(|e| Error::io("cannot create upper dir", u, e))?;
     }
-    if let Some(f) = &args.pid_file {
-        check_writable_file(f, "cannot create pid file")?;
-    }
-    if let Some(f) = &args.log_file {
-        check_writable_file(f, "cannot create log file")?;
-    }
     // The image step (the daemon repeats it; it reads only small JSON).
     let inputs = if args.ready_fd.is_none() {
         view::resolve(archives, &select)?
@@ -129,6 +132,29 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
                 super::verify::check(img)?;
             }
         }
+    }
+    if args.ready_fd.is_none() {
+        if let Some(socket) = super::service_socket(args.service.as_deref()) {
+            if let Some(view::Input::Image(img)) =
+                inputs.iter().find(|i| matches!(i, view::Input::Image(_)))
+            {
+                return Err(Error::Usage(format!(
+                    "{} is an image; the service does not serve images yet (mount it without --service)",
+                    img.path.display()
+                )));
+            }
+            // The service checks the mountpoint itself (and names its own view there).
+            return via_service(&args, archives, mountpoint, &socket);
+        }
+    }
+    let canonical = std::fs::canonicalize(mountpoint)
+        .map_err(|e| Error::io("cannot use mountpoint", mountpoint, e))?;
+    super::list::check_not_fuse_mounted(&canonical)?;
+    if let Some(f) = &args.pid_file {
+        check_writable_file(f, "cannot create pid file")?;
+    }
+    if let Some(f) = &args.log_file {
+        check_writable_file(f, "cannot create log file")?;
     }
     if args.foreground || args.ready_fd.is_some() {
         drop(inputs);
@@ -167,7 +193,49 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
         store::cache_file_for(&todo[i], index).map(drop)
     })?;
     drop(inputs);
-    daemonize(&args.paths, &args)
+    daemonize(&args)
+}
+
+/// Asks the service on `socket` to mount the view; returns once it is live.
+fn via_service(
+    args: &MountArgs,
+    archives: &[PathBuf],
+    mountpoint: &Path,
+    socket: &Path,
+) -> Result<ExitCode> {
+    let daemon_only = [
+        (args.foreground, "--foreground"),
+        (args.log_file.is_some(), "--log-file"),
+        (args.pid_file.is_some(), "--pid-file"),
+        (args.cache_size.is_some(), "--cache-size"),
+    ];
+    if let Some((_, flag)) = daemon_only.iter().find(|(given, _)| *given) {
+        return Err(Error::Usage(format!(
+            "{flag} belongs to the service (snapfs serve), not to a view mounted with --service"
+        )));
+    }
+    // The service runs elsewhere (another cwd): it gets absolute, resolved paths.
+    let resolve = |p: &Path, what| std::fs::canonicalize(p).map_err(|e| Error::io(what, p, e));
+    let view = ViewConfig {
+        mountpoint: resolve(mountpoint, "cannot use mountpoint")?,
+        layers: archives
+            .iter()
+            .map(|a| resolve(a, "cannot open archive"))
+            .collect::<Result<_>>()?,
+        upper: match &args.upper {
+            Some(u) => Some(resolve(u, "cannot use upper dir")?),
+            None => None,
+        },
+        uid_map: args.uid_map.clone(),
+        gid_map: args.gid_map.clone(),
+        owner: args.owner.clone(),
+        options: args.options.clone(),
+        threads: Some(args.threads),
+        span: Some(args.span),
+        ..Default::default()
+    };
+    client::call(socket, &Request::Add { view })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Foreground mode with `--log-file`: stderr (where the log goes) is appended to `f`.
@@ -290,23 +358,19 @@ fn fold_options(args: &mut MountArgs) -> Result<()> {
     Ok(())
 }
 
-fn split_paths(paths: &[PathBuf]) -> Result<(&[PathBuf], &Path)> {
-    match paths.split_last() {
-        Some((m, a)) if !a.is_empty() => Ok((a, m.as_path())),
-        _ => Err(Error::Usage(
-            "usage: snapfs mount [OPTIONS] <ARCHIVE>... <MOUNTPOINT>".into(),
-        )),
-    }
-}
-
 /// Starts the daemon and waits for its verdict on a pipe.
-fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
+fn daemonize(args: &MountArgs) -> Result<ExitCode> {
+    let paths: Vec<&PathBuf> = args
+        .archives
+        .iter()
+        .chain(std::iter::once(&args.mountpoint))
+        .collect();
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 writes two fds into the array we own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(Error::io(
             "cannot create pipe for",
-            &paths[0],
+            paths[0],
             std::io::Error::last_os_error(),
         ));
     }
@@ -378,7 +442,7 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     cmd.args(
         paths
             .iter()
-            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())),
+            .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())),
     );
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log);
     cmd.current_dir("/");
@@ -397,7 +461,7 @@ fn daemonize(paths: &[PathBuf], args: &MountArgs) -> Result<ExitCode> {
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| Error::io("cannot start daemon for", &paths[0], e))?;
+        .map_err(|e| Error::io("cannot start daemon for", paths[0], e))?;
     drop(write_end);
     let mut msg = String::new();
     let _ = File::from(read_end).read_to_string(&mut msg);
@@ -508,13 +572,17 @@ fn setup(args: &MountArgs, archives: &[PathBuf], mountpoint: &Path) -> Result<Se
     Session::mount(tree, mountpoint, &mount_options(args, &inputs))
 }
 
+fn cache_bytes(args: &MountArgs) -> u64 {
+    default_cache_bytes(args.cache_size)
+}
+
 /// `--cache-size`, or by default 1/16 of the machine's RAM within 256 MiB..1 GiB: a
 /// small-file archive read in path order (not archive order) touches every span again
 /// and again, and runs at the speed of the cache holding its stream or not.
-fn cache_bytes(args: &MountArgs) -> u64 {
+pub(super) fn default_cache_bytes(cache_size: Option<u64>) -> u64 {
     const MIN: u64 = 256 << 20;
     const MAX: u64 = 1 << 30;
-    args.cache_size.unwrap_or_else(|| {
+    cache_size.unwrap_or_else(|| {
         // SAFETY: sysconf only reads system configuration.
         let (pages, page) = unsafe {
             (
@@ -544,7 +612,7 @@ fn signal_set() -> libc::sigset_t {
 }
 
 /// Blocks the termination signals in this thread and every thread it spawns later.
-fn block_signals() {
+pub(super) fn block_signals() {
     let set = signal_set();
     // SAFETY: the set is initialised; a null old-set pointer is allowed.
     unsafe {
@@ -552,7 +620,7 @@ fn block_signals() {
     }
 }
 
-fn wait_for_signal() {
+pub(super) fn wait_for_signal() {
     let set = signal_set();
     let mut sig = 0;
     // SAFETY: set is initialised and the signals are blocked in every thread.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::error::{Error, Result};
+use crate::service::{client, Request};
 
 /// Arguments of `snapfs umount`.
 #[derive(Args, Debug)]
@@ -26,6 +27,10 @@ pub struct UmountArgs {
     /// How long to wait for the daemon to exit after the unmount (seconds).
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     wait: u64,
+    /// The snapfs service whose view this may be [default: $SNAPFS_SERVICE, and
+    /// every running `snapfs serve`]; a service's view is removed through it.
+    #[arg(long, value_name = "SOCKET")]
+    service: Option<PathBuf>,
 }
 
 /// Runs `snapfs umount`.
@@ -38,6 +43,15 @@ pub fn run(args: UmountArgs) -> Result<ExitCode> {
             .map_err(|e| Error::io("cannot resolve", &args.mountpoint, e))?
             .join(&args.mountpoint)
     };
+    if let Some(socket) = service_of(&path, args.service.as_deref()) {
+        let remove = Request::Remove {
+            key: None,
+            mountpoint: Some(path),
+            lazy: args.lazy,
+        };
+        client::call(&socket, &remove)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| Error::Usage(format!("invalid mountpoint {}", path.display())))?;
     // Taken before the unmount: afterwards the daemon's mount is gone and a reused
@@ -58,6 +72,28 @@ pub fn run(args: UmountArgs) -> Result<ExitCode> {
         wait_for_exit(&path, daemons, Duration::from_secs(args.wait));
     }
     unmounted
+}
+
+/// The socket of the service that has a view on `path` (as given, or with its parent
+/// resolved), if any service found has one.
+fn service_of(path: &Path, explicit: Option<&Path>) -> Option<PathBuf> {
+    let resolved = match (path.parent(), path.file_name()) {
+        (Some(p), Some(n)) => p.canonicalize().ok().map(|p| p.join(n)),
+        _ => None,
+    };
+    super::list::service_sockets(explicit)
+        .into_iter()
+        .find(|socket| {
+            client::call(socket, &Request::List {})
+                .ok()
+                .and_then(|r| r.views)
+                .is_some_and(|views| {
+                    views.iter().any(|v| {
+                        v.config.mountpoint == path
+                            || Some(&v.config.mountpoint) == resolved.as_ref()
+                    })
+                })
+        })
 }
 
 /// The daemons serving `path`, as pidfds. The daemon's command line carries the
@@ -82,33 +118,58 @@ fn daemon_pidfds(path: &Path) -> Vec<(u32, OwnedFd)> {
         .collect()
 }
 
-/// Waits until every process in `daemons` has exited (a pidfd polls readable then),
-/// for at most `limit`; warns about any still running.
+/// Waits until the daemon of the mount just removed from `path` has exited (a pidfd
+/// polls readable then), for at most `limit`; warns if it is still running.
+///
+/// `daemons` are every daemon whose command line names `path`; the mounts still
+/// stacked there (made by other tools, or before snapfs refused stacking) keep theirs.
+/// So the wait ends once no more of them are alive than mounts are left at `path`.
 fn wait_for_exit(path: &Path, daemons: Vec<(u32, OwnedFd)>, limit: Duration) {
-    let deadline = Instant::now() + limit;
-    for (pid, fd) in daemons {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let mut p = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
-        // SAFETY: one valid pollfd.
-        let rc = loop {
-            let rc = unsafe { libc::poll(&mut p, 1, ms) };
-            if rc >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-                break rc;
-            }
-        };
-        if rc == 0 {
-            eprintln!(
-                "snapfs: {} is unmounted, but its daemon (pid {pid}) is still running after {} s",
-                path.display(),
-                limit.as_secs()
-            );
-        }
+    if daemons.is_empty() {
+        return;
     }
+    let left_mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| {
+            super::list::types_at(&t, path)
+                .iter()
+                .filter(|t| t.as_str() == "fuse.snapfs")
+                .count()
+        })
+        .unwrap_or(0);
+    let deadline = Instant::now() + limit;
+    let mut alive: Vec<&(u32, OwnedFd)> = daemons.iter().collect();
+    while alive.len() > left_mounted {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let mut fds: Vec<libc::pollfd> = alive
+            .iter()
+            .map(|(_, fd)| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = i32::try_from(left.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: fds is a valid array of pollfds.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if rc < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return;
+        }
+        let mut still = fds.iter().map(|p| p.revents == 0);
+        alive.retain(|_| still.next().unwrap_or(true));
+    }
+    if alive.len() <= left_mounted {
+        return;
+    }
+    let running: Vec<String> = alive.iter().map(|(pid, _)| pid.to_string()).collect();
+    eprintln!(
+        "snapfs: {} is unmounted, but its daemon (pid {}) is still running after {} s",
+        path.display(),
+        running.join(", "),
+        limit.as_secs()
+    );
 }
 
 /// Maps a failed umount2(2) to a readable error, or unmounts through fusermount
