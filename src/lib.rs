@@ -16,6 +16,7 @@ pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod idmap;
+pub mod image;
 pub mod index;
 pub mod layers;
 pub mod service;

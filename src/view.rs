@@ -1,6 +1,6 @@
-//! Assembles a view, outside FUSE: archives → their indexes (embedded, persisted or
-//! built) → one tree each → stacked as layers → under an upper directory → through an
-//! id map. `mount`, `commit` and the service all open views here; FUSE only serves
+//! Assembles a view, outside FUSE: inputs → archives (an image input becomes its
+//! layers, through [`crate::image`]) → their indexes (embedded, persisted or built) →
+//! one tree each → stacked as layers → under an upper directory → through an id map. `mount`, `commit` and the service all open views here; FUSE only serves
 //! the result.
 
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use crate::archive::{Archive, Progress, StreamReader};
 use crate::cache::SpanPool;
 use crate::error::{Error, Result};
 use crate::idmap::{IdMap, MappedTree};
+use crate::image::{Image, Select};
 use crate::index::build::BuildOptions;
 use crate::index::store::{self, Origin};
 use crate::index::tree::{IndexTree, Tree};
@@ -19,8 +20,11 @@ use crate::upper::UpperTree;
 
 /// What a view is made of.
 pub struct ViewSpec {
-    /// The archives, bottom layer first.
+    /// The inputs (archives, or images: OCI layouts, OCI archives, `docker save`
+    /// archives), bottom layer first.
     pub layers: Vec<PathBuf>,
+    /// Which image of an image input (`--image`, `--platform`).
+    pub select: Select,
     /// The upper directory of a writable view.
     pub upper: Option<PathBuf>,
     /// How ids are shown.
@@ -33,7 +37,12 @@ pub struct ViewSpec {
 
 /// Opens the view `spec` describes: its one tree, ready to serve.
 pub fn open(spec: &ViewSpec) -> Result<Box<dyn Tree>> {
-    let tree = open_stack(&spec.layers, &spec.build, spec.cache_bytes)?;
+    open_with(spec, &resolve(&spec.layers, &spec.select)?)
+}
+
+/// Opens the view `spec` describes from its inputs, already resolved ([`resolve`]).
+pub fn open_with(spec: &ViewSpec, inputs: &[Input]) -> Result<Box<dyn Tree>> {
+    let tree = open_inputs(inputs, &spec.build, spec.cache_bytes)?;
     finish(tree, spec.upper.as_deref(), &spec.idmap)
 }
 
@@ -69,6 +78,50 @@ pub fn load_index(
         }
     }
     store::load_or_build(archive, opts, required_span, force, progress)
+}
+
+/// One input of a view: an archive, or an image resolved to its layers.
+pub enum Input {
+    /// A tar, tar.gz or tar.zst file.
+    Archive(PathBuf),
+    /// An image: its layers, bottom first.
+    Image(Box<Image>),
+}
+
+impl Input {
+    /// The archives this input stands for, bottom first (sources not yet read).
+    pub fn archives(&self) -> Result<Vec<Archive>> {
+        match self {
+            Input::Archive(p) => Ok(vec![Archive::open(p)?]),
+            Input::Image(img) => img
+                .layers
+                .iter()
+                .map(|l| Archive::from_source(l.source.clone()))
+                .collect(),
+        }
+    }
+
+    /// The input's path and, for an image, the reference chosen in it.
+    pub fn name(&self) -> (&Path, Option<&str>) {
+        match self {
+            Input::Archive(p) => (p, None),
+            Input::Image(img) => (&img.path, Some(&img.reference)),
+        }
+    }
+}
+
+/// The image step: each input that is an image (told from its content) becomes its
+/// chosen image's layers; anything else stays an archive.
+pub fn resolve(paths: &[PathBuf], select: &Select) -> Result<Vec<Input>> {
+    paths
+        .iter()
+        .map(|p| {
+            Ok(match Image::open(p, select)? {
+                Some(img) => Input::Image(Box::new(img)),
+                None => Input::Archive(p.clone()),
+            })
+        })
+        .collect()
 }
 
 /// Where an archive's decoded spans are kept.
@@ -118,17 +171,35 @@ pub fn span_budget(cache_bytes: u64) -> u64 {
         .max(cache_bytes / 2)
 }
 
-/// The archives stacked as layers (last on top); one archive is served directly.
-/// `cache_bytes` (less the daemon's own overhead) is shared out between the layers.
+/// The archives (or images) stacked as layers (last on top); see [`open_inputs`].
 pub fn open_stack(
     archives: &[PathBuf],
     opts: &BuildOptions,
     cache_bytes: u64,
 ) -> Result<Box<dyn Tree>> {
+    open_inputs(&resolve(archives, &Select::default())?, opts, cache_bytes)
+}
+
+/// The inputs' archives stacked as layers (last on top); one plain archive is served
+/// directly, an image always through the layer stack (so whiteouts of its bottom layer
+/// stay hidden, as image extraction leaves them). `cache_bytes` (less the daemon's own
+/// overhead) is shared out between the layers.
+pub fn open_inputs(
+    inputs: &[Input],
+    opts: &BuildOptions,
+    cache_bytes: u64,
+) -> Result<Box<dyn Tree>> {
+    let mut archives = Vec::new();
+    for input in inputs {
+        archives.extend(input.archives()?);
+    }
     let each = span_budget(cache_bytes) / archives.len().max(1) as u64;
     let mut trees: Vec<Box<dyn Tree>> = Vec::with_capacity(archives.len());
-    for path in archives {
-        trees.push(Box::new(open_archive(path, opts, each)?));
+    for archive in archives {
+        trees.push(Box::new(open_archive_in(archive, opts, Spans::Own(each))?));
+    }
+    if inputs.iter().any(|i| matches!(i, Input::Image(_))) {
+        return Ok(Box::new(LayeredTree::new(trees)?));
     }
     stack(trees)
 }

@@ -18,6 +18,7 @@ mod formats;
 mod fuzz;
 mod hostile;
 mod idmap;
+mod images;
 mod index;
 mod layers;
 mod lifecycle;

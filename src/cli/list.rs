@@ -1,9 +1,9 @@
 //! `snapfs list`: the live snapfs mounts (fs type `fuse.snapfs` in
-//! `/proc/self/mountinfo`), their archives (from the mount source
-//! `snapfs:<archive>[:<archive>...]`), their daemon pids (found in `/proc` by command
-//! line and an open `/dev/fuse`) and whether the daemon still answers. Views of a
-//! snapfs service (`--service`, `$SNAPFS_SERVICE`, and every `snapfs serve` found in
-//! `/proc`) are asked of the service and marked with it; `-l` adds each view's
+//! `/proc/self/mountinfo`), their inputs (from the mount source, see
+//! [`source_name`]; an image shows as `IMAGE@REF`), their daemon pids (found in `/proc`
+//! by command line and an open `/dev/fuse`) and whether the daemon still answers.
+//! Views of a snapfs service (`--service`, `$SNAPFS_SERVICE`, and every `snapfs serve`
+//! found in `/proc`) are asked of the service and marked with it; `-l` adds each view's
 //! service, upper dir and bytes read per archive.
 
 use std::ffi::OsString;
@@ -34,10 +34,89 @@ pub struct ListArgs {
 pub struct MountEntry {
     /// Where it is mounted.
     pub mountpoint: PathBuf,
-    /// The archives, bottom layer first.
+    /// The inputs (archives or images), bottom layer first.
     pub archives: Vec<PathBuf>,
+    /// For each input that is an image, the reference chosen in it.
+    pub refs: Vec<Option<String>>,
     /// Mount options as mountinfo shows them (per-mount, then per-superblock).
     pub options: String,
+}
+
+/// Bytes of a mount source element that are escaped as `%XX`: the separators (`:`
+/// between inputs, `@` before an image reference), `%` itself, and `,` (which the
+/// mount helper would turn into `_`).
+const ESCAPED: &[u8] = b"%:@,";
+
+fn escape(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    for &c in b {
+        if ESCAPED.contains(&c) {
+            out.extend_from_slice(format!("%{c:02X}").as_bytes());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn unescape_pct(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok());
+            if let Some(v) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
+}
+
+/// The mount source of a view of `inputs` (path, and for an image the reference
+/// chosen in it): `snapfs:IN[:IN...]` where each `IN` is the path, followed for an
+/// image by `@REF`, with `%`, `:`, `@` and `,` in either written `%XX`. So
+/// `app.tar` holding `repo:tag` is `snapfs:app.tar@repo%3Atag`, and sources without
+/// those bytes read as before.
+pub fn source_name(inputs: &[(&Path, Option<&str>)]) -> String {
+    let mut out = b"snapfs:".to_vec();
+    for (i, (path, reference)) in inputs.iter().enumerate() {
+        if i > 0 {
+            out.push(b':');
+        }
+        out.extend(escape(path.as_os_str().as_bytes()));
+        if let Some(r) = reference {
+            out.push(b'@');
+            out.extend(escape(r.as_bytes()));
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Inverse of [`source_name`] (after mountinfo's own escapes are undone).
+pub fn parse_source(source: &[u8]) -> Vec<(PathBuf, Option<String>)> {
+    source
+        .strip_prefix(b"snapfs:")
+        .unwrap_or(source)
+        .split(|c| *c == b':')
+        .filter(|a| !a.is_empty())
+        .map(|a| {
+            let (path, reference) = match a.iter().position(|&c| c == b'@') {
+                Some(i) => (&a[..i], Some(&a[i + 1..])),
+                None => (a, None),
+            };
+            (
+                PathBuf::from(OsString::from_vec(unescape_pct(path))),
+                reference.map(|r| String::from_utf8_lossy(&unescape_pct(r)).into_owned()),
+            )
+        })
+        .collect()
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, ...).
@@ -77,17 +156,11 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
         if l.len() < 6 || r.len() < 3 || r[0] != "fuse.snapfs" {
             continue;
         }
-        let source = unescape(r[1]);
-        let archives = source
-            .strip_prefix(b"snapfs:")
-            .unwrap_or(&source)
-            .split(|c| *c == b':')
-            .filter(|a| !a.is_empty())
-            .map(|a| PathBuf::from(OsString::from_vec(a.to_vec())))
-            .collect();
+        let (archives, refs) = parse_source(&unescape(r[1])).into_iter().unzip();
         v.push(MountEntry {
             mountpoint: PathBuf::from(OsString::from_vec(unescape(l[4]))),
             archives,
+            refs,
             options: format!("{},{}", l[5], r[2]),
         });
     }
@@ -290,6 +363,18 @@ fn state_name(s: ViewState) -> &'static str {
     }
 }
 
+/// The inputs as `list` shows them: paths, an image as `IMAGE@REF`.
+fn shown(archives: &[PathBuf], refs: &[Option<String>]) -> Vec<String> {
+    archives
+        .iter()
+        .enumerate()
+        .map(|(i, a)| match refs.get(i) {
+            Some(Some(r)) => format!("{}@{r}", a.display()),
+            _ => a.display().to_string(),
+        })
+        .collect()
+}
+
 /// Runs `snapfs list`: one tab-separated line per mount after a header:
 /// mountpoint, daemon pid(s) (`-` if none; `service:PID` for a service's view),
 /// state (`live`/`stale`, or a service view's `starting`/`failed`/...), archives.
@@ -308,8 +393,7 @@ pub fn run(args: ListArgs) -> Result<ExitCode> {
                 pid: &str,
                 state: &str,
                 sv: Option<&ServiceView>,
-                archives: &[PathBuf]| {
-        let archives: Vec<String> = archives.iter().map(|a| a.display().to_string()).collect();
+                archives: Vec<String>| {
         out.push_str(&format!("{}\t{pid}\t{state}\t", mp.display()));
         if args.long {
             let dash = || "-".to_string();
@@ -344,7 +428,7 @@ pub fn run(args: ListArgs) -> Result<ExitCode> {
                 &pid,
                 state_name(v.info.state),
                 Some(&v),
-                &m.archives,
+                shown(&m.archives, &m.refs),
             );
             continue;
         }
@@ -358,7 +442,14 @@ pub fn run(args: ListArgs) -> Result<ExitCode> {
             let p: Vec<String> = pids.iter().map(u32::to_string).collect();
             (p.join(","), "live")
         };
-        line(&mut out, &m.mountpoint, &pids, state, None, &m.archives);
+        line(
+            &mut out,
+            &m.mountpoint,
+            &pids,
+            state,
+            None,
+            shown(&m.archives, &m.refs),
+        );
     }
     // Service views not mounted (failed, starting).
     for v in &views {
@@ -370,7 +461,7 @@ pub fn run(args: ListArgs) -> Result<ExitCode> {
             &pid,
             state_name(v.info.state),
             Some(v),
-            &c.layers,
+            shown(&c.layers, &[]),
         );
     }
     print!("{out}");
@@ -410,5 +501,30 @@ mod tests {
         );
         assert!(m[1].options.contains("allow_other"));
         assert_eq!(m[1].archives, vec![PathBuf::from("/srv/s.tar.zst")]);
+        assert_eq!(m[1].refs, vec![None]);
+    }
+
+    #[test]
+    fn image_sources_round_trip_with_colons_and_ats() {
+        let inputs: Vec<(&Path, Option<&str>)> = vec![
+            (Path::new("/srv/app.tar"), Some("docker.io/library/app:1.0")),
+            (Path::new("/srv/odd:name@x,y%.tar"), None),
+            (Path::new("/srv/layout"), Some("sha256:abcd")),
+        ];
+        let s = source_name(&inputs);
+        assert_eq!(s.matches(':').count(), 3, "{s}");
+        assert!(!s.contains(','));
+        let back = parse_source(s.as_bytes());
+        assert_eq!(back.len(), 3);
+        for ((p, r), (bp, br)) in inputs.iter().zip(&back) {
+            assert_eq!(*p, bp.as_path());
+            assert_eq!(r.map(str::to_string), *br);
+        }
+        let line = format!(
+            "45 27 0:42 / /mnt/i ro - fuse.snapfs {} ro,user_id=0\n",
+            s.replace(' ', "\\040")
+        );
+        let m = parse_mountinfo(&line);
+        assert_eq!(m[0].refs[0].as_deref(), Some("docker.io/library/app:1.0"));
     }
 }
