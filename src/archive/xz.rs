@@ -191,7 +191,7 @@ pub fn parse(src: &dyn Source, size: u64) -> io::Result<Layout> {
         }
         if pos % 4 != 0 || padding % 4 != 0 {
             return Err(bad(format!(
-                "no xz stream footer ends at offset {pos} (garbage after the stream, or the file is cut short)"
+                "no xz stream footer ends at offset {pos}: the file is truncated or has garbage after its last stream"
             )));
         }
         let blocks = parse_stream(src, pos)?;
@@ -213,7 +213,7 @@ fn parse_stream(src: &dyn Source, end: u64) -> io::Result<(u64, Vec<XzBlock>)> {
     let f = read_at(src, footer_at, HEADER_LEN)?;
     if f[10..12] != FOOTER_MAGIC {
         return Err(bad(format!(
-            "no xz stream footer at offset {footer_at} (garbage after the stream, or the file is cut short)"
+            "no xz stream footer at offset {footer_at}: the file is truncated or has garbage after its last stream"
         )));
     }
     if crc32fast::hash(&f[4..10]) != le32(&f, 0) {
