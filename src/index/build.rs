@@ -105,9 +105,9 @@ pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) 
             (SeekTable::Xz(table), size)
         }
         Compression::Bzip2 => {
-            let input = BufReader::with_capacity(1 << 20, file);
+            // The scanner reads 1 MiB at a time itself.
             let indexer = Bz2Indexer::new(
-                input,
+                file,
                 archive.source.clone(),
                 opts.span_bytes,
                 progress.clone(),
