@@ -30,6 +30,8 @@ use std::io::{self, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use ::bzip2::{Decompress, Status};
 
 use super::ahead::{Ahead, Decode};
@@ -760,7 +762,8 @@ fn synthesize(src: &dyn Source, b: &Bz2Block) -> io::Result<Vec<u8>> {
         .ok_or_else(|| bad("bzip2 block offset overflows"))?;
     let first = b.bit_offset / 8;
     let shift = (b.bit_offset % 8) as u32;
-    let raw_len = (end.div_ceil(8) - first) as usize;
+    let raw_len = usize::try_from(end.div_ceil(8) - first)
+        .map_err(|_| bad("bzip2 block entry is impossible"))?;
     let mut raw = vec![0u8; raw_len];
     src.read_exact_at(&mut raw, first).map_err(|e| {
         if e.kind() == io::ErrorKind::UnexpectedEof {
@@ -900,18 +903,40 @@ pub fn decode_span_prefix(
             format!("bzip2 span {i} out of range ({} spans)", table.span_count()),
         )
     })?;
+    // The blocks needed: up to the one that reaches `limit`.
+    let mut need = Vec::new();
+    let mut have = 0u64;
     for k in blocks {
-        if out.len() as u64 >= limit && !out.is_empty() {
+        if have >= limit && !need.is_empty() {
             break;
         }
         let b = table
             .blocks
             .get(k)
             .ok_or_else(|| bad("bzip2 span lists a missing block"))?;
-        if let Err(e) = decode_block_into(src, b, Some(b.uncompressed_len), out) {
-            out.clear();
-            return Err(e);
+        need.push(*b);
+        have = have.saturating_add(u64::from(b.uncompressed_len));
+    }
+    let r = match need.as_slice() {
+        [b] => decode_block_into(src, b, Some(b.uncompressed_len), out),
+        // Independent blocks: decoded on all cores, then joined in order.
+        _ => {
+            let parts: Vec<io::Result<Vec<u8>>> = need
+                .par_iter()
+                .map(|b| {
+                    let mut v = Vec::new();
+                    decode_block_into(src, b, Some(b.uncompressed_len), &mut v).map(|()| v)
+                })
+                .collect();
+            parts.into_iter().try_for_each(|p| {
+                out.extend_from_slice(&p?);
+                Ok(())
+            })
         }
+    };
+    if let Err(e) = r {
+        out.clear();
+        return Err(e);
     }
     Ok(())
 }

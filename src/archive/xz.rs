@@ -26,6 +26,8 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use liblzma::stream::{Action, Status, Stream};
 
 use super::ahead::{Ahead, Decode};
@@ -299,7 +301,7 @@ fn parse_index(b: &[u8], check: u8) -> Result<Vec<(u64, u64)>, String> {
     if count > b.len() as u64 / 2 {
         return Err(format!("xz index claims {count} records"));
     }
-    let mut out = Vec::with_capacity(count as usize);
+    let mut out = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
     for _ in 0..count {
         let unpadded = get_varint(b, &mut pos)?;
         let uncompressed = get_varint(b, &mut pos)?;
@@ -695,7 +697,8 @@ pub fn decode_block_into(src: &dyn Source, b: &XzBlock, out: &mut Vec<u8>) -> io
         ));
     }
     let start = out.len();
-    let len = b.uncompressed_len as usize;
+    let len = usize::try_from(b.uncompressed_len)
+        .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "xz block too large"))?;
     out.try_reserve_exact(len)
         .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "cannot allocate an xz block"))?;
     out.resize(start + len, 0);
@@ -737,18 +740,40 @@ pub fn decode_span_prefix(
             format!("xz span {i} out of range ({} spans)", table.span_count()),
         )
     })?;
-    for b in blocks {
-        if out.len() as u64 >= limit && !out.is_empty() {
+    // The blocks needed: up to the one that reaches `limit`.
+    let mut need = Vec::new();
+    let mut have = 0u64;
+    for k in blocks {
+        if have >= limit && !need.is_empty() {
             break;
         }
-        let block = table
+        let b = table
             .blocks
-            .get(b)
+            .get(k)
             .ok_or_else(|| bad("xz span lists a missing block"))?;
-        if let Err(e) = decode_block_into(src, block, out) {
-            out.clear();
-            return Err(e);
+        need.push(*b);
+        have = have.saturating_add(b.uncompressed_len);
+    }
+    let r = match need.as_slice() {
+        [b] => decode_block_into(src, b, out),
+        // Independent blocks: decoded on all cores, then joined in order.
+        _ => {
+            let parts: Vec<io::Result<Vec<u8>>> = need
+                .par_iter()
+                .map(|b| {
+                    let mut v = Vec::new();
+                    decode_block_into(src, b, &mut v).map(|()| v)
+                })
+                .collect();
+            parts.into_iter().try_for_each(|p| {
+                out.extend_from_slice(&p?);
+                Ok(())
+            })
         }
+    };
+    if let Err(e) = r {
+        out.clear();
+        return Err(e);
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ use crate::index::Index;
 /// Arguments of `snapfs index`.
 #[derive(Args, Debug)]
 pub struct IndexArgs {
-    /// The archive (tar, tar.gz or tar.zst; detected from its bytes).
+    /// The archive (tar, tar.gz, tar.zst, tar.xz or tar.bz2; detected from its bytes).
     archive: PathBuf,
     /// Uncompressed bytes between seek points of compressed archives.
     #[arg(long, value_parser = super::parse_size, default_value = "4M")]

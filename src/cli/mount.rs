@@ -27,8 +27,8 @@ use crate::view::{self, ViewSpec};
 /// Arguments of `snapfs mount`.
 #[derive(Args, Debug)]
 pub struct MountArgs {
-    /// The archives (tar, tar.gz or tar.zst; detected from their bytes), bottom layer
-    /// first: each one after the first is stacked on top as an OCI layer.
+    /// The archives (tar, tar.gz, tar.zst, tar.xz, tar.bz2; detected from their bytes),
+    /// bottom layer first: each one after the first is stacked on top as an OCI layer.
     #[arg(required = true, value_name = "ARCHIVE")]
     archives: Vec<PathBuf>,
     /// Where the view appears (an existing directory).
