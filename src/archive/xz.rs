@@ -699,17 +699,27 @@ pub fn decode_block_into(src: &dyn Source, b: &XzBlock, out: &mut Vec<u8>) -> io
     let start = out.len();
     let len = usize::try_from(b.uncompressed_len)
         .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "xz block too large"))?;
-    out.try_reserve_exact(len)
-        .map_err(|_| io::Error::new(io::ErrorKind::OutOfMemory, "cannot allocate an xz block"))?;
-    out.resize(start + len, 0);
     let mut r = BlockReader::new(SrcRef::Borrowed(src), b)?;
-    let result = r.read_exact(&mut out[start..]).and_then(|()| {
+    // The buffer grows with what really comes out (at most doubling), not with the
+    // size the file's index claims.
+    let mut fill = || -> io::Result<()> {
+        let mut done = 0usize;
+        while done < len {
+            let chunk = (len - done).min(done.max(1 << 20));
+            out.try_reserve(chunk).map_err(|_| {
+                io::Error::new(io::ErrorKind::OutOfMemory, "cannot allocate an xz block")
+            })?;
+            out.resize(start + done + chunk, 0);
+            r.read_exact(&mut out[start + done..])?;
+            done += chunk;
+        }
         let mut one = [0u8; 1];
         match r.read(&mut one)? {
             0 => Ok(()),
             _ => Err(bad("xz block decodes to more bytes than indexed")),
         }
-    });
+    };
+    let result = fill();
     if let Err(e) = result {
         out.truncate(start);
         return Err(if e.kind() == io::ErrorKind::UnexpectedEof {
