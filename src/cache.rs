@@ -1,29 +1,42 @@
 //! The LRU cache of decompressed spans, capped in bytes. Concurrent readers of the same
-//! span wait for one decoder instead of decoding it twice. Span buffers are all of one
-//! size and are reused after eviction, so the daemon's resident memory follows the
-//! cap: cached, spare and in-flight buffers are all counted against it.
+//! span wait for one decoder instead of decoding it twice. Span buffers are reused
+//! after eviction, so the daemon's resident memory follows the cap: cached, spare and
+//! in-flight buffers are all counted against it.
+//!
+//! The bytes live in a [`SpanPool`]; each archive reads through its own [`SpanCache`]
+//! handle on one. A mount daemon gives each archive a pool of its own; the service
+//! puts every archive it serves in one pool, so one cap bounds them all and the
+//! archives compete for it in one recency order.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use lru::LruCache;
 
 use crate::error::Result;
 
+/// A span of one archive: (the archive's slot in the pool, span number).
+type Key = (u64, usize);
+
 struct State {
-    lru: LruCache<usize, Arc<Vec<u8>>>,
+    lru: LruCache<Key, Arc<Vec<u8>>>,
     bytes: u64,
-    decoding: HashSet<usize>,
+    /// Spans being decoded, with the buffer size set aside for each.
+    decoding: HashMap<Key, u64>,
     /// Buffers of evicted spans, reused by the next decodes (their pages are already
     /// resident, so a miss costs no page faults). At most `SPARE_BUFFERS`.
     spare: Vec<Vec<u8>>,
     /// Probationary insertions so far (every `PROBATION_KEEP`th goes in as recent).
     probation_inserts: u64,
     /// Spans asked for ahead of a reader and not yet started.
-    queued: HashSet<usize>,
+    queued: HashSet<Key>,
     /// The spans most recently read to their end (at most `RETIRED_KEPT`): a prefetch
     /// of one of them arrived too late and is dropped rather than decoded again.
-    retired: VecDeque<usize>,
+    retired: VecDeque<Key>,
+    /// Reads answered from the cache, and decodes.
+    hits: u64,
+    misses: u64,
 }
 
 /// Retired spans remembered so that late prefetches of them are dropped.
@@ -44,13 +57,132 @@ pub enum Insert {
     Probation,
 }
 
-/// Decompressed spans keyed by span number.
-pub struct SpanCache {
+/// The memory behind one or more [`SpanCache`]s: the decoded spans of every archive
+/// reading through it, capped together in bytes.
+pub struct SpanPool {
     cap: u64,
-    /// Capacity of a span buffer (the longest span), set aside for each decode.
-    reserve: u64,
     state: Mutex<State>,
     decoded: Condvar,
+    next_slot: AtomicU64,
+}
+
+/// What a [`SpanPool`] holds and has done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PoolStats {
+    /// The cap in bytes.
+    pub cap: u64,
+    /// Bytes of cached spans (buffer capacities).
+    pub cached_bytes: u64,
+    /// Spans cached.
+    pub spans: u64,
+    /// Reads answered from the cache.
+    pub hits: u64,
+    /// Spans (or span prefixes) decoded.
+    pub misses: u64,
+}
+
+impl SpanPool {
+    /// A pool of at most `cap` bytes (see [`SpanCache::new`] for what counts).
+    pub fn new(cap: u64) -> Arc<SpanPool> {
+        Arc::new(SpanPool {
+            cap,
+            state: Mutex::new(State {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+                decoding: HashMap::new(),
+                spare: Vec::new(),
+                probation_inserts: 0,
+                queued: HashSet::new(),
+                retired: VecDeque::new(),
+                hits: 0,
+                misses: 0,
+            }),
+            decoded: Condvar::new(),
+            next_slot: AtomicU64::new(0),
+        })
+    }
+
+    /// What the pool holds now.
+    pub fn stats(&self) -> PoolStats {
+        let st = self.lock();
+        PoolStats {
+            cap: self.cap,
+            cached_bytes: st.bytes,
+            spans: st.lru.len() as u64,
+            hits: st.hits,
+            misses: st.misses,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave State inconsistent in a way that
+        // matters (worst case a stale `decoding` mark, cleared below), so recover.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drops `old`, or keeps its buffer for the next decode unless a reader still
+    /// holds it or spares would take more than an eighth of the cap (at most
+    /// `SPARE_BUFFERS`). A spare buffer counts against the cap, so callers evict on
+    /// until it fits.
+    fn recycle(&self, st: &mut State, old: Arc<Vec<u8>>) {
+        let spare: u64 = st.spare.iter().map(|b| b.capacity() as u64).sum();
+        let size = old.capacity() as u64;
+        if st.spare.len() >= SPARE_BUFFERS || size == 0 || spare + size > self.cap / 8 {
+            return;
+        }
+        if let Ok(buf) = Arc::try_unwrap(old) {
+            st.spare.push(buf);
+        }
+    }
+
+    /// A spare buffer for a decode that needs `reserve` bytes: the smallest that is
+    /// large enough, else the largest (it grows).
+    fn take_spare(st: &mut State, reserve: u64) -> Vec<u8> {
+        let fits = |b: &Vec<u8>| b.capacity() as u64 >= reserve;
+        let pick = (0..st.spare.len())
+            .filter(|&i| fits(&st.spare[i]))
+            .min_by_key(|&i| st.spare[i].capacity())
+            .or_else(|| (0..st.spare.len()).max_by_key(|&i| st.spare[i].capacity()));
+        pick.map(|i| st.spare.swap_remove(i)).unwrap_or_default()
+    }
+
+    /// Bytes the cached spans may use next to the current decodes and spare buffers.
+    /// While the machine is short of memory the cap shrinks to an eighth.
+    fn room(&self, st: &State) -> u64 {
+        let cap = if memory::is_short() {
+            self.cap / 8
+        } else {
+            self.cap
+        };
+        let decoding: u64 = st.decoding.values().sum();
+        let spare: u64 = st.spare.iter().map(|b| b.capacity() as u64).sum();
+        cap.saturating_sub(decoding.saturating_add(spare))
+    }
+
+    /// Evicts least recently used spans until the cached ones fit next to the
+    /// decodes and spares, keeping at least `keep` spans.
+    fn evict(&self, st: &mut State, keep: usize) {
+        while st.bytes > self.room(st) && st.lru.len() > keep {
+            let Some((_, old)) = st.lru.pop_lru() else {
+                break;
+            };
+            st.bytes -= old.capacity() as u64;
+            self.recycle(st, old);
+        }
+    }
+}
+
+/// The decoded spans of one archive, keyed by span number, in a [`SpanPool`] of its
+/// own or shared with other archives.
+pub struct SpanCache {
+    pool: Arc<SpanPool>,
+    /// This archive's slot in the pool.
+    slot: u64,
+    /// Capacity of a span buffer (the longest span), set aside for each decode.
+    reserve: u64,
+    /// Whether other readers (views) share the pool: a retired span is then kept,
+    /// first in line for eviction, instead of dropped.
+    shared: bool,
 }
 
 impl SpanCache {
@@ -59,26 +191,26 @@ impl SpanCache {
     /// within `cap` (the most recently used span is always kept, even if it alone
     /// exceeds it). Entries cost their buffer's capacity, not just the bytes filled.
     pub fn new(cap: u64, buffer: u64) -> Self {
+        let mut c = SpanCache::in_pool(&SpanPool::new(cap), buffer);
+        c.shared = false;
+        c
+    }
+
+    /// A cache of span buffers of `buffer` bytes in `pool`, whose cap it shares with
+    /// the pool's other caches. The pool serves many views, each with page cache of
+    /// its own, so a span one view read to its end may be the next one another view
+    /// wants: [`SpanCache::retire`] only puts it first in line for eviction.
+    pub fn in_pool(pool: &Arc<SpanPool>, buffer: u64) -> Self {
         SpanCache {
-            cap,
+            pool: pool.clone(),
+            slot: pool.next_slot.fetch_add(1, Ordering::Relaxed),
             reserve: buffer,
-            state: Mutex::new(State {
-                lru: LruCache::unbounded(),
-                bytes: 0,
-                decoding: HashSet::new(),
-                spare: Vec::new(),
-                probation_inserts: 0,
-                queued: HashSet::new(),
-                retired: VecDeque::new(),
-            }),
-            decoded: Condvar::new(),
+            shared: true,
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        // A panic while holding the lock cannot leave State inconsistent in a way that
-        // matters (worst case a stale `decoding` mark, cleared below), so recover.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.pool.lock()
     }
 
     /// The span `key` with at least its first `need` bytes, decoding it with `decode`
@@ -95,41 +227,40 @@ impl SpanCache {
     /// instead of 0%). Sequential and prefetched spans go in as most recent.
     pub fn get_or_insert(
         &self,
-        key: usize,
+        span: usize,
         need: usize,
         insert: Insert,
         decode: impl FnOnce(usize, &mut Vec<u8>) -> Result<()>,
     ) -> Result<Arc<Vec<u8>>> {
+        let pool = &*self.pool;
+        let key = (self.slot, span);
         let mut st = self.lock();
         let mut have = 0;
         loop {
             if let Some(v) = st.lru.get(&key) {
                 if v.len() >= need {
-                    return Ok(v.clone());
+                    let v = v.clone();
+                    st.hits += 1;
+                    return Ok(v);
                 }
                 have = v.len();
             }
-            if !st.decoding.contains(&key) {
+            if !st.decoding.contains_key(&key) {
                 break;
             }
-            st = self.decoded.wait(st).unwrap_or_else(|p| p.into_inner());
+            st = pool.decoded.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        st.decoding.insert(key);
+        st.misses += 1;
+        st.decoding.insert(key, self.reserve);
         // Read again after it was retired: a later prefetch of it is wanted again.
         st.retired.retain(|&k| k != key);
         // Make room for the buffer about to be filled.
-        while st.bytes > self.room(&st) {
-            let Some((_, old)) = st.lru.pop_lru() else {
-                break;
-            };
-            st.bytes -= old.capacity() as u64;
-            self.recycle(&mut st, old);
-        }
-        let mut buf = st.spare.pop().unwrap_or_default();
+        pool.evict(&mut st, 0);
+        let mut buf = SpanPool::take_spare(&mut st, self.reserve);
         drop(st);
 
         // Clears the mark even if `decode` panics, so waiters never block forever.
-        let mark = Decoding { cache: self, key };
+        let mark = Decoding { pool, key };
         buf.clear();
         if buf.capacity() < self.reserve as usize {
             buf.reserve_exact(self.reserve as usize);
@@ -139,14 +270,14 @@ impl SpanCache {
 
         let mut st = self.lock();
         if let Err(e) = result {
-            self.recycle(&mut st, Arc::new(buf));
+            pool.recycle(&mut st, Arc::new(buf));
             return Err(e);
         }
         let value = Arc::new(buf);
         st.bytes += value.capacity() as u64;
         let extended = st.lru.put(key, value.clone()).map(|old| {
             st.bytes -= old.capacity() as u64;
-            self.recycle(&mut st, old);
+            pool.recycle(&mut st, old);
         });
         // A longer prefix of a span already cached keeps the span's standing.
         if insert == Insert::Probation && extended.is_none() {
@@ -155,24 +286,27 @@ impl SpanCache {
                 st.lru.demote(&key);
             }
         }
-        while st.bytes > self.room(&st) && st.lru.len() > 1 {
-            if let Some((_, old)) = st.lru.pop_lru() {
-                st.bytes -= old.capacity() as u64;
-                self.recycle(&mut st, old);
-            }
-        }
+        pool.evict(&mut st, 1);
         Ok(value)
     }
 
-    /// Drops span `key` once a reader has read it to its end, keeping its buffer for
+    /// Drops span `span` once a reader has read it to its end, keeping its buffer for
     /// the next decode. A streamed file would otherwise fill the cache with spans the
     /// kernel already holds as the file's pages, each decoded into fresh memory
     /// (measured: 250 instead of 350 MB/s sequential with a 1 GiB cache).
-    pub fn retire(&self, key: usize) {
+    /// In a shared pool the span stays cached, as the least recently used one.
+    pub fn retire(&self, span: usize) {
+        let key = (self.slot, span);
         let mut st = self.lock();
+        if self.shared {
+            // Still cached, so a late prefetch of it is dropped anyway; once evicted,
+            // another view's prefetch of it is welcome.
+            st.lru.demote(&key);
+            return;
+        }
         if let Some(old) = st.lru.pop(&key) {
             st.bytes -= old.capacity() as u64;
-            self.recycle(&mut st, old);
+            self.pool.recycle(&mut st, old);
         }
         if !st.retired.contains(&key) {
             if st.retired.len() == RETIRED_KEPT {
@@ -182,74 +316,73 @@ impl SpanCache {
         }
     }
 
-    /// Marks `key` as asked for ahead of a reader. False (nothing to do) if it is
+    /// Marks `span` as asked for ahead of a reader. False (nothing to do) if it is
     /// cached, being decoded or already asked for: a reader asks on every read.
-    pub fn queue_prefetch(&self, key: usize) -> bool {
+    pub fn queue_prefetch(&self, span: usize) -> bool {
+        let key = (self.slot, span);
         let mut st = self.lock();
-        if st.lru.contains(&key) || st.decoding.contains(&key) {
+        if st.lru.contains(&key) || st.decoding.contains_key(&key) {
             return false;
         }
         st.queued.insert(key)
     }
 
-    /// Takes `key` off the prefetch queue; false if decoding it now would be waste:
+    /// Takes `span` off the prefetch queue; false if decoding it now would be waste:
     /// it is cached or being decoded, or a reader already read it to its end.
-    pub fn start_prefetch(&self, key: usize) -> bool {
+    pub fn start_prefetch(&self, span: usize) -> bool {
+        let key = (self.slot, span);
         let mut st = self.lock();
         st.queued.remove(&key);
-        !(st.lru.contains(&key) || st.decoding.contains(&key) || st.retired.contains(&key))
+        !(st.lru.contains(&key) || st.decoding.contains_key(&key) || st.retired.contains(&key))
     }
 
-    /// Keeps the buffer of a span leaving the cache for the next decode, unless a
-    /// reader still holds it, it is not a full-size buffer, or enough are spare.
-    /// (A spare buffer counts against the cap, so callers evict on until it fits.)
-    fn recycle(&self, st: &mut State, old: Arc<Vec<u8>>) {
-        // Spares may take at most an eighth of the cap.
-        let most = SPARE_BUFFERS.min((self.cap / self.reserve.max(1) / 8) as usize);
-        if st.spare.len() >= most || old.capacity() as u64 != self.reserve {
-            return;
-        }
-        if let Ok(buf) = Arc::try_unwrap(old) {
-            st.spare.push(buf);
-        }
-    }
-
-    /// Bytes the cached spans may use next to the current decodes and spare buffers.
-    /// While the machine is short of memory the cap shrinks to an eighth.
-    fn room(&self, st: &State) -> u64 {
-        let cap = if memory::is_short() {
-            self.cap / 8
-        } else {
-            self.cap
-        };
-        let aside = (st.decoding.len() + st.spare.len()) as u64;
-        cap.saturating_sub(self.reserve.saturating_mul(aside))
-    }
-
-    /// Whether `key` is cached or being decoded (does not touch its recency).
+    /// Whether `span` is cached or being decoded (does not touch its recency).
     #[cfg(test)]
-    pub fn contains(&self, key: usize) -> bool {
+    pub fn contains(&self, span: usize) -> bool {
+        let key = (self.slot, span);
         let st = self.lock();
-        st.lru.contains(&key) || st.decoding.contains(&key)
+        st.lru.contains(&key) || st.decoding.contains_key(&key)
     }
 
-    /// Bytes currently cached.
+    /// Bytes currently cached in the pool.
     pub fn cached_bytes(&self) -> u64 {
         self.lock().bytes
+    }
+}
+
+impl Drop for SpanCache {
+    /// The archive is closed: its spans leave the pool (for the other archives).
+    fn drop(&mut self) {
+        let pool = self.pool.clone();
+        let mut st = pool.lock();
+        let mine: Vec<Key> = st
+            .lru
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| k.0 == self.slot)
+            .collect();
+        for key in mine {
+            if let Some(old) = st.lru.pop(&key) {
+                st.bytes -= old.capacity() as u64;
+                pool.recycle(&mut st, old);
+            }
+        }
+        st.queued.retain(|k| k.0 != self.slot);
+        st.retired.retain(|k| k.0 != self.slot);
     }
 }
 
 /// A span being decoded; dropping it (also while unwinding) clears the mark and wakes
 /// the readers waiting for that span.
 struct Decoding<'a> {
-    cache: &'a SpanCache,
-    key: usize,
+    pool: &'a SpanPool,
+    key: Key,
 }
 
 impl Drop for Decoding<'_> {
     fn drop(&mut self) {
-        self.cache.lock().decoding.remove(&self.key);
-        self.cache.decoded.notify_all();
+        self.pool.lock().decoding.remove(&self.key);
+        self.pool.decoded.notify_all();
     }
 }
 
@@ -452,6 +585,59 @@ mod tests {
         assert_eq!(run(Insert::Recent), 240);
         let probation = run(Insert::Probation);
         assert!(probation < 150, "{probation} decodes");
+    }
+
+    #[test]
+    fn archives_in_one_pool_share_its_cap_and_leave_with_their_spans() {
+        let pool = SpanPool::new(1000);
+        let a = SpanCache::in_pool(&pool, 100);
+        let b = SpanCache::in_pool(&pool, 200);
+        let fill = |n: usize, v: u8| {
+            move |_, out: &mut Vec<u8>| {
+                out.resize(n, v);
+                Ok(())
+            }
+        };
+        // Span 0 of `a` and span 0 of `b` are different spans.
+        assert_eq!(
+            a.get_or_insert(0, 100, Insert::Recent, fill(100, 1))
+                .unwrap()[0],
+            1
+        );
+        assert_eq!(
+            b.get_or_insert(0, 200, Insert::Recent, fill(200, 2))
+                .unwrap()[0],
+            2
+        );
+        assert_eq!(
+            a.get_or_insert(0, 100, Insert::Recent, |_, _| panic!("hit"))
+                .unwrap()[0],
+            1
+        );
+        let s = pool.stats();
+        assert_eq!((s.spans, s.hits, s.misses, s.cached_bytes), (2, 1, 2, 300));
+        // Together they stay under the one cap.
+        for k in 1..20 {
+            a.get_or_insert(k, 100, Insert::Recent, fill(100, 3))
+                .unwrap();
+            b.get_or_insert(k, 200, Insert::Recent, fill(200, 4))
+                .unwrap();
+            let st = pool.lock();
+            let aside: u64 = st.spare.iter().map(|b| b.capacity() as u64).sum();
+            assert!(st.bytes + aside <= 1000, "{} + {aside}", st.bytes);
+        }
+        // Read to its end, a span of a shared pool stays, first to be evicted.
+        a.retire(19);
+        assert!(a.contains(19));
+        assert_eq!(
+            pool.lock().lru.peek_lru().map(|(k, _)| *k),
+            Some((a.slot, 19))
+        );
+        // A closed archive's spans leave the pool.
+        drop(b);
+        let st = pool.lock();
+        assert!(st.lru.iter().all(|(k, _)| k.0 == a.slot));
+        assert_eq!(st.bytes, st.lru.len() as u64 * 100);
     }
 
     #[test]

@@ -38,6 +38,14 @@ pub enum Error {
         /// Why it is rejected.
         message: String,
     },
+    /// A container image (OCI layout, OCI archive, `docker save` archive) is malformed,
+    /// incomplete, or has no image that matches the selection.
+    Image {
+        /// The image as given (a file or a layout directory).
+        image: PathBuf,
+        /// What is wrong, naming the blob (by digest or path) or the reference.
+        message: String,
+    },
     /// A request that the filesystem answers with a plain errno (ENOENT, EROFS, ...).
     Errno(i32),
     /// Bad command-line usage or configuration.
@@ -73,6 +81,9 @@ pub enum Error {
     },
     /// A snapfs daemon or service reported an error (its own one line, relayed).
     Daemon(String),
+    /// A request to the snapfs service cannot be served as asked (malformed, an
+    /// unknown view, a view busy being set up), or its state file is unusable.
+    Service(String),
     /// An internal invariant broke (a worker vanished, a writer reused after failure).
     Internal(String),
 }
@@ -102,14 +113,23 @@ impl Error {
         }
     }
 
+    /// An image error.
+    pub fn image(image: impl AsRef<Path>, message: impl Into<String>) -> Self {
+        Error::Image {
+            image: image.as_ref().to_path_buf(),
+            message: message.into(),
+        }
+    }
+
     /// The errno a FUSE reply should carry for this error.
     pub fn errno(&self) -> i32 {
         match self {
             Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             Error::Archive { .. } => libc::EIO,
             Error::Index { .. } => libc::EIO,
+            Error::Image { .. } => libc::EIO,
             Error::Errno(e) => *e,
-            Error::Usage(_) | Error::NotA { .. } => libc::EINVAL,
+            Error::Usage(_) | Error::NotA { .. } | Error::Service(_) => libc::EINVAL,
             Error::InUse { .. } | Error::Busy { .. } | Error::AlreadyMounted { .. } => libc::EBUSY,
             Error::Daemon(_) | Error::Internal(_) => libc::EIO,
         }
@@ -140,8 +160,11 @@ impl fmt::Display for Error {
             Error::Index { path, message } => {
                 write!(f, "index {}: {message}", path.display())
             }
+            Error::Image { image, message } => {
+                write!(f, "image {}: {message}", image.display())
+            }
             Error::Errno(e) => write!(f, "{}", io::Error::from_raw_os_error(*e)),
-            Error::Usage(m) | Error::Daemon(m) => write!(f, "{m}"),
+            Error::Usage(m) | Error::Daemon(m) | Error::Service(m) => write!(f, "{m}"),
             Error::InUse { path, holder } => {
                 write!(f, "{} is in use by {holder}", path.display())
             }

@@ -17,7 +17,7 @@
 //!   archive-side owner of its parent directory.
 
 use crate::error::{Error, Result};
-use crate::index::tree::{Attr, DirSink, FreeSpace, FsStats, Owner, SetAttr, Tree};
+use crate::index::tree::{Attr, DirPlusSink, DirSink, FreeSpace, FsStats, Owner, SetAttr, Tree};
 
 /// The id shown for an archive id that no range maps (`/proc/sys/kernel/overflowuid`).
 pub const OVERFLOW_ID: u32 = 65534;
@@ -292,6 +292,24 @@ impl Tree for MappedTree {
     }
     fn stats(&self) -> FsStats {
         self.inner.stats()
+    }
+    fn read_dir_plus(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut DirPlusSink<'_>,
+    ) -> Result<()> {
+        self.inner
+            .read_dir_plus(ino, fh, offset, &mut |next, name, a| {
+                sink(next, name, &self.present(*a))
+            })
+    }
+    fn forget(&self, ino: u64, nlookup: u64) {
+        self.inner.forget(ino, nlookup)
+    }
+    fn fallocate(&self, ino: u64, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        self.inner.fallocate(ino, fh, offset, length, mode)
     }
     fn writable(&self) -> bool {
         self.inner.writable()

@@ -4,7 +4,8 @@
 //! ([`index::tree::Tree`]) → FUSE ([`fs`]). Layers ([`layers`]), the upper directory
 //! ([`upper`]) and id maps ([`idmap`]) compose trees, [`view`] assembles them, the
 //! snapshot writer ([`snapshot`]) consumes one. Only [`fs`] knows FUSE: everything
-//! below it is usable, and tested, as a library.
+//! below it is usable, and tested, as a library. [`service`] serves many views from
+//! one process (`snapfs serve`).
 #![deny(missing_docs)]
 
 pub mod archive;
@@ -15,8 +16,10 @@ pub mod fs;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod idmap;
+pub mod image;
 pub mod index;
 pub mod layers;
+pub mod service;
 pub mod snapshot;
 pub mod source;
 pub mod upper;

@@ -28,7 +28,7 @@ fn runtime() -> PathBuf {
     panic!("CONTAINER TEST NOT RUN: no OCI runtime (runc or crun) on PATH; apt-get install runc");
 }
 
-fn busybox() -> PathBuf {
+pub(crate) fn busybox() -> PathBuf {
     let r = util::run(Command::new("sh").arg("-c").arg("command -v busybox"));
     let p = PathBuf::from(r.stdout_str().trim());
     // A dynamically linked busybox would not run in a rootfs without a libc.
@@ -42,7 +42,7 @@ fn busybox() -> PathBuf {
 
 /// A busybox root filesystem directory: /bin/busybox, relative applet links, the usual
 /// top-level dirs, /etc/passwd and a marker file.
-fn rootfs_dir(dir: &Path) -> PathBuf {
+pub(crate) fn rootfs_dir(dir: &Path) -> PathBuf {
     let root = dir.to_path_buf();
     for d in ["bin", "dev", "proc", "sys", "tmp", "data", "etc", "root"] {
         fs::create_dir_all(root.join(d)).unwrap();

@@ -276,3 +276,89 @@ fn control_xattrs_are_hidden_and_refused() {
     let e = std::fs::write(ro.join("readme"), b"x").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(crate::util::EROFS));
 }
+
+/// An upper dir of format 1 (ranges in one `user.snapfs.ranges` xattr) still opens:
+/// its ranges are read, the format file says 2 from then on, the first change moves
+/// the ranges into a range record. A format this snapfs does not know is refused
+/// with one line.
+#[test]
+fn format_1_upper_dir_opens_and_is_upgraded() {
+    let d = TestDir::new("upper-format1");
+    let src = d.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let data = random_bytes(1 << 20, 21);
+    std::fs::write(src.join("big"), &data).unwrap();
+    let tar = d.join("f.tar");
+    gnu_tar(&src, &tar, "gnu", &[]);
+    let upper = d.join("upper");
+    std::fs::create_dir_all(upper.join("tree")).unwrap();
+    std::fs::write(upper.join("format"), b"snapfs-upper 1\n").unwrap();
+    let f = File::create(upper.join("tree/big")).unwrap();
+    f.set_len(1 << 20).unwrap();
+    f.write_all_at(b"HELLO", 0).unwrap();
+    f.write_all_at(b"WORLD", 100).unwrap();
+    drop(f);
+    for (k, v) in [
+        ("user.snapfs.origin", "big"),
+        ("user.snapfs.ranges", "0-5,100-105"),
+    ] {
+        run_ok(
+            Command::new("setfattr")
+                .args(["-n", k, "-v", v])
+                .arg(upper.join("tree/big")),
+        );
+    }
+    let mut want = data.clone();
+    want[..5].copy_from_slice(b"HELLO");
+    want[100..105].copy_from_slice(b"WORLD");
+    let mnt = d.join("mnt");
+    {
+        let m = upper_mount(&[&tar], &mnt, &upper);
+        assert!(
+            std::fs::read(m.join("big")).unwrap() == want,
+            "format 1 ranges"
+        );
+        assert_eq!(
+            std::fs::read(upper.join("format")).unwrap(),
+            b"snapfs-upper 2\n"
+        );
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.join("big"))
+            .unwrap();
+        f.write_all_at(b"!", 200).unwrap();
+        want[200] = b'!';
+        drop(f);
+        m.unmount();
+    }
+    let names = run_ok(
+        Command::new("getfattr")
+            .args(["-d", "-m", "-"])
+            .arg(upper.join("tree/big")),
+    )
+    .stdout_str();
+    assert!(
+        names.contains("user.snapfs.rlog") && !names.contains("user.snapfs.ranges"),
+        "{names}"
+    );
+    let m = upper_mount(&[&tar], &mnt, &upper);
+    assert!(
+        std::fs::read(m.join("big")).unwrap() == want,
+        "after the upgrade"
+    );
+    m.unmount();
+    let ch = snapfs::upper::changes(&upper).unwrap();
+    let big = ch.iter().find(|c| c.path == b"big").unwrap();
+    assert_eq!(
+        big.kind,
+        snapfs::upper::ChangeKind::Partial {
+            origin: b"big".to_vec(),
+            ranges: snapfs::upper::Ranges(vec![(0, 5), (100, 105), (200, 201)]),
+        }
+    );
+    std::fs::write(upper.join("format"), b"snapfs-upper 9\n").unwrap();
+    let r = Mount::try_with_args(&tar, &mnt, &["--upper", upper.to_str().unwrap()])
+        .err()
+        .expect("a format 9 upper dir is refused");
+    crate::util::assert_one_line_error(&r, "snapfs-upper 9");
+}

@@ -863,3 +863,210 @@ pub fn assert_confined(root: &Path) -> usize {
     }
     n
 }
+
+// ---------------------------------------------------------------- snapfs service
+
+/// A `snapfs serve` started by a test, with its own root and socket and its log in a
+/// file. Drop stops it by its pid (SIGTERM, then SIGKILL if it does not exit), then
+/// detaches any mount it left under `base` (the test dir), so nothing stays behind.
+pub struct Service {
+    pub child: std::process::Child,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    base: PathBuf,
+}
+
+impl Service {
+    /// Starts `snapfs serve --root ROOT --socket SOCKET ARGS` and waits until it
+    /// answers `status` (it answers only once every recorded view is back).
+    pub fn start(base: &Path, root: &Path, socket: &Path, args: &[&str]) -> Service {
+        let log = root.with_extension(format!("{}.log", std::process::id()));
+        let log = unique_log(&log);
+        let mut cmd = Command::new(bin());
+        cmd.arg("serve")
+            .arg("--root")
+            .arg(root)
+            .arg("--socket")
+            .arg(socket)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("SNAPFS_SERVICE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).expect("create service log"));
+        let child = cmd.spawn().expect("spawn snapfs serve");
+        let mut s = Service {
+            child,
+            root: root.to_path_buf(),
+            socket: socket.to_path_buf(),
+            log,
+            base: base.to_path_buf(),
+        };
+        let up = poll_until(Duration::from_secs(120), || {
+            s.try_request(r#"{"op":"status"}"#).is_ok() || !s.alive()
+        });
+        assert!(
+            up && s.alive(),
+            "snapfs serve never answered:\n{}",
+            s.log_text()
+        );
+        s
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends one raw request line; the parsed response.
+    pub fn try_request(&self, line: &str) -> Result<serde_json::Value, String> {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket)
+            .map_err(|e| format!("connect {}: {e}", self.socket.display()))?;
+        s.write_all(line.as_bytes())
+            .and_then(|_| s.write_all(b"\n"))
+            .map_err(|e| e.to_string())?;
+        let mut resp = String::new();
+        BufReader::new(&s)
+            .read_line(&mut resp)
+            .map_err(|e| e.to_string())?;
+        serde_json::from_str(&resp).map_err(|e| format!("bad response {resp:?}: {e}"))
+    }
+
+    /// Sends a request and returns the response (panics if there is none).
+    pub fn request(&self, req: &serde_json::Value) -> serde_json::Value {
+        self.try_request(&req.to_string())
+            .unwrap_or_else(|e| panic!("{e}\nservice log:\n{}", self.log_text()))
+    }
+
+    /// Sends a request that must succeed.
+    pub fn ok(&self, req: &serde_json::Value) -> serde_json::Value {
+        let r = self.request(req);
+        assert_eq!(
+            r["ok"],
+            true,
+            "request {req} refused: {r}\nservice log:\n{}",
+            self.log_text()
+        );
+        r
+    }
+
+    /// The `status` response's `status`.
+    pub fn status(&self) -> serde_json::Value {
+        self.ok(&serde_json::json!({"op": "status"}))["status"].clone()
+    }
+
+    /// Bytes read so far from the source at `path` (0 if it is not open).
+    pub fn bytes_read(&self, path: &Path) -> u64 {
+        let st = self.status();
+        st["sources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|s| s["path"].as_str() == path.to_str())
+            .and_then(|s| s["bytes_read"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Adds a view through the socket and waits for its mount.
+    pub fn add(&self, view: serde_json::Value) -> serde_json::Value {
+        let mp = PathBuf::from(view["mountpoint"].as_str().expect("mountpoint"));
+        let r = self.ok(&serde_json::json!({"op": "add", "view": view}));
+        assert!(
+            poll_until(Duration::from_secs(20), || is_mounted(&mp)),
+            "{} not mounted after add",
+            mp.display()
+        );
+        r
+    }
+
+    /// Sends `sig` and waits (bounded) for the process to exit; whether it did.
+    pub fn signal_and_wait(&mut self, sig: i32, limit: Duration) -> bool {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        poll_until(limit, || matches!(self.child.try_wait(), Ok(Some(_))))
+    }
+
+    /// Stops the service with SIGTERM and asserts it exited cleanly.
+    pub fn stop(mut self) {
+        assert!(
+            self.signal_and_wait(libc::SIGTERM, Duration::from_secs(30)),
+            "snapfs serve did not exit on SIGTERM:\n{}",
+            self.log_text()
+        );
+        let status = self.child.wait().expect("wait");
+        assert!(
+            status.success(),
+            "snapfs serve exited with {status}:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Kills the service with SIGKILL and waits until it is gone.
+    pub fn kill9(mut self) {
+        assert!(
+            self.signal_and_wait(libc::SIGKILL, Duration::from_secs(30)),
+            "snapfs serve survived SIGKILL"
+        );
+        let _ = self.child.wait();
+        // Drop only checks it is gone; the stale mounts stay for the restart.
+        self.base = PathBuf::new();
+    }
+}
+
+fn unique_log(p: &Path) -> PathBuf {
+    let mut n = 0;
+    loop {
+        let c = p.with_extension(format!("{n}.log"));
+        if !c.exists() {
+            return c;
+        }
+        n += 1;
+    }
+}
+
+/// Mountpoints under `base` in mountinfo.
+pub fn mounts_under(base: &Path) -> Vec<PathBuf> {
+    mountinfo()
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|p| p.starts_with(base))
+        .collect()
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None))
+            && !self.signal_and_wait(libc::SIGTERM, Duration::from_secs(30))
+        {
+            self.signal_and_wait(libc::SIGKILL, Duration::from_secs(30));
+        }
+        let _ = self.child.wait();
+        if self.base.as_os_str().is_empty() {
+            return;
+        }
+        for mp in mounts_under(&self.base).into_iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(&mp).status();
+        }
+    }
+}
+
+/// Detaches, on drop, every mount left under a directory (declare it right after the
+/// `TestDir`, so it runs after the guards declared later).
+pub struct NoMountsLeft(pub PathBuf);
+
+impl Drop for NoMountsLeft {
+    fn drop(&mut self) {
+        for mp in mounts_under(&self.0).into_iter().rev() {
+            let _ = Command::new("umount").arg("-l").arg(&mp).status();
+        }
+    }
+}

@@ -54,7 +54,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::cache::{Insert, SpanCache};
+use crate::cache::{Insert, SpanCache, SpanPool};
 use crate::error::{Error, Result};
 use crate::source::{FileSource, Source};
 
@@ -362,6 +362,16 @@ impl StreamReader {
         let backing = match &*table {
             SeekTable::Plain => Backing::Plain,
             _ => Backing::Spans(Box::new(SpanCache::new(cache_bytes, table.max_span_len()))),
+        };
+        Self::with_backing(archive, table, backing)
+    }
+
+    /// A reader over `archive` with `table` whose spans are cached in `pool`, shared
+    /// with the other archives reading through it (one cap for all of them).
+    pub fn in_pool(archive: Arc<dyn Source>, table: Arc<SeekTable>, pool: &Arc<SpanPool>) -> Self {
+        let backing = match &*table {
+            SeekTable::Plain => Backing::Plain,
+            _ => Backing::Spans(Box::new(SpanCache::in_pool(pool, table.max_span_len()))),
         };
         Self::with_backing(archive, table, backing)
     }

@@ -78,6 +78,10 @@ pub struct Member {
     pub mtime: i64,
     /// Nanoseconds part of the modification time.
     pub mtime_nsec: u32,
+    /// Access time (seconds, nanoseconds) from a PAX `atime` record, if any.
+    pub atime: Option<(i64, u32)>,
+    /// Status change time (seconds, nanoseconds) from a PAX `ctime` record, if any.
+    pub ctime: Option<(i64, u32)>,
     /// Apparent file size (the real size for sparse files).
     pub size: u64,
     /// Where the content is.
@@ -390,6 +394,7 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
         let mut mtime =
             i64::try_from(field(header.mtime(), 136..148, "mtime")?).unwrap_or(i64::MAX);
         let mut mtime_nsec = 0u32;
+        let (mut atime, mut ctime) = (None, None);
         let mut stored = header_size;
         let (dev_major, dev_minor) = if matches!(type_byte, b'3' | b'4') {
             let ma = header.device_major().ok().flatten().unwrap_or(0);
@@ -424,6 +429,8 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                         mtime_nsec = ns;
                     }
                 }
+                b"atime" => atime = parse_pax_time(value).or(atime),
+                b"ctime" => ctime = parse_pax_time(value).or(ctime),
                 b"GNU.sparse.size" | b"GNU.sparse.realsize" => sparse.real_size = parse_u64(value),
                 b"GNU.sparse.name" => sparse.name = Some(value.clone()),
                 b"GNU.sparse.major" => sparse.major = parse_u64(value),
@@ -555,6 +562,8 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
                 gid,
                 mtime,
                 mtime_nsec,
+                atime,
+                ctime,
                 size: real,
                 data: Data::Sparse(segs),
                 dev_major,
@@ -594,6 +603,8 @@ impl<'a, S: TarStream> MemberReader<'a, S> {
             gid,
             mtime,
             mtime_nsec,
+            atime,
+            ctime,
             size,
             data,
             dev_major,
@@ -1000,6 +1011,8 @@ mod tests {
         b.append_pax_extensions([
             ("path", b"pax/name".as_slice()),
             ("mtime", b"1.25".as_slice()),
+            ("atime", b"7.000000003".as_slice()),
+            ("ctime", b"-1.5".as_slice()),
             ("SCHILY.xattr.user.k", b"v".as_slice()),
             ("LIBARCHIVE.xattr.user.%41b", b"aGk=".as_slice()),
         ])
@@ -1011,6 +1024,8 @@ mod tests {
         let ms = members(&b.into_inner().unwrap()).unwrap();
         assert_eq!(ms[0].path, b"pax/name");
         assert_eq!((ms[0].mtime, ms[0].mtime_nsec), (1, 250_000_000));
+        assert_eq!(ms[0].atime, Some((7, 3)));
+        assert_eq!(ms[0].ctime, Some((-2, 500_000_000)));
         assert_eq!(ms[0].mode, 0o4755);
         assert_eq!(ms[0].xattrs[0], (b"user.k".to_vec(), b"v".to_vec()));
         assert_eq!(ms[0].xattrs[1], (b"user.Ab".to_vec(), b"hi".to_vec()));

@@ -1,4 +1,5 @@
-//! `snapfs index`: build or refresh an archive's index and print a summary.
+//! `snapfs index`: build or refresh an archive's index (or every layer's index of an
+//! image, under one progress bar) and print a summary.
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -17,8 +18,11 @@ use crate::index::Index;
 /// Arguments of `snapfs index`.
 #[derive(Args, Debug)]
 pub struct IndexArgs {
-    /// The archive (tar, tar.gz, tar.zst, tar.xz or tar.bz2; detected from its bytes).
+    /// The archive (tar, tar.gz, tar.zst, tar.xz or tar.bz2) or image (OCI layout, OCI
+    /// archive, docker save); detected from its content.
     archive: PathBuf,
+    #[command(flatten)]
+    select: super::ImageArgs,
     /// Uncompressed bytes between seek points of compressed archives.
     #[arg(long, value_parser = super::parse_size, default_value = "4M")]
     span: u64,
@@ -68,27 +72,132 @@ pub fn obtain(
     })
 }
 
-/// Runs `snapfs index`.
-pub fn run(args: IndexArgs) -> Result<ExitCode> {
-    super::check_archive(&args.archive)?;
-    let archive = Archive::open(&args.archive)?;
-    let opts = BuildOptions {
-        span_bytes: args.span.max(64 << 10),
-    };
-    let start = Instant::now();
-    let (index, origin) = obtain(&archive, &opts, Some(opts.span_bytes), args.force)?;
-    let secs = start.elapsed().as_secs_f64();
-    let entries = index.inodes.len() - 1;
-    let (verb, where_) = match &origin {
+/// Loads or builds the indexes of `archives` one after the other under one progress
+/// bar (a terminal only), calling `each` with every index as it is ready.
+pub fn obtain_each(
+    archives: &[&Archive],
+    labels: &[String],
+    opts: &BuildOptions,
+    required_span: Option<u64>,
+    force: bool,
+    mut each: impl FnMut(usize, &Index, &Origin) -> Result<()>,
+) -> Result<()> {
+    let total: u64 = archives.iter().map(|a| a.id.size).sum();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(total);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "indexing {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let mut done = 0u64;
+    for (i, archive) in archives.iter().enumerate() {
+        if let Some(bar) = &bar {
+            let label = labels.get(i).cloned().unwrap_or_default();
+            bar.set_message(format!("layer {}/{} {label}", i + 1, archives.len()));
+        }
+        let progress = Progress::default();
+        let result = std::thread::scope(|s| {
+            let worker =
+                s.spawn(|| crate::view::load_index(archive, opts, required_span, force, &progress));
+            if let Some(bar) = &bar {
+                while !worker.is_finished() {
+                    bar.set_position(done + progress.load(Ordering::Relaxed));
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+            worker.join()
+        });
+        let (index, origin) = result.unwrap_or_else(|_| {
+            Err(crate::error::Error::Internal(
+                "indexing thread panicked".into(),
+            ))
+        })?;
+        done += archive.id.size;
+        each(i, &index, &origin)?;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(())
+}
+
+fn describe(origin: &Origin) -> (&'static str, String, u64) {
+    let (verb, where_) = match origin {
         Origin::Loaded(p) => ("index is up to date", p.display().to_string()),
         Origin::Built(p) => ("indexed", p.display().to_string()),
         Origin::BuiltUnsaved(why) => ("indexed (not saved)", why.clone()),
         Origin::Embedded => ("embedded index is valid", "inside the archive".to_string()),
     };
-    let index_bytes = match &origin {
+    let index_bytes = match origin {
         Origin::Loaded(p) | Origin::Built(p) => std::fs::metadata(p).map(|m| m.len()).unwrap_or(0),
         Origin::BuiltUnsaved(_) | Origin::Embedded => 0,
     };
+    (verb, where_, index_bytes)
+}
+
+/// `snapfs index` of an image: every layer, one bar, one line per layer.
+fn run_image(img: &crate::image::Image, args: &IndexArgs, opts: &BuildOptions) -> Result<ExitCode> {
+    let start = Instant::now();
+    let archives = img
+        .layers
+        .iter()
+        .map(|l| Archive::from_source(l.source.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    let refs: Vec<&Archive> = archives.iter().collect();
+    let labels: Vec<String> = img.layers.iter().map(|l| l.label.clone()).collect();
+    let n = archives.len();
+    let mut stream = 0u64;
+    obtain_each(
+        &refs,
+        &labels,
+        opts,
+        Some(opts.span_bytes),
+        args.force,
+        |i, index, origin| {
+            let (verb, where_, bytes) = describe(origin);
+            stream += index.stream_size;
+            println!(
+            "layer {}/{n} {}: {verb} ({}, {:.1} MiB stream): {} entries, {} seek points; index {:.1} KiB at {where_}",
+            i + 1,
+            labels[i],
+            archives[i].compression.name(),
+            index.stream_size as f64 / 1048576.0,
+            index.inodes.len().saturating_sub(1),
+            index.table.span_count(),
+            bytes as f64 / 1024.0,
+        );
+            Ok(())
+        },
+    )?;
+    println!(
+        "image {}: {n} layers ({:.1} MiB uncompressed) in {:.3} s",
+        img.display_name(),
+        stream as f64 / 1048576.0,
+        start.elapsed().as_secs_f64()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `snapfs index`.
+pub fn run(args: IndexArgs) -> Result<ExitCode> {
+    super::check_input(&args.archive)?;
+    let opts = BuildOptions {
+        span_bytes: args.span.max(64 << 10),
+    };
+    if let Some(img) = crate::image::Image::open(&args.archive, &args.select.select()?)? {
+        return run_image(&img, &args, &opts);
+    }
+    let archive = Archive::open(&args.archive)?;
+    let start = Instant::now();
+    let (index, origin) = obtain(&archive, &opts, Some(opts.span_bytes), args.force)?;
+    let secs = start.elapsed().as_secs_f64();
+    let entries = index.inodes.len() - 1;
+    let (verb, where_, index_bytes) = describe(&origin);
     println!(
         "{verb}: {} ({}, {:.1} MiB stream): {entries} entries, {} skipped, {} seek points, in {secs:.3} s ({:.0} MB/s); index {:.1} KiB at {where_}; {:.0} bytes/entry in memory",
         archive.path.display(),

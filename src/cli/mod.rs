@@ -7,7 +7,9 @@ mod helper;
 mod index;
 mod list;
 mod mount;
+mod serve;
 mod umount;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,8 +18,9 @@ use clap::{Parser, Subcommand};
 
 use crate::error::{Error, Result};
 
-/// Mount snapshot tarballs (tar, tar.gz, tar.zst, tar.xz, tar.bz2) as lazy FUSE views:
-/// read-only, or writable with an upper dir whose changes `commit` cuts into new snapshots.
+/// Mount snapshot tarballs (tar, tar.gz, tar.zst, tar.xz, tar.bz2) and container images
+/// as lazy FUSE views: read-only, or writable with an upper dir whose changes `commit`
+/// cuts into new snapshots.
 #[derive(Parser, Debug)]
 #[command(name = "snapfs", version, about, long_about = None)]
 pub struct Cli {
@@ -38,6 +41,9 @@ enum Command {
     List(list::ListArgs),
     /// Capture a plain directory into a new seekable, self-indexed snapshot.
     Create(create::CreateArgs),
+    /// Serve many views from one process: a control socket to add, list and remove
+    /// them, one span cache, views restored after a restart.
+    Serve(serve::ServeArgs),
     /// Cut a snapshot (delta layer, or --full) from a writable view's upper dir.
     #[command(
         long_about = "Cut a snapshot from a writable view's upper dir: by default a delta \
@@ -49,6 +55,9 @@ refuses with a clear error: unmount the view first. A cut therefore always captu
 consistent state and never mixes in writes that happen during the cut."
     )]
     Commit(commit::CommitArgs),
+    /// Check an image's blobs against its manifest (digests, sizes) and its layers
+    /// against the config's diff_ids; names the failing layer.
+    Verify(verify::VerifyArgs),
 }
 
 /// Parses the arguments and runs the subcommand. Invoked as `mount.fuse.snapfs`
@@ -70,7 +79,9 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Umount(a) => umount::run(a),
         Command::List(a) => list::run(a),
         Command::Create(a) => create::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Commit(a) => commit::run(a),
+        Command::Verify(a) => verify::run(a),
     }
 }
 
@@ -91,14 +102,55 @@ pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
         .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
-/// Checks that an archive argument names a readable regular file.
-fn check_archive(p: &PathBuf) -> Result<()> {
+/// The environment variable naming the socket of the snapfs service that `mount`,
+/// `umount` and `list` talk to when no `--service` is given.
+pub const SERVICE_ENV: &str = "SNAPFS_SERVICE";
+
+/// The service socket a command was pointed at: `--service`, else `$SNAPFS_SERVICE`.
+fn service_socket(flag: Option<&std::path::Path>) -> Option<PathBuf> {
+    flag.map(PathBuf::from).or_else(|| {
+        std::env::var_os(SERVICE_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    })
+}
+
+/// Which image of an image input to use (shared by mount, index, verify).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ImageArgs {
+    /// For an image input holding several images: the one named REF (an
+    /// `org.opencontainers.image.ref.name` / `io.containerd.image.name` annotation, a
+    /// docker save RepoTag, or a manifest digest).
+    #[arg(long = "image", value_name = "REF")]
+    reference: Option<String>,
+    /// For an image index: the platform to use, os/arch[/variant] [default: the host's].
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
+}
+
+impl ImageArgs {
+    /// The checked selection.
+    pub fn select(&self) -> Result<crate::image::Select> {
+        let platform = match &self.platform {
+            Some(p) => Some(crate::image::select::parse_platform(p).map_err(Error::Usage)?),
+            None => None,
+        };
+        Ok(crate::image::Select {
+            reference: self.reference.clone(),
+            platform,
+        })
+    }
+}
+
+/// Checks that an input names a regular file (an archive or image archive) or a
+/// directory (an image layout; its content is checked when it is opened).
+fn check_input(p: &PathBuf) -> Result<()> {
     match std::fs::metadata(p) {
-        Ok(m) if m.is_file() => Ok(()),
+        Ok(m) if m.is_file() || m.is_dir() => Ok(()),
         Ok(_) => Err(Error::NotA {
             path: p.clone(),
             expected: "regular file",
-            detail: Some("archives are files".into()),
+            detail: Some("archives are files, image layouts directories".into()),
         }),
         Err(e) => Err(Error::io("cannot open archive", p, e)),
     }

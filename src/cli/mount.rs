@@ -6,6 +6,9 @@
 //! `--uid-map`/`--gid-map`/`--owner` wrap the whole view in a [`MappedTree`].
 //! snapfs-specific `-o` options (`upper=DIR`, `uid_map=`, ...) are folded into the
 //! flags first, so `mount -t fuse.snapfs` and fstab lines can carry them.
+//! An input that is a container image (told from its content) stands for its chosen
+//! image's layers (`--image`, `--platform`); `--verify` checks every blob of it here,
+//! before the daemon starts.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -22,24 +25,33 @@ use crate::fs::{MountOptions, Session};
 use crate::idmap::IdMap;
 use crate::index::build::BuildOptions;
 use crate::index::store;
+use crate::service::{client, Request, ViewConfig};
 use crate::view::{self, ViewSpec};
 
 /// Arguments of `snapfs mount`.
 #[derive(Args, Debug)]
 pub struct MountArgs {
-    /// The archives (tar, tar.gz, tar.zst, tar.xz, tar.bz2; detected from their bytes),
-    /// bottom layer first: each one after the first is stacked on top as an OCI layer.
+    /// The archives (tar, tar.gz, tar.zst, tar.xz, tar.bz2) or images (OCI layout, OCI
+    /// archive, docker save; detected from their content), bottom layer first: each one
+    /// after the first is stacked on top as OCI layers.
     #[arg(required = true, value_name = "ARCHIVE")]
     archives: Vec<PathBuf>,
     /// Where the view appears (an existing directory).
     #[arg(value_name = "MOUNTPOINT")]
     mountpoint: PathBuf,
+    #[command(flatten)]
+    select: super::ImageArgs,
+    /// Before mounting, read every layer blob of an image input and check it against
+    /// the manifest's digests and sizes and the config's diff_ids.
+    #[arg(long)]
+    verify: bool,
     /// Stay in the foreground (logs to stderr; Ctrl-C unmounts).
     #[arg(short, long)]
     foreground: bool,
     /// Mount options, comma separated: allow_other, allow_root, ro, suid, dev, exec,
     /// noexec, ...; snapfs options upper=DIR, uid_map=C:H:N, gid_map=C:H:N,
-    /// owner=UID:GID, cache_size=, span=, threads=, log_file=, pid_file=; mount(8)
+    /// owner=UID:GID, cache_size=, span=, threads=, log_file=, pid_file=, image=REF,
+    /// platform=OS/ARCH; mount(8)
     /// bookkeeping (defaults, noauto, nofail, _netdev, x-*) is ignored. Mounts are
     /// nosuid,nodev unless suid/dev is given; default_permissions is always on.
     #[arg(short = 'o', value_name = "OPTIONS", action = clap::ArgAction::Append)]
@@ -76,6 +88,10 @@ pub struct MountArgs {
     /// Write the daemon's pid to FILE once the mount is live (removed on clean exit).
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
+    /// Ask the snapfs service listening on SOCKET (`snapfs serve`) to mount the view
+    /// instead of starting a daemon of its own [default: $SNAPFS_SERVICE if set].
+    #[arg(long, value_name = "SOCKET")]
+    service: Option<PathBuf>,
     /// Internal: file descriptor on which the daemon reports readiness.
     #[arg(long, hide = true)]
     ready_fd: Option<i32>,
@@ -87,14 +103,11 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     let (archives, mountpoint) = (&args.archives[..], args.mountpoint.as_path());
     IdMap::from_args(&args.uid_map, &args.gid_map, args.owner.as_deref())?;
     for a in archives {
-        super::check_archive(a)?;
+        super::check_input(a)?;
     }
+    let select = args.select.select()?;
     match std::fs::metadata(mountpoint) {
-        Ok(m) if m.is_dir() => {
-            let canonical = std::fs::canonicalize(mountpoint)
-                .map_err(|e| Error::io("cannot use mountpoint", mountpoint, e))?;
-            super::list::check_not_fuse_mounted(&canonical)?;
-        }
+        Ok(m) if m.is_dir() => {}
         Ok(_) => {
             return Err(Error::NotA {
                 path: mountpoint.to_path_buf(),
@@ -107,6 +120,36 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     if let Some(u) = &args.upper {
         std::fs::create_dir_all(u).map_err(|e| Error::io("cannot create upper dir", u, e))?;
     }
+    // The image step (the daemon repeats it; it reads only small JSON).
+    let inputs = if args.ready_fd.is_none() {
+        view::resolve(archives, &select)?
+    } else {
+        Vec::new()
+    };
+    if args.verify {
+        for input in &inputs {
+            if let view::Input::Image(img) = input {
+                super::verify::check(img)?;
+            }
+        }
+    }
+    if args.ready_fd.is_none() {
+        if let Some(socket) = super::service_socket(args.service.as_deref()) {
+            if let Some(view::Input::Image(img)) =
+                inputs.iter().find(|i| matches!(i, view::Input::Image(_)))
+            {
+                return Err(Error::Usage(format!(
+                    "{} is an image; the service does not serve images yet (mount it without --service)",
+                    img.path.display()
+                )));
+            }
+            // The service checks the mountpoint itself (and names its own view there).
+            return via_service(&args, archives, mountpoint, &socket);
+        }
+    }
+    let canonical = std::fs::canonicalize(mountpoint)
+        .map_err(|e| Error::io("cannot use mountpoint", mountpoint, e))?;
+    super::list::check_not_fuse_mounted(&canonical)?;
     if let Some(f) = &args.pid_file {
         check_writable_file(f, "cannot create pid file")?;
     }
@@ -114,6 +157,7 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
         check_writable_file(f, "cannot create log file")?;
     }
     if args.foreground || args.ready_fd.is_some() {
+        drop(inputs);
         if args.foreground && args.ready_fd.is_none() {
             if let Some(f) = &args.log_file {
                 log_to(f)?;
@@ -129,19 +173,69 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     let opts = BuildOptions {
         span_bytes: args.span.max(64 << 10),
     };
-    for path in archives {
-        let archive = Archive::open(path)?;
-        if let Some(index) = store::find_current(&archive) {
-            store::prefetch(&index);
-            continue;
+    let mut todo: Vec<Archive> = Vec::new();
+    let mut labels = Vec::new();
+    for input in &inputs {
+        for archive in input.archives()? {
+            if let Some(index) = store::find_current(&archive) {
+                store::prefetch(&index);
+                continue;
+            }
+            if crate::snapshot::read_embedded(&archive)?.is_some() {
+                continue;
+            }
+            labels.push(archive.path.display().to_string());
+            todo.push(archive);
         }
-        if crate::snapshot::read_embedded(&archive)?.is_some() {
-            continue;
-        }
-        let (index, _) = super::index::obtain(&archive, &opts, None, false)?;
-        store::cache_file_for(&archive, &index)?;
     }
+    let refs: Vec<&Archive> = todo.iter().collect();
+    super::index::obtain_each(&refs, &labels, &opts, None, false, |i, index, _| {
+        store::cache_file_for(&todo[i], index).map(drop)
+    })?;
+    drop(inputs);
     daemonize(&args)
+}
+
+/// Asks the service on `socket` to mount the view; returns once it is live.
+fn via_service(
+    args: &MountArgs,
+    archives: &[PathBuf],
+    mountpoint: &Path,
+    socket: &Path,
+) -> Result<ExitCode> {
+    let daemon_only = [
+        (args.foreground, "--foreground"),
+        (args.log_file.is_some(), "--log-file"),
+        (args.pid_file.is_some(), "--pid-file"),
+        (args.cache_size.is_some(), "--cache-size"),
+    ];
+    if let Some((_, flag)) = daemon_only.iter().find(|(given, _)| *given) {
+        return Err(Error::Usage(format!(
+            "{flag} belongs to the service (snapfs serve), not to a view mounted with --service"
+        )));
+    }
+    // The service runs elsewhere (another cwd): it gets absolute, resolved paths.
+    let resolve = |p: &Path, what| std::fs::canonicalize(p).map_err(|e| Error::io(what, p, e));
+    let view = ViewConfig {
+        mountpoint: resolve(mountpoint, "cannot use mountpoint")?,
+        layers: archives
+            .iter()
+            .map(|a| resolve(a, "cannot open archive"))
+            .collect::<Result<_>>()?,
+        upper: match &args.upper {
+            Some(u) => Some(resolve(u, "cannot use upper dir")?),
+            None => None,
+        },
+        uid_map: args.uid_map.clone(),
+        gid_map: args.gid_map.clone(),
+        owner: args.owner.clone(),
+        options: args.options.clone(),
+        threads: Some(args.threads),
+        span: Some(args.span),
+        ..Default::default()
+    };
+    client::call(socket, &Request::Add { view })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Foreground mode with `--log-file`: stderr (where the log goes) is appended to `f`.
@@ -208,7 +302,8 @@ fn ignored_option(o: &str) -> bool {
 }
 
 /// Moves snapfs options given with `-o` (`upper=DIR`, `cache_size=`, `span=`,
-/// `threads=`, `uid_map=`, `gid_map=`, `owner=`, `log_file=`, `pid_file=`) into the
+/// `threads=`, `uid_map=`, `gid_map=`, `owner=`, `log_file=`, `pid_file=`, `image=`,
+/// `platform=`) into the
 /// flags they stand for, and drops the mount(8) bookkeeping options; the rest stay
 /// FUSE/kernel options.
 fn fold_options(args: &mut MountArgs) -> Result<()> {
@@ -249,6 +344,8 @@ fn fold_options(args: &mut MountArgs) -> Result<()> {
             "owner" if value.is_some() => args.owner = Some(need(value)?),
             "log_file" => args.log_file = Some(PathBuf::from(need(value)?)),
             "pid_file" => args.pid_file = Some(PathBuf::from(need(value)?)),
+            "image" => args.select.reference = Some(need(value)?),
+            "platform" => args.select.platform = Some(need(value)?),
             _ if ignored_option(opt) => {}
             _ => kept.push(opt.to_string()),
         }
@@ -303,6 +400,12 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
     }
     if let Some(o) = &args.owner {
         cmd.arg("--owner").arg(o);
+    }
+    if let Some(r) = &args.select.reference {
+        cmd.arg("--image").arg(r);
+    }
+    if let Some(p) = &args.select.platform {
+        cmd.arg("--platform").arg(p);
     }
     let abs = |p: &Path| -> Result<PathBuf> {
         if p.is_absolute() {
@@ -377,10 +480,10 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
     }
 }
 
-fn mount_options(args: &MountArgs, archives: &[PathBuf]) -> MountOptions {
-    let names: Vec<String> = archives.iter().map(|a| a.display().to_string()).collect();
+fn mount_options(args: &MountArgs, inputs: &[view::Input]) -> MountOptions {
+    let names: Vec<(&Path, Option<&str>)> = inputs.iter().map(view::Input::name).collect();
     MountOptions::parse(
-        format!("snapfs:{}", names.join(":")),
+        super::list::source_name(&names),
         &args.options,
         args.upper.is_some(),
         args.threads,
@@ -456,6 +559,7 @@ fn setup(args: &MountArgs, archives: &[PathBuf], mountpoint: &Path) -> Result<Se
     block_signals();
     let spec = ViewSpec {
         layers: archives.to_vec(),
+        select: args.select.select()?,
         upper: args.upper.clone(),
         idmap: IdMap::from_args(&args.uid_map, &args.gid_map, args.owner.as_deref())?,
         build: BuildOptions {
@@ -463,17 +567,22 @@ fn setup(args: &MountArgs, archives: &[PathBuf], mountpoint: &Path) -> Result<Se
         },
         cache_bytes: cache_bytes(args),
     };
-    let tree = view::open(&spec)?;
-    Session::mount(tree, mountpoint, &mount_options(args, archives))
+    let inputs = view::resolve(&spec.layers, &spec.select)?;
+    let tree = view::open_with(&spec, &inputs)?;
+    Session::mount(tree, mountpoint, &mount_options(args, &inputs))
+}
+
+fn cache_bytes(args: &MountArgs) -> u64 {
+    default_cache_bytes(args.cache_size)
 }
 
 /// `--cache-size`, or by default 1/16 of the machine's RAM within 256 MiB..1 GiB: a
 /// small-file archive read in path order (not archive order) touches every span again
 /// and again, and runs at the speed of the cache holding its stream or not.
-fn cache_bytes(args: &MountArgs) -> u64 {
+pub(super) fn default_cache_bytes(cache_size: Option<u64>) -> u64 {
     const MIN: u64 = 256 << 20;
     const MAX: u64 = 1 << 30;
-    args.cache_size.unwrap_or_else(|| {
+    cache_size.unwrap_or_else(|| {
         // SAFETY: sysconf only reads system configuration.
         let (pages, page) = unsafe {
             (
@@ -503,7 +612,7 @@ fn signal_set() -> libc::sigset_t {
 }
 
 /// Blocks the termination signals in this thread and every thread it spawns later.
-fn block_signals() {
+pub(super) fn block_signals() {
     let set = signal_set();
     // SAFETY: the set is initialised; a null old-set pointer is allowed.
     unsafe {
@@ -511,7 +620,7 @@ fn block_signals() {
     }
 }
 
-fn wait_for_signal() {
+pub(super) fn wait_for_signal() {
     let set = signal_set();
     let mut sig = 0;
     // SAFETY: set is initialised and the signals are blocked in every thread.
@@ -560,6 +669,9 @@ mod tests {
         assert_eq!(a.threads, 3);
         assert_eq!(a.pid_file, Some(PathBuf::from("/run/p")));
         assert_eq!(a.log_file, Some(PathBuf::from("/var/log/l")));
+        let a = parse(&["-o", "image=repo/app:1,platform=linux/arm64", "a", "m"]);
+        assert_eq!(a.select.reference.as_deref(), Some("repo/app:1"));
+        assert_eq!(a.select.platform.as_deref(), Some("linux/arm64"));
         let a = parse(&["-o", "owner=1000:100", "a", "m"]);
         assert_eq!(a.owner.as_deref(), Some("1000:100"));
         assert!(a.options.is_empty());

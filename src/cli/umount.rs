@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use crate::error::{Error, Result};
+use crate::service::{client, Request};
 
 /// Arguments of `snapfs umount`.
 #[derive(Args, Debug)]
@@ -26,6 +27,10 @@ pub struct UmountArgs {
     /// How long to wait for the daemon to exit after the unmount (seconds).
     #[arg(long, default_value_t = 30, value_name = "SECS")]
     wait: u64,
+    /// The snapfs service whose view this may be [default: $SNAPFS_SERVICE, and
+    /// every running `snapfs serve`]; a service's view is removed through it.
+    #[arg(long, value_name = "SOCKET")]
+    service: Option<PathBuf>,
 }
 
 /// Runs `snapfs umount`.
@@ -38,6 +43,15 @@ pub fn run(args: UmountArgs) -> Result<ExitCode> {
             .map_err(|e| Error::io("cannot resolve", &args.mountpoint, e))?
             .join(&args.mountpoint)
     };
+    if let Some(socket) = service_of(&path, args.service.as_deref()) {
+        let remove = Request::Remove {
+            key: None,
+            mountpoint: Some(path),
+            lazy: args.lazy,
+        };
+        client::call(&socket, &remove)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| Error::Usage(format!("invalid mountpoint {}", path.display())))?;
     // Taken before the unmount: afterwards the daemon's mount is gone and a reused
@@ -58,6 +72,28 @@ pub fn run(args: UmountArgs) -> Result<ExitCode> {
         wait_for_exit(&path, daemons, Duration::from_secs(args.wait));
     }
     unmounted
+}
+
+/// The socket of the service that has a view on `path` (as given, or with its parent
+/// resolved), if any service found has one.
+fn service_of(path: &Path, explicit: Option<&Path>) -> Option<PathBuf> {
+    let resolved = match (path.parent(), path.file_name()) {
+        (Some(p), Some(n)) => p.canonicalize().ok().map(|p| p.join(n)),
+        _ => None,
+    };
+    super::list::service_sockets(explicit)
+        .into_iter()
+        .find(|socket| {
+            client::call(socket, &Request::List {})
+                .ok()
+                .and_then(|r| r.views)
+                .is_some_and(|views| {
+                    views.iter().any(|v| {
+                        v.config.mountpoint == path
+                            || Some(&v.config.mountpoint) == resolved.as_ref()
+                    })
+                })
+        })
 }
 
 /// The daemons serving `path`, as pidfds. The daemon's command line carries the

@@ -106,7 +106,14 @@ impl<T: Tree> SnapFs<T> {
         r: impl FnOnce() -> crate::Result<u64>,
         reply: ReplyEntry,
     ) {
-        match self.run(op, parent, || r().and_then(|ino| self.tree.attr(ino))) {
+        let r = self.run(op, parent, || {
+            let ino = r()?;
+            // The tree counted the entry as a reference; one that is not sent is not.
+            self.tree
+                .attr(ino)
+                .inspect_err(|_| self.tree.forget(ino, 1))
+        });
+        match r {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -175,15 +182,15 @@ fn time(secs: i64, nsec: u32) -> SystemTime {
 }
 
 fn file_attr(a: &Attr) -> FileAttr {
-    let t = time(a.mtime, a.mtime_nsec);
+    let mtime = time(a.mtime, a.mtime_nsec);
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.blocks,
-        atime: t,
-        mtime: t,
-        ctime: t,
-        crtime: t,
+        atime: time(a.atime, a.atime_nsec),
+        mtime,
+        ctime: time(a.ctime, a.ctime_nsec),
+        crtime: mtime,
         kind: file_type(a.mode),
         perm: (a.mode & 0o7777) as u16,
         nlink: a.nlink,
@@ -238,9 +245,10 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let r = self.run("lookup", parent.0, || {
             self.test_panic(name.as_bytes());
+            let ino = self.tree.lookup(parent.0, name.as_bytes())?;
             self.tree
-                .lookup(parent.0, name.as_bytes())
-                .and_then(|ino| self.tree.attr(ino))
+                .attr(ino)
+                .inspect_err(|_| self.tree.forget(ino, 1))
         });
         match r {
             Ok(a) => reply.entry(&self.ttl, &file_attr(&a), Generation(0)),
@@ -251,6 +259,16 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
             Err(e) => reply.error(errno(&e)),
         }
     }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        let _ = self.run("forget", ino.0, || {
+            self.tree.forget(ino.0, nlookup);
+            Ok(())
+        });
+    }
+
+    // batch_forget: fuser's default calls `forget` for each node (its `ForgetOne`
+    // type is not exported, so it cannot be overridden here).
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.run("getattr", ino.0, || self.tree.attr(ino.0)) {
@@ -412,25 +430,19 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let tree = &self.tree;
         let ttl = self.ttl;
         let r = self.run("readdirplus", ino.0, || {
-            tree.read_dir_handle(
-                ino.0,
-                fh.0,
-                offset,
-                &mut |next, name, child, _mode| match tree.attr(child) {
-                    Ok(a) => reply.add(
-                        INodeNo(child),
+            self.tree
+                .read_dir_plus(ino.0, fh.0, offset, &mut |next, name, a| {
+                    reply.add(
+                        INodeNo(a.ino),
                         next,
                         OsStr::from_bytes(name),
                         &ttl,
-                        &file_attr(&a),
+                        &file_attr(a),
                         Generation(0),
-                    ),
-                    Err(_) => false,
-                },
-            )
+                    )
+                })
         });
         match r {
             Ok(()) => reply.ok(),
@@ -722,17 +734,17 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
     fn fallocate(
         &self,
         _r: &Request,
-        _i: INodeNo,
-        _fh: FileHandle,
-        _o: u64,
-        _l: u64,
-        _m: i32,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        if self.tree.writable() {
-            return reply.error(Errno::from_i32(libc::EOPNOTSUPP));
-        }
-        reply.error(EROFS);
+        let r = self.run("fallocate", ino.0, || {
+            self.tree.fallocate(ino.0, fh.0, offset, length, mode)
+        });
+        empty(r, reply);
     }
 }
 
@@ -748,6 +760,10 @@ fn negative_attr() -> FileAttr {
         blocks: 0,
         mtime: 0,
         mtime_nsec: 0,
+        atime: 0,
+        atime_nsec: 0,
+        ctime: 0,
+        ctime_nsec: 0,
         rdev: 0,
         implicit: false,
     });

@@ -7,4 +7,4 @@ pub mod adapter;
 pub mod session;
 
 pub use adapter::{SnapFs, EXIT_DELAY_HOOK_ENV, MAX_READ, PANIC_HOOK_ENV};
-pub use session::{Access, MountOptions, Session};
+pub use session::{Access, MountOptions, Served, Session, Unmounter};

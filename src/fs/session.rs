@@ -166,7 +166,86 @@ impl Unmounter {
     }
 }
 
+impl Unmounter {
+    /// Unmounts now unless the mount is busy (files open, a process inside it):
+    /// then [`Error::Busy`] and the mount stays. A mount already gone is fine.
+    pub fn unmount_unless_busy(&mut self) -> Result<()> {
+        // SAFETY: target is a valid NUL-terminated path.
+        if unsafe { libc::umount2(self.target.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        let path = PathBuf::from(std::ffi::OsStr::from_bytes(self.target.as_bytes()));
+        match err.raw_os_error() {
+            Some(libc::EBUSY) => Err(Error::Busy { path }),
+            Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+            // Not ours to unmount (fusermount mounted it): fuser's unmounter.
+            Some(libc::EPERM) => self
+                .inner
+                .unmount()
+                .map_err(|e| Error::io("cannot unmount", path, e)),
+            _ => Err(Error::io("cannot unmount", path, err)),
+        }
+    }
+}
+
+/// A session served on a thread of its own, so that one process can serve many
+/// (the service's views).
+pub struct Served {
+    unmounter: Unmounter,
+    thread: std::thread::JoinHandle<Result<()>>,
+}
+
+impl Served {
+    /// Whether the session has ended (its mount went away).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Unmounts: lazily (detached now, open files served until closed), or now
+    /// unless busy ([`Error::Busy`], the mount stays).
+    pub fn unmount(&mut self, lazy: bool) -> Result<()> {
+        if lazy {
+            self.unmounter.unmount()
+        } else {
+            self.unmounter.unmount_unless_busy()
+        }
+    }
+
+    /// Waits until the session has ended and its tree is dropped; how it ended.
+    pub fn join(self) -> Result<()> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(Error::Internal("a FUSE session thread panicked".into())))
+    }
+}
+
 impl Session {
+    /// Serves on a new thread named `name`. Once the session has ended (the mount
+    /// went away) and its tree is dropped, `on_exit` runs on that thread with the
+    /// result.
+    pub fn spawn(
+        mut self,
+        name: String,
+        on_exit: impl FnOnce(&Result<()>) + Send + 'static,
+    ) -> Result<Served> {
+        let unmounter = self.unmounter()?;
+        let mut cleanup = self.unmounter()?;
+        let mountpoint = self.mountpoint.clone();
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let r = self.run();
+            on_exit(&r);
+            r
+        });
+        match thread {
+            Ok(thread) => Ok(Served { unmounter, thread }),
+            Err(e) => {
+                let _ = cleanup.unmount();
+                Err(Error::io("cannot start a thread to serve", mountpoint, e))
+            }
+        }
+    }
+
     /// Mounts `tree` on `mountpoint`.
     pub fn mount(tree: Box<dyn Tree>, mountpoint: &Path, options: &MountOptions) -> Result<Self> {
         let inner = mount(

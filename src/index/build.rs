@@ -179,6 +179,9 @@ struct Node {
     gid: u32,
     mtime: i64,
     mtime_nsec: u32,
+    /// (seconds, nanoseconds); the mtime unless the member has its own.
+    atime: (i64, u32),
+    ctime: (i64, u32),
     size: u64,
     data: Data,
     rdev: u32,
@@ -212,6 +215,8 @@ impl<'a> TreeBuilder<'a> {
             gid: unsafe_ids().1,
             mtime: archive_mtime_ns.div_euclid(1_000_000_000),
             mtime_nsec: archive_mtime_ns.rem_euclid(1_000_000_000) as u32,
+            atime: root_time(archive_mtime_ns),
+            ctime: root_time(archive_mtime_ns),
             size: 0,
             data: Data::Contiguous(0),
             rdev: 0,
@@ -246,6 +251,8 @@ impl<'a> TreeBuilder<'a> {
             gid: root.gid,
             mtime: root.mtime,
             mtime_nsec: root.mtime_nsec,
+            atime: (root.mtime, root.mtime_nsec),
+            ctime: (root.mtime, root.mtime_nsec),
             size: 0,
             data: Data::Contiguous(0),
             rdev: 0,
@@ -456,6 +463,10 @@ impl<'a> TreeBuilder<'a> {
                 gid: node.gid,
                 mtime: node.mtime,
                 mtime_nsec: node.mtime_nsec,
+                atime: node.atime.0,
+                atime_nsec: node.atime.1,
+                ctime: node.ctime.0,
+                ctime_nsec: node.ctime.1,
                 rdev: node.rdev,
                 size: node.size,
                 flags: if node.implicit && node.kind == MemberKind::Dir {
@@ -544,7 +555,17 @@ fn set_meta(n: &mut Node, m: &Member) {
     n.gid = clamp_id(m.gid);
     n.mtime = m.mtime;
     n.mtime_nsec = m.mtime_nsec;
+    n.atime = m.atime.unwrap_or((m.mtime, m.mtime_nsec));
+    n.ctime = m.ctime.unwrap_or((m.mtime, m.mtime_nsec));
     n.xattrs = m.xattrs.clone();
+}
+
+/// (seconds, nanoseconds) of a time in nanoseconds since the epoch.
+fn root_time(ns: i64) -> (i64, u32) {
+    (
+        ns.div_euclid(1_000_000_000),
+        ns.rem_euclid(1_000_000_000) as u32,
+    )
 }
 
 /// Ids that do not fit 32 bits become `nobody` (65534), as the kernel would show them.
@@ -597,6 +618,8 @@ mod tests {
             gid: 2,
             mtime: 100,
             mtime_nsec: 0,
+            atime: None,
+            ctime: None,
             size: 0,
             data: Data::Contiguous(0),
             dev_major: 0,

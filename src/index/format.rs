@@ -1,16 +1,18 @@
 //! The persisted index file: little-endian fixed records, offsets not pointers, a
 //! CRC-32 over everything, and [`validate`] before anything is trusted.
 //!
-//! Layout (version 1):
+//! Layout (version 2):
 //! ```text
 //! magic "SNAPFSIX" | version u32 | flags u32
 //! archive id: size u64 | mtime_ns i64 | head_crc u32 | tail_crc u32
 //! span_bytes u64 | compression u8 | 7 zero bytes | stream_size u64 | skipped u64
 //! counts u64 x 6: inodes, dirents, names, xattrs, segments, seek-table bytes
-//! inodes (72 B each) | dirents (12 B) | names | xattrs (16 B) | segments (24 B)
+//! inodes (96 B each) | dirents (12 B) | names | xattrs (16 B) | segments (24 B)
 //! seek table (gzip/zstd/xz/bzip2 encoding, empty for plain tar) | crc32 u32 of all before
 //! ```
-//! Version history: 1 — first format.
+//! Version history: 1 — first format; 2 — inode records carry atime and ctime
+//! (72 → 96 bytes: `atime i64 | ctime i64 | atime_nsec u32 | ctime_nsec u32` after
+//! `flags`), from PAX `atime`/`ctime` records or the mtime.
 //!
 //! Compression codes: 0 tar, 1 gzip, 2 zstd; 3 xz and 4 bzip2 were added later
 //! without a version bump (a reader that does not know a code refuses the index as
@@ -27,9 +29,9 @@ use crate::index::{DirentRecord, Index, InodeRecord, XattrRecord, FLAG_SPARSE};
 /// File magic.
 pub const MAGIC: &[u8; 8] = b"SNAPFSIX";
 /// Current format version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
-const INODE_BYTES: usize = 72;
+const INODE_BYTES: usize = 96;
 const DIRENT_BYTES: usize = 12;
 const XATTR_BYTES: usize = 16;
 const SEGMENT_BYTES: usize = 24;
@@ -91,6 +93,10 @@ pub fn encode(index: &Index) -> Vec<u8> {
         put32(&mut out, r.xattr_count);
         put32(&mut out, r.parent);
         put32(&mut out, r.flags);
+        put64(&mut out, r.atime as u64);
+        put64(&mut out, r.ctime as u64);
+        put32(&mut out, r.atime_nsec);
+        put32(&mut out, r.ctime_nsec);
     }
     for d in &index.dirents {
         put32(&mut out, d.name_off);
@@ -263,6 +269,10 @@ pub fn decode(bytes: &[u8]) -> Result<Index, String> {
             xattr_count: le32(r, 60),
             parent: le32(r, 64),
             flags: le32(r, 68),
+            atime: le64(r, 72) as i64,
+            ctime: le64(r, 80) as i64,
+            atime_nsec: le32(r, 88),
+            ctime_nsec: le32(r, 92),
         })
         .collect();
     let dirents = c

@@ -34,6 +34,14 @@ pub struct InodeRecord {
     pub mtime: i64,
     /// Modification time (nanoseconds).
     pub mtime_nsec: u32,
+    /// Access time (seconds); the mtime when the archive has none.
+    pub atime: i64,
+    /// Access time (nanoseconds).
+    pub atime_nsec: u32,
+    /// Status change time (seconds); the mtime when the archive has none.
+    pub ctime: i64,
+    /// Status change time (nanoseconds).
+    pub ctime_nsec: u32,
     /// Device number (`makedev(major, minor)`) for devices.
     pub rdev: u32,
     /// Apparent size (symlinks: target length).

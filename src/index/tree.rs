@@ -29,6 +29,14 @@ pub struct Attr {
     pub mtime: i64,
     /// Modification time, nanoseconds.
     pub mtime_nsec: u32,
+    /// Access time, seconds.
+    pub atime: i64,
+    /// Access time, nanoseconds.
+    pub atime_nsec: u32,
+    /// Status change time, seconds.
+    pub ctime: i64,
+    /// Status change time, nanoseconds.
+    pub ctime_nsec: u32,
     /// Device number.
     pub rdev: u32,
     /// A directory the archive does not list itself (created for a deeper member).
@@ -47,6 +55,10 @@ pub struct FsStats {
 /// A directory listing callback: (offset of the next entry, name, inode, mode type
 /// bits); returns `true` when the reply buffer is full.
 pub type DirSink<'a> = dyn FnMut(u64, &[u8], u64, u32) -> bool + 'a;
+
+/// A listing callback with attributes (readdirplus): (offset of the next entry, name,
+/// attributes); returns `true` when the reply buffer is full (the entry was not taken).
+pub type DirPlusSink<'a> = dyn FnMut(u64, &[u8], &Attr) -> bool + 'a;
 
 /// What the FUSE adapter needs of a tree. Implemented by the read-only index tree;
 /// layered and writable trees implement it too.
@@ -69,6 +81,34 @@ pub trait Tree: Send + Sync {
     fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64>;
     /// Filesystem statistics.
     fn stats(&self) -> FsStats;
+
+    /// Lists directory `ino` through handle `fh` like [`Tree::read_dir_handle`], with
+    /// each entry's attributes (entries whose attributes cannot be read are left out).
+    /// Every entry the sink takes, but `.` and `..`, is a reference the kernel holds
+    /// (see [`Tree::forget`]).
+    fn read_dir_plus(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut DirPlusSink<'_>,
+    ) -> Result<()> {
+        self.read_dir_handle(
+            ino,
+            fh,
+            offset,
+            &mut |next, name, child, _| match self.attr(child) {
+                Ok(a) => sink(next, name, &a),
+                Err(_) => false,
+            },
+        )
+    }
+    /// The kernel drops `nlookup` references to `ino`. Each inode returned by
+    /// [`Tree::lookup`], [`Tree::create`], [`Tree::mknod`], [`Tree::mkdir`],
+    /// [`Tree::symlink`], [`Tree::link`] and [`Tree::read_dir_plus`] is one; a tree
+    /// whose inode table changes may drop an inode when none is left (and it is not
+    /// open). Immutable trees ignore this.
+    fn forget(&self, _ino: u64, _nlookup: u64) {}
 
     // Writable trees override the methods below; a read-only tree answers every
     // modifying call with EROFS.
@@ -187,6 +227,11 @@ pub trait Tree: Send + Sync {
     fn remove_xattr(&self, _ino: u64, _name: &[u8]) -> Result<()> {
         Err(erofs())
     }
+    /// `fallocate(2)` of `length` bytes at `offset` of file `ino` (`mode`:
+    /// `FALLOC_FL_*` bits).
+    fn fallocate(&self, _ino: u64, _fh: u64, _offset: u64, _length: u64, _mode: i32) -> Result<()> {
+        Err(erofs())
+    }
 }
 
 fn erofs() -> Error {
@@ -269,6 +314,21 @@ impl Tree for DynTree {
     }
     fn stats(&self) -> FsStats {
         (*self.0).stats()
+    }
+    fn read_dir_plus(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        sink: &mut DirPlusSink<'_>,
+    ) -> Result<()> {
+        (*self.0).read_dir_plus(ino, fh, offset, sink)
+    }
+    fn forget(&self, ino: u64, nlookup: u64) {
+        (*self.0).forget(ino, nlookup)
+    }
+    fn fallocate(&self, ino: u64, fh: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        (*self.0).fallocate(ino, fh, offset, length, mode)
     }
     fn writable(&self) -> bool {
         (*self.0).writable()
@@ -511,6 +571,10 @@ impl Tree for IndexTree {
             blocks: blocks_for(data_bytes(&self.index, r)),
             mtime: r.mtime,
             mtime_nsec: r.mtime_nsec,
+            atime: r.atime,
+            atime_nsec: r.atime_nsec,
+            ctime: r.ctime,
+            ctime_nsec: r.ctime_nsec,
             rdev: r.rdev,
             implicit: r.flags & crate::index::FLAG_IMPLICIT != 0,
         })

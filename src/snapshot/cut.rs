@@ -18,7 +18,7 @@ use crate::index::tree::{Attr, Tree};
 use crate::index::ROOT_INO;
 use crate::layers::{OPAQUE_MARKER, WHITEOUT_PREFIX};
 use crate::snapshot::write::{EntryKind, SnapshotEntry, SnapshotWriter};
-use crate::upper::{Change, ChangeKind};
+use crate::upper::layout::{Change, ChangeKind};
 
 /// Reads a file of a tree sequentially (the data source of one entry).
 struct TreeFile {
@@ -121,6 +121,8 @@ impl Cutter<'_> {
         e.gid = u64::from(a.gid);
         e.mtime = a.mtime;
         e.mtime_nsec = a.mtime_nsec;
+        e.atime = Some((a.atime, a.atime_nsec));
+        e.ctime = Some((a.ctime, a.ctime_nsec));
         e.dev_major = libc::major(u64::from(a.rdev));
         e.dev_minor = libc::minor(u64::from(a.rdev));
         if kind != EntryKind::Symlink {

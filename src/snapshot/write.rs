@@ -128,6 +128,11 @@ pub struct SnapshotEntry {
     pub mtime: i64,
     /// Modification time, nanoseconds (0..1e9).
     pub mtime_nsec: u32,
+    /// Access time (seconds, nanoseconds 0..1e9): a PAX `atime` record, as GNU tar
+    /// writes with `--format=pax`. `None`: no record (readers then use the mtime).
+    pub atime: Option<(i64, u32)>,
+    /// Status change time, as `atime` (a PAX `ctime` record).
+    pub ctime: Option<(i64, u32)>,
     /// File size (regular files; ignored otherwise).
     pub size: u64,
     /// Device major number.
@@ -153,6 +158,8 @@ impl SnapshotEntry {
             gid: 0,
             mtime: 0,
             mtime_nsec: 0,
+            atime: None,
+            ctime: None,
             size: 0,
             dev_major: 0,
             dev_minor: 0,
@@ -356,7 +363,8 @@ impl SnapshotWriter {
             }
             _ => {}
         }
-        if e.mtime_nsec >= 1_000_000_000 {
+        let nsec_ok = |t: Option<(i64, u32)>| t.is_none_or(|(_, ns)| ns < 1_000_000_000);
+        if e.mtime_nsec >= 1_000_000_000 || !nsec_ok(e.atime) || !nsec_ok(e.ctime) {
             return Err(bad("nanoseconds out of range"));
         }
         if e.xattrs
@@ -398,6 +406,11 @@ impl SnapshotWriter {
                 b"mtime",
                 pax_time(e.mtime, e.mtime_nsec).as_bytes(),
             );
+        }
+        for (key, t) in [(&b"atime"[..], e.atime), (&b"ctime"[..], e.ctime)] {
+            if let Some((s, ns)) = t {
+                pax_record(&mut pax, key, pax_time(s, ns).as_bytes());
+            }
         }
         if size > MAX_OCTAL_11 {
             pax_record(&mut pax, b"size", size.to_string().as_bytes());
@@ -486,6 +499,8 @@ impl SnapshotWriter {
             gid: e.gid,
             mtime: e.mtime,
             mtime_nsec: e.mtime_nsec,
+            atime: e.atime,
+            ctime: e.ctime,
             size,
             data: Data::Contiguous(data_offset),
             dev_major: devs.0,

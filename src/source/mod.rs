@@ -1,9 +1,11 @@
 //! Where archive bytes live: a [`Source`] answers positional reads and says what it is
 //! (its [`Identity`], checked on every read, and where an index of it may be kept).
-//! Backends: a local file ([`FileSource`]) and a byte range of another source
-//! ([`RangeSource`], a layer blob inside an image archive). Everything above this
+//! Backends: a local file ([`FileSource`]), a byte range of another source
+//! ([`RangeSource`], a layer blob inside an image archive) and a whole source known by
+//! its content digest ([`BlobSource`], a layer blob file in an image layout). Everything above this
 //! module asks a `Source` for bytes and never knows where they come from.
 
+mod blob;
 mod file;
 mod range;
 
@@ -11,6 +13,7 @@ use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use blob::BlobSource;
 pub use file::FileSource;
 pub use range::RangeSource;
 

@@ -45,7 +45,7 @@ impl RangeSource {
 }
 
 /// A stable 63-bit version stamp from a digest (its first 16 hex digits).
-fn digest_version(digest: &str) -> i64 {
+pub(super) fn digest_version(digest: &str) -> i64 {
     let hex = digest.rsplit(':').next().unwrap_or(digest);
     let v = hex
         .get(..16)

@@ -107,6 +107,8 @@ fn entry(s: &Spec) -> SnapshotEntry {
     e.gid = 7;
     e.mtime = s.mtime;
     e.mtime_nsec = s.nsec;
+    e.atime = Some((s.mtime.saturating_add(1), 5));
+    e.ctime = Some((s.mtime.saturating_sub(1), 999_999_999));
     e.link = s.link.clone();
     e.xattrs = s.xattrs.clone();
     e.dev_major = s.dev.0;
@@ -177,6 +179,8 @@ fn round_trip_through_member_reader_index_and_seek_table() {
             assert_eq!(m.path, want_path);
             assert_eq!(m.link, s.link);
             assert_eq!((m.mtime, m.mtime_nsec), (s.mtime, s.nsec), "{:?}", s.path);
+            assert_eq!(m.atime, Some((s.mtime.saturating_add(1), 5)));
+            assert_eq!(m.ctime, Some((s.mtime.saturating_sub(1), 999_999_999)));
             assert_eq!(m.uid, s.uid);
             assert_eq!(m.gid, 7);
             assert_eq!(m.xattrs, s.xattrs);
@@ -205,6 +209,9 @@ fn round_trip_through_member_reader_index_and_seek_table() {
         assert_eq!(idx.names, built.names);
         assert_eq!(idx.xattrs, built.xattrs);
         assert_eq!(idx.skipped, 0);
+        let root = &idx.inodes[0];
+        assert_eq!((root.atime, root.atime_nsec), (root.mtime + 1, 5));
+        assert_eq!((root.ctime, root.ctime_nsec), (root.mtime - 1, 999_999_999));
 
         // Every span of the seek table decodes to its slice of the stream.
         let file = File::open(&path).unwrap();

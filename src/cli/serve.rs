@@ -1,0 +1,96 @@
+//! `snapfs serve`: glue that runs a [`Service`] on `--root` and its control socket,
+//! in the foreground, until SIGTERM/SIGINT/SIGHUP: then every view is unmounted (and
+//! stays recorded, so the next `snapfs serve --root` mounts it again), the socket
+//! and the pid file are removed, and the process exits.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use crate::error::{Error, Result};
+use crate::service::control::{self, Control};
+use crate::service::{Service, ServiceConfig};
+
+/// Arguments of `snapfs serve`.
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// The service's directory: its state (the views it serves), its lock and, by
+    /// default, its socket (created if missing).
+    #[arg(long, value_name = "DIR")]
+    root: PathBuf,
+    /// The control socket [default: DIR/snapfs.sock].
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Memory for decompressed data of all views together: one span cache and the
+    /// service's buffers [default: 1/16 of RAM, at least 256M, at most 1G].
+    #[arg(long, value_parser = super::parse_size)]
+    cache_size: Option<u64>,
+    /// FUSE worker threads of each view (unless the view says).
+    #[arg(long, default_value_t = 8)]
+    threads: usize,
+    /// Stay in the foreground (the default: the service never detaches; run it
+    /// under systemd or `&`).
+    #[arg(short, long)]
+    foreground: bool,
+    /// Write the service's pid to FILE once it answers requests (removed on exit).
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+}
+
+/// Runs `snapfs serve`.
+pub fn run(args: ServeArgs) -> Result<ExitCode> {
+    // The service never detaches; -f is accepted for symmetry with `mount`.
+    let _ = args.foreground;
+    crate::cache::return_freed_buffers_to_kernel();
+    // Before any thread starts: every thread inherits the blocked set, and one
+    // waits for the signals below.
+    super::mount::block_signals();
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| control::default_socket(&args.root));
+    let socket = absolute(socket)?;
+    let service = Service::start(ServiceConfig {
+        root: args.root.clone(),
+        cache_bytes: super::mount::default_cache_bytes(args.cache_size),
+        threads: args.threads,
+    })?;
+    let control = match Control::bind(service.clone(), &socket) {
+        Ok(c) => c,
+        Err(e) => {
+            service.shutdown();
+            return Err(e);
+        }
+    };
+    if let Some(f) = &args.pid_file {
+        if let Err(e) = std::fs::write(f, format!("{}\n", std::process::id())) {
+            control.close();
+            service.shutdown();
+            return Err(Error::io("cannot write pid file", f, e));
+        }
+    }
+    log::info!(
+        "snapfs service on {} answers on {} (pid {})",
+        service.root().display(),
+        socket.display(),
+        std::process::id()
+    );
+    super::mount::wait_for_signal();
+    log::info!("signal received: unmounting every view");
+    control.close();
+    service.shutdown();
+    if let Some(f) = &args.pid_file {
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn absolute(p: PathBuf) -> Result<PathBuf> {
+    if p.is_absolute() {
+        return Ok(p);
+    }
+    Ok(std::env::current_dir()
+        .map_err(|e| Error::io("cannot resolve", &p, e))?
+        .join(p))
+}
