@@ -63,12 +63,15 @@ printf 'snapfs fuzz seed\n' > "$work/readme"
 for f in gnu oldgnu pax10 pax01 pax00 ustar v7 py; do cp "$work/$f.tar" "$out/tar_index/$f.tar"; done
 gzip -9 -n -c "$work/gnu.tar" > "$out/tar_index/gnu.tar.gz"
 zstd -q -19 -c "$work/pax10.tar" > "$out/tar_index/pax10.tar.zst"
+xz -q -T2 --block-size=4KiB -c "$work/gnu.tar" > "$out/tar_index/gnu.tar.xz"
+bzip2 -1 -c "$work/pax10.tar" > "$out/tar_index/pax10.tar.bz2"
 "$snapfs" create --format tar --chunk 64K -o "$out/tar_index/embedded.tar" "$src/dir" >/dev/null
 "$snapfs" create --format gz --chunk 64K -o "$out/tar_index/embedded.tar.gz" "$src/dir" >/dev/null
 "$snapfs" create --format zst --chunk 64K -o "$out/tar_index/embedded.tar.zst" "$src/dir" >/dev/null
 
 # checkpoint_reader: byte 0 = mode (0 gzip from payload, 1 zstd from payload,
-# 2 raw gzip, 3 raw zstd), byte 1 = span selector, then payload or stream.
+# 2 raw gzip, 3 raw zstd, 4 xz from payload, 5 bzip2 from payload, 6 raw xz,
+# 7 raw bzip2), byte 1 = span selector, then payload or stream.
 cr=$out/checkpoint_reader
 seed() { { printf "\\x$1\\x$2"; cat; } > "$cr/$3"; }
 head -c 3000 "$work/py.tar" | seed 00 00 gz-from-tar-span1
@@ -84,6 +87,11 @@ seq 1 800 | zstd -q -c | seed 03 00 raw-zstd
 # Independent frames every $1 bytes (what pzstd and snapfs create write).
 frames() { local d; d=$(mktemp -d -p "$work"); split -b "$1" - "$d/c"; for c in "$d"/c*; do zstd -q -c "$c"; done; }
 seq 1 3000 | frames 4096 | seed 03 01 raw-zstd-many-frames
+seq 1 700 | seed 04 00 xz-from-text-span1
+head -c 2000 "$work/gnu.tar" | seed 05 00 bz2-from-tar-span1
+seq 1 3000 | xz -q -T2 --block-size=2KiB -c | seed 06 00 raw-xz-blocks
+{ seq 1 300 | xz -q -C crc32 -c; printf '\0\0\0\0'; seq 1 200 | xz -q -C sha256 -c; } | seed 06 01 raw-xz-streams
+{ seq 1 400 | bzip2 -1 -c; seq 1 300 | bzip2 -9 -c; } | seed 07 00 raw-bzip2-streams
 
 # index_loader: index files written by snapfs for small archives.
 il=$out/index_loader
@@ -97,7 +105,9 @@ tar -C "$work/big" -b 1 -cf "$work/big.tar" .
 gzip -6 -n -c "$work/big.tar" > "$work/big.tar.gz"
 zstd -q -c "$work/big.tar" > "$work/big1.tar.zst"
 frames 65536 < "$work/big.tar" > "$work/big.tar.zst"
-for f in big.tar.gz big.tar.zst big1.tar.zst; do
+xz -q -T2 --block-size=64KiB -c "$work/big.tar" > "$work/big.tar.xz"
+bzip2 -1 -c "$work/big.tar" > "$work/big.tar.bz2"
+for f in big.tar.gz big.tar.zst big1.tar.zst big.tar.xz big.tar.bz2; do
   "$snapfs" index --force --span 64K "$work/$f" >/dev/null
   cp "$work/$f.snapfs-idx" "$il/$f.idx"
 done

@@ -22,6 +22,10 @@
 #   SLOW=8             a timing whose first run takes longer than this (s) is not
 #                      repeated (noted in the report)
 #   LAYERS=50          layers in the stacking test; LAYER_FILES=200 files per layer
+#   XZ_MB=64           size of the file in the tar.xz / tar.bz2 rows (phase 5: cold and
+#                      warm mount, fio); 0 skips them
+#   PHASES=12345       phases to run: 1 mounts, 2 walk and read, 3 fio, 4 layers, 5 tar.xz
+#                      and tar.bz2 (PHASES=5 builds only its own corpus)
 #   WORK=dir KEEP=1    work dir (default: mktemp under /var/tmp, removed at exit)
 #   OUT=file.md        also write the report there; SVG=file.svg chart path
 #   SNAPFS=path        snapfs binary (default: cargo build --release)
@@ -41,6 +45,9 @@ READ_TMO=${READ_TMO:-20}
 SLOW=${SLOW:-8}
 LAYERS=${LAYERS:-50}
 LAYER_FILES=${LAYER_FILES:-200}
+XZ_MB=${XZ_MB:-64}
+PHASES=${PHASES:-12345}
+has() { [[ $PHASES == *$1* ]]; }
 KEEP=${KEEP:-0}
 OUT=${OUT:-}
 SVG=${SVG:-}
@@ -89,7 +96,10 @@ need gnuplot aptget gnuplot-nox || { HAVE_PLOT=0; note "gnuplot: install failed,
 # ---------------------------------------------------------------- corpus
 log "corpus in $W (BIG_MB=$BIG_MB SMALL_FILES=$SMALL_FILES LAYERS=$LAYERS x $LAYER_FILES)"
 t0=$(now)
-mkdir -p "$W/src/data" "$W/native" "$W/small-native" "$W/mnt" "$W/layers"
+mkdir -p "$W/mnt"
+BIGFILE=data/big.dat
+if [[ $PHASES != 5 ]]; then # phase 5 alone builds its own corpus
+mkdir -p "$W/src/data" "$W/native" "$W/small-native" "$W/layers"
 python3 "$REPO/scripts/bench-gen.py" big "$W/src/data/big.dat" "$BIG_MB" || { echo "corpus generation failed" >&2; exit 1; }
 tar -C "$W/src" --owner=0 --group=0 --numeric-owner --mtime=@1700000000 -cf "$W/big.tar" data
 rm -rf "$W/src"
@@ -101,13 +111,13 @@ for b in big small; do
 done
 tar -C "$W/native" -xf "$W/big.tar"
 tar -C "$W/small-native" -xf "$W/small.tar"
-BIGFILE=data/big.dat
 for f in big.tar big.tar.gz big.tar.zst small.tar small.tar.gz small.tar.zst; do rec "size.$f" "$(stat -c %s "$W/$f")"; done
 # File lists (archive-independent order): all, and 8 shards by directory.
 (cd "$W/small-native" && find tree -type f | sort) >"$W/files.all"
 for s in 0 1 2 3 4 5 6 7; do awk -F/ -v s=$s '{ d = substr($3, 2) + 0 } d % 8 == s' "$W/files.all" >"$W/files.$s"; done
 rec small.bytes "$(cd "$W/small-native" && xargs -d '\n' stat -c %s <"$W/files.all" | awk '{ s += $1 } END { print s }')"
 rec small.entries "$(find "$W/small-native/tree" | wc -l)"
+fi
 log "corpus ready in $(elapsed "$t0" "$(now)") s"
 
 # ---------------------------------------------------------------- tool plumbing
@@ -116,7 +126,7 @@ TOOLS=(native tarx snapfs.gz snapfs.zst snapfs.tar)
 ((HAVE_RAT)) && TOOLS+=(rat.gz)
 ((HAVE_AM)) && TOOLS+=(am.gz)
 ((HAVE_SQ)) && TOOLS+=(sqfs)
-ext_of() { case $1 in *.gz) echo tar.gz ;; *.zst) echo tar.zst ;; *.tar) echo tar ;; esac; }
+ext_of() { case $1 in *.gz) echo tar.gz ;; *.zst) echo tar.zst ;; *.xz) echo tar.xz ;; *.bz2) echo tar.bz2 ;; *.tar) echo tar ;; esac; }
 
 am_mount() {
     local a=$1 m=$2
@@ -230,7 +240,15 @@ read_rate() {
 }
 export W
 
+n=0
+# mnt NAME: sets M to a fresh mountpoint path (never reused: a daemon still exiting
+# after its unmount could take a newer mount on the same path down with it).
+mnt() { n=$((n + 1)); M=$W/mnt/$1.$n; }
+# mount_ls TOOL DIR: up + ls of the root (what "mounted" means here).
+mount_ls() { local r; r=$(up "$1" small "$2") && timeout 60 ls "$r" >/dev/null; }
+
 # ---------------------------------------------------------------- phase 1: mounts (small corpus)
+if has 1; then
 if ((HAVE_SQ)); then
     log "mksquashfs images (default gzip)"
     for k in small big; do
@@ -247,12 +265,6 @@ if ((HAVE_SQ)); then
     done
     ((HAVE_SQ)) || TOOLS=("${TOOLS[@]/sqfs/}")
 fi
-n=0
-# mnt NAME: sets M to a fresh mountpoint path (never reused: a daemon still exiting
-# after its unmount could take a newer mount on the same path down with it).
-mnt() { n=$((n + 1)); M=$W/mnt/$1.$n; }
-# mount_ls TOOL DIR: up + ls of the root (what "mounted" means here).
-mount_ls() { local r; r=$(up "$1" small "$2") && timeout 60 ls "$r" >/dev/null; }
 
 log "phase 1: cold and warm mounts of $SMALL_FILES small files"
 for t in "${TOOLS[@]}"; do
@@ -285,7 +297,10 @@ for t in "${TOOLS[@]}"; do
     ((ok)) && rec "mount.warm.$t" "$(median "${times[@]}")"
 done
 
+fi # phase 1
+
 # ---------------------------------------------------------------- phase 2: walking and reading (small corpus)
+if has 2; then
 log "phase 2: find+stat, read every file, 8 readers"
 for t in "${TOOLS[@]}"; do
     [[ -z $t || $t == tarx || $t == snapfs.tar ]] && continue
@@ -302,8 +317,9 @@ for t in "${TOOLS[@]}"; do
     down "$t" "$m"
 done
 
+fi # phase 2
+
 # ---------------------------------------------------------------- phase 3: fio on the big file
-log "phase 3: fio, ${RUNTIME}s per run, fresh mount per run"
 cat >"$W/seq.fio" <<'EOF'
 [global]
 filename=${FILE}
@@ -318,10 +334,11 @@ runtime=${RUNTIME}
 time_based=0
 [seq]
 EOF
-run_fio() { # run_fio TOOL TEST JOBFILE NUMJOBS DIRECT
-    local t=$1 test=$2 job=$3 nj=$4 direct=$5 r m key="fio.$2.$1" pid
+run_fio() { # run_fio TOOL TEST JOBFILE NUMJOBS DIRECT [KIND PREFIX]
+    local t=$1 test=$2 job=$3 nj=$4 direct=$5 kind=${6:-big} pre=${7:-} r m key pid
+    key="${pre}fio.$test.$t"
     mnt "fio.$t"; m=$M
-    if ! r=$(up "$t" big "$m"); then rec "$key" err; return; fi
+    if ! r=$(up "$t" "$kind" "$m"); then rec "$key" err; return; fi
     drop_caches
     if FILE=$r/$BIGFILE RUNTIME=$RUNTIME NUMJOBS=$nj DIRECT=$direct \
         timeout -k 10 $((RUNTIME * 3 + 60)) fio --output-format=json --output="$W/fio.json" "$job" >"$W/fio.err" 2>&1 &&
@@ -335,9 +352,11 @@ print("%.1f" % (r["bw"] / 1024) if sys.argv[2] == "seq" else "%.0f" % r["iops"])
         rec "$key" err
         note "fio $test on $t failed: $(grep -v '^\s*$' "$W/fio.err" | tail -n 1)"
     fi
-    if [[ $t != native ]] && pid=$(pid_of "$m"); then rec "rss.big.$test.$t" "$(hwm_mib "$pid")"; fi
+    if [[ $t != native ]] && pid=$(pid_of "$m"); then rec "${pre}rss.big.$test.$t" "$(hwm_mib "$pid")"; fi
     down "$t" "$m"
 }
+if has 3; then
+log "phase 3: fio, ${RUNTIME}s per run, fresh mount per run"
 for t in "${TOOLS[@]}"; do
     [[ -z $t || $t == tarx || $t == snapfs.tar ]] && continue
     log "  $t"
@@ -347,7 +366,10 @@ for t in "${TOOLS[@]}"; do
     run_fio "$t" rand1d "$REPO/scripts/fio/rand.fio" 1 1
 done
 
+fi # phase 3
+
 # ---------------------------------------------------------------- phase 4: layers
+if has 4; then
 log "phase 4: $LAYERS stacked layers vs one layer ($((LAYERS * LAYER_FILES)) files)"
 mapfile -t LAYER_TARS < <(ls "$W"/layers/layer*.tar | sort)
 for a in "${LAYER_TARS[@]}" "$W/layers/single.tar"; do "$SNAPFS" index "$a" >/dev/null 2>&1 || note "snapfs index $a failed"; done
@@ -384,6 +406,51 @@ mkdir -p "$W/layers-native"
 for a in "${LAYER_TARS[@]}"; do tar -C "$W/layers-native" -xf "$a"; done
 reps layers.stat.native find "$W/layers-native" -exec stat -c %s {} +
 rec layers.entries.native "$(find "$W/layers-native" | wc -l)"
+fi # phase 4
+
+# ---------------------------------------------------------------- phase 5: tar.xz and tar.bz2
+# One file of XZ_MB MiB (the head of the big file), as a multi-block tar.xz (what
+# xz -T2 writes, 1 MiB blocks) and a tar.bz2 (lbzip2 -9: 900 kB blocks): cold mount
+# (index pass), warm mount, fio. Tools: snapfs and ratarmount only.
+if has 5 && ((XZ_MB > 0)); then
+log "phase 5: tar.xz and tar.bz2 of $XZ_MB MiB"
+XB_OK=1
+need xz aptget xz-utils || { XB_OK=0; note "xz: install failed, tar.xz rows skipped"; }
+need lbzip2 aptget lbzip2 || note "lbzip2: install failed, tar.bz2 made with bzip2 -9"
+mkdir -p "$W/xsrc/data"
+if [[ -f $W/native/$BIGFILE ]]; then
+    head -c "$((XZ_MB << 20))" "$W/native/$BIGFILE" >"$W/xsrc/$BIGFILE"
+else
+    python3 "$REPO/scripts/bench-gen.py" big "$W/xsrc/$BIGFILE" "$XZ_MB" || XB_OK=0
+fi
+tar -C "$W/xsrc" --owner=0 --group=0 --numeric-owner --mtime=@1700000000 -cf "$W/xb.tar" data
+rm -rf "$W/xsrc"
+xb_ls() { local r; r=$(up "$1" xb "$2") && timeout 60 ls "$r" >/dev/null; }
+XB_TOOLS=()
+if ((XB_OK)); then
+    t0=$(now)
+    xz -q -T2 -1 --block-size=1MiB -c "$W/xb.tar" >"$W/xb.tar.xz" && XB_TOOLS+=(snapfs.xz)
+    if command -v lbzip2 >/dev/null; then lbzip2 -9 -n2 -c "$W/xb.tar" >"$W/xb.tar.bz2"; else bzip2 -9 -c "$W/xb.tar" >"$W/xb.tar.bz2"; fi && XB_TOOLS+=(snapfs.bz2)
+    log "  compressed in $(elapsed "$t0" "$(now)") s"
+    for f in xb.tar xb.tar.xz xb.tar.bz2; do [[ -f $W/$f ]] && rec "size.$f" "$(stat -c %s "$W/$f")"; done
+    ((HAVE_RAT)) && XB_TOOLS+=(rat.xz rat.bz2)
+fi
+rm -f "$W/xb.tar"
+for t in "${XB_TOOLS[@]}"; do
+    log "  $t"
+    a=$W/xb.$(ext_of "$t")
+    rm -f "$a.snapfs-idx" "$a.index.sqlite"
+    mnt "xb.cold.$t"; m=$M
+    rec "xb.mount.cold.$t" "$(tstep "xb.mount.cold.$t" xb_ls "$t" "$m")"
+    down "$t" "$m"
+    mnt "xb.warm.$t"; m=$M
+    rec "xb.mount.warm.$t" "$(tstep "xb.mount.warm.$t" xb_ls "$t" "$m")"
+    down "$t" "$m"
+    run_fio "$t" seq "$W/seq.fio" 1 0 xb xb.
+    run_fio "$t" rand1 "$REPO/scripts/fio/rand.fio" 1 0 xb xb.
+    run_fio "$t" rand1d "$REPO/scripts/fio/rand.fio" 1 1 xb xb.
+done
+fi # phase 5
 
 # ---------------------------------------------------------------- report
 unmount_all
@@ -411,7 +478,7 @@ NAME = {"native": "native", "tarx": "tar -x", "snapfs.gz": "snapfs gz", "snapfs.
         "snapfs.tar": "snapfs tar", "rat.gz": "ratarmount gz", "am.gz": "archivemount gz", "sqfs": "squashfuse"}
 present = [t for t in TOOLS if t in ("native", "tarx") or any(k.endswith("." + t) for k in R)]
 MB = 1e6
-small_mb = num("small.bytes") / MB
+small_mb = (num("small.bytes") or 0) / MB
 
 # (label, key prefix, kind, format, reference for "vs native"); kind: time (lower is
 # better), rate_from_time (MB/s from a time over the small corpus), rate, mem
@@ -465,73 +532,109 @@ out = []
 p = out.append
 p(f"{env['HOST']}; snapfs {env['REV']}; {env['VERS']}.")
 p("")
-p(f"Corpora: {env['BIG_MB']} MiB semi-compressible file (tar {num('size.big.tar')/2**20:.0f} MiB, tar.gz {num('size.big.tar.gz')/2**20:.0f} MiB, "
-  f"tar.zst {num('size.big.tar.zst')/2**20:.0f} MiB); {env['SMALL_FILES']} small files, {small_mb:.0f} MB in {int(num('small.entries'))} entries "
-  f"(tar {num('size.small.tar')/2**20:.0f} MiB, tar.gz {num('size.small.tar.gz')/2**20:.0f} MiB). Medians of {env['REPS']} runs (read-every-file rows: {env['READ_REPS']}; cold mounts: 1 run; a timing whose first run took over {env['SLOW']} s: 1 run); "
-  f"page caches dropped before every timed step; fio {env['RUNTIME']} s per run, each on a fresh mount; "
-  f"steps capped at {env['TMO']} s, read-every-file steps at {env['READ_TMO']} s, reported as bytes read / elapsed (\">N\" = still running at the cap).")
-p("")
-p("**Raw numbers**")
-p("")
-p("| metric | " + " | ".join(NAME[t] for t in present) + " |")
-p("|---|" + "---:|" * len(present))
-for label, prefix, kind, fmt, refname in ROWS:
-    cells = []
-    for t in present:
-        v, s = tab[(label, t)]
-        if t == "tarx" and not prefix.startswith("mount"):
-            cells.append("= native")
-        elif t == "native" and prefix.startswith("mount"):
-            cells.append("0 (on disk)")
-        elif v is not None:
-            cells.append(fmt.format(v))
-        else:
-            cells.append(s or "—")
-    p(f"| {label} | " + " | ".join(cells) + " |")
-p("")
-chart = []
-for title, peer in (("native (mount rows: relative to `tar -xzf` extraction)", None), ("ratarmount (same tar.gz)", "rat.gz")):
-    p(f"**Speed relative to {title}**: >1 = faster than the reference (RSS rows: smaller)")
+full = num('size.big.tar') is not None
+if full:
+    p(f"Corpora: {env['BIG_MB']} MiB semi-compressible file (tar {num('size.big.tar')/2**20:.0f} MiB, tar.gz {num('size.big.tar.gz')/2**20:.0f} MiB, "
+      f"tar.zst {num('size.big.tar.zst')/2**20:.0f} MiB); {env['SMALL_FILES']} small files, {small_mb:.0f} MB in {int(num('small.entries'))} entries "
+      f"(tar {num('size.small.tar')/2**20:.0f} MiB, tar.gz {num('size.small.tar.gz')/2**20:.0f} MiB). Medians of {env['REPS']} runs (read-every-file rows: {env['READ_REPS']}; cold mounts: 1 run; a timing whose first run took over {env['SLOW']} s: 1 run); "
+      f"page caches dropped before every timed step; fio {env['RUNTIME']} s per run, each on a fresh mount; "
+      f"steps capped at {env['TMO']} s, read-every-file steps at {env['READ_TMO']} s, reported as bytes read / elapsed (\">N\" = still running at the cap).")
     p("")
-    cols = [t for t in present if t not in ("native", "tarx")]
-    p("| metric | " + " | ".join(NAME[t] for t in cols) + " |")
-    p("|---|" + "---:|" * len(cols))
+    p("**Raw numbers**")
+    p("")
+    p("| metric | " + " | ".join(NAME[t] for t in present) + " |")
+    p("|---|" + "---:|" * len(present))
     for label, prefix, kind, fmt, refname in ROWS:
-        ref = peer or refname
-        if ref is None or ref not in present:
-            continue
-        rv, _ = tab[(label, ref)]
-        cells, crow = [], []
-        for t in cols:
+        cells = []
+        for t in present:
             v, s = tab[(label, t)]
-            r = speed(kind, v, rv)
-            if r is None and s and s.startswith(">") and rv:
-                cells.append("<%.3f×" % (rv / float(s[1:])))
-            elif r is None and s and s.startswith("<") and rv:
-                cells.append("<%.3f×" % (float(s[1:]) / rv))
+            if t == "tarx" and not prefix.startswith("mount"):
+                cells.append("= native")
+            elif t == "native" and prefix.startswith("mount"):
+                cells.append("0 (on disk)")
+            elif v is not None:
+                cells.append(fmt.format(v))
             else:
-                cells.append(f"{r:.2f}×" if r is not None else "—")
-            crow.append(f"{r:.4g}" if r is not None else "?")
+                cells.append(s or "—")
         p(f"| {label} | " + " | ".join(cells) + " |")
-        if peer is None:
-            chart.append(('"%s"' % SHORT[prefix], crow))
     p("")
-    if peer is None:
-        with open(f"{W}/chart.dat", "w") as f:
-            f.write("metric " + " ".join('"%s"' % NAME[t] for t in cols) + "\n")
-            for lab, crow in chart:
-                f.write(lab + " " + " ".join(crow) + "\n")
-p(f"**{env['LAYERS']} stacked layers vs one layer** (each layer adds {env['LAYER_FILES']} files to 20 shared dirs; "
-  "`find -exec stat {} +` over every entry after dropping caches; mount = until the root lists, indexes present)")
-p("")
-p("| | entries | mount (s) | find + stat (s) |")
-p("|---|---:|---:|---:|")
-for k, lab in [("native", "native (layers extracted in order)"), ("snapfs.single", "snapfs, 1 layer"),
-               ("snapfs.stack", f"snapfs, {env['LAYERS']} layers"), ("rat.single", "ratarmount, 1 archive"),
-               ("rat.stack", f"ratarmount union, {env['LAYERS']} archives")]:
-    if f"layers.stat.{k}" not in R:
-        continue
-    p(f"| {lab} | {R.get('layers.entries.' + k, '—')} | {R.get('layers.mount.' + k, '—')} | {R.get('layers.stat.' + k, '—')} |")
+    chart = []
+    for title, peer in (("native (mount rows: relative to `tar -xzf` extraction)", None), ("ratarmount (same tar.gz)", "rat.gz")):
+        p(f"**Speed relative to {title}**: >1 = faster than the reference (RSS rows: smaller)")
+        p("")
+        cols = [t for t in present if t not in ("native", "tarx")]
+        p("| metric | " + " | ".join(NAME[t] for t in cols) + " |")
+        p("|---|" + "---:|" * len(cols))
+        for label, prefix, kind, fmt, refname in ROWS:
+            ref = peer or refname
+            if ref is None or ref not in present:
+                continue
+            rv, _ = tab[(label, ref)]
+            cells, crow = [], []
+            for t in cols:
+                v, s = tab[(label, t)]
+                r = speed(kind, v, rv)
+                if r is None and s and s.startswith(">") and rv:
+                    cells.append("<%.3f×" % (rv / float(s[1:])))
+                elif r is None and s and s.startswith("<") and rv:
+                    cells.append("<%.3f×" % (float(s[1:]) / rv))
+                else:
+                    cells.append(f"{r:.2f}×" if r is not None else "—")
+                crow.append(f"{r:.4g}" if r is not None else "?")
+            p(f"| {label} | " + " | ".join(cells) + " |")
+            if peer is None:
+                chart.append(('"%s"' % SHORT[prefix], crow))
+        p("")
+        if peer is None:
+            with open(f"{W}/chart.dat", "w") as f:
+                f.write("metric " + " ".join('"%s"' % NAME[t] for t in cols) + "\n")
+                for lab, crow in chart:
+                    f.write(lab + " " + " ".join(crow) + "\n")
+    p(f"**{env['LAYERS']} stacked layers vs one layer** (each layer adds {env['LAYER_FILES']} files to 20 shared dirs; "
+      "`find -exec stat {} +` over every entry after dropping caches; mount = until the root lists, indexes present)")
+    p("")
+    p("| | entries | mount (s) | find + stat (s) |")
+    p("|---|---:|---:|---:|")
+    for k, lab in [("native", "native (layers extracted in order)"), ("snapfs.single", "snapfs, 1 layer"),
+                   ("snapfs.stack", f"snapfs, {env['LAYERS']} layers"), ("rat.single", "ratarmount, 1 archive"),
+                   ("rat.stack", f"ratarmount union, {env['LAYERS']} archives")]:
+        if f"layers.stat.{k}" not in R:
+            continue
+        p(f"| {lab} | {R.get('layers.entries.' + k, '—')} | {R.get('layers.mount.' + k, '—')} | {R.get('layers.stat.' + k, '—')} |")
+
+# tar.xz / tar.bz2 (phase 5)
+XB = [("snapfs.xz", "snapfs xz"), ("rat.xz", "ratarmount xz"), ("snapfs.bz2", "snapfs bz2"), ("rat.bz2", "ratarmount bz2")]
+xb_present = [(t, n) for t, n in XB if f"xb.mount.cold.{t}" in R]
+if xb_present:
+    def xbv(prefix, t):
+        if prefix == "rss":
+            vs = [num(f"xb.rss.big.{x}.{t}") for x in ("seq", "rand1", "rand1d")]
+            vs = [v for v in vs if v is not None]
+            return max(vs) if vs else None, None
+        return num(f"xb.{prefix}.{t}"), R.get(f"xb.{prefix}.{t}")
+    sz = lambda f: num(f"size.{f}") / 2**20 if num(f"size.{f}") else float("nan")
+    p("")
+    p(f"**tar.xz and tar.bz2**: one {env['XZ_MB']} MiB file (the head of the big file; tar {sz('xb.tar'):.0f} MiB), "
+      f"`xz -T2 -1 --block-size=1MiB` ({sz('xb.tar.xz'):.0f} MiB) and `lbzip2 -9` ({sz('xb.tar.bz2'):.0f} MiB); "
+      "cold mount = index pass until the root lists; fio as above on a fresh mount")
+    p("")
+    XROWS = [("cold mount (s)", "mount.cold", "time", "{:.2f}"), ("warm mount (s)", "mount.warm", "time", "{:.3f}"),
+             ("fio seq 1M (MiB/s)", "fio.seq", "rate", "{:.0f}"), ("fio rand 4k, 1 job (IOPS)", "fio.rand1", "rate", "{:.0f}"),
+             ("fio rand 4k direct, 1 job (IOPS)", "fio.rand1d", "rate", "{:.0f}"), ("daemon peak RSS (MiB)", "rss", "mem", "{:.0f}")]
+    ratios = [(f, f"snapfs / ratarmount {f}") for f in ("xz", "bz2") if f"xb.mount.cold.rat.{f}" in R]
+    p("| metric | " + " | ".join(n for _, n in xb_present) + "".join(f" | {n}" for _, n in ratios) + " |")
+    p("|---|" + "---:|" * (len(xb_present) + len(ratios)))
+    for label, prefix, kind, fmt in XROWS:
+        cells = []
+        for t, _ in xb_present:
+            v, raw = xbv(prefix, t)
+            cells.append(fmt.format(v) if v is not None else (raw or "—"))
+        for f, _ in ratios:
+            a, _r = xbv(prefix, f"snapfs.{f}")
+            b, _r = xbv(prefix, f"rat.{f}")
+            r = speed(kind, a, b)
+            cells.append(f"{r:.2f}×" if r is not None else "—")
+        p(f"| {label} | " + " | ".join(cells) + " |")
 if notes:
     p("")
     p("**Notes**")
@@ -541,7 +644,7 @@ if notes:
 print("\n".join(out))
 EOF
 python3 "$W/report.py" "$W" BIG_MB="$BIG_MB" SMALL_FILES="$SMALL_FILES" RUNTIME="$RUNTIME" \
-    REPS="$REPS" READ_REPS="$READ_REPS" TMO="$TMO" READ_TMO="$READ_TMO" SLOW="$SLOW" LAYERS="$LAYERS" LAYER_FILES="$LAYER_FILES" REV="$REV" VERS="$VERS" HOST="$HOST" >"$W/report.md"
+    REPS="$REPS" READ_REPS="$READ_REPS" TMO="$TMO" READ_TMO="$READ_TMO" SLOW="$SLOW" LAYERS="$LAYERS" LAYER_FILES="$LAYER_FILES" XZ_MB="$XZ_MB" REV="$REV" VERS="$VERS" HOST="$HOST" >"$W/report.md"
 if ((HAVE_PLOT)) && [[ -s $W/chart.dat ]]; then
     [[ -n $SVG ]] || SVG=$W/benchmarks.svg
     gnuplot -e "datafile='$W/chart.dat'; outfile='$SVG'" "$REPO/scripts/plot.gnuplot" 2>"$W/gnuplot.err" || note "gnuplot failed: $(tail -n 1 "$W/gnuplot.err")"

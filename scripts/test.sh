@@ -10,10 +10,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Debian package:command pairs the tests call.
-#   fuse3 pigz zstd attr tar python3: the archives and the tree comparisons
+#   fuse3 pigz zstd xz-utils bzip2 pbzip2 lbzip2 attr tar python3: the archives and
+#   the tree comparisons
 #   runc busybox-static: container tests; mount util-linux passwd: permission and
 #   mount-helper tests; fio: load tests.
-PACKAGES="fuse3:fusermount3 pigz:pigz zstd:zstd attr:getfattr python3:python3 tar:tar
+PACKAGES="fuse3:fusermount3 pigz:pigz zstd:zstd xz-utils:xz bzip2:bzip2 pbzip2:pbzip2
+  lbzip2:lbzip2 attr:getfattr python3:python3 tar:tar
   gzip:gzip runc:runc mount:mount util-linux:setpriv passwd:useradd fio:fio"
 # crates.io tools, pinned: the POSIX suites run inside writable views.
 CRATES="pjdfstest@0.2.2:pjdfstest fsx@0.3.2:fsx"

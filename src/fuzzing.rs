@@ -9,10 +9,11 @@
 //!
 //! * [`tar_index`]: bytes as an archive (plain tar, or gzip / zstd by magic) →
 //!   embedded index and indexing pass → round trip through the index file → walk.
-//! * [`checkpoint_reader`]: gzip / zstd seek tables. The first byte picks the mode:
-//!   valid streams compressed here from the rest (members, flushes, frames, levels
-//!   drawn from the input) whose checkpoint reads must return exactly the bytes put
-//!   in, or the rest as a raw stream that must be refused or read back consistently.
+//! * [`checkpoint_reader`]: gzip / zstd / xz / bzip2 seek tables. The first byte picks
+//!   the mode: valid streams compressed here from the rest (members, flushes, frames,
+//!   blocks, streams, levels drawn from the input) whose checkpoint reads must return
+//!   exactly the bytes put in, or the rest as a raw stream that must be refused or read
+//!   back consistently.
 //! * [`index_loader`]: bytes as an index file, as is and with its checksum fixed up
 //!   (so mutations reach `validate`) → decode → walk.
 
@@ -22,7 +23,9 @@ use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::archive::bzip2::{self as bz2, Bz2Indexer, Bz2SeekTable};
 use crate::archive::gzip::{self, GzipIndexer, GzipSeekTable};
+use crate::archive::xz::{self, XzIndexer, XzSeekTable};
 use crate::archive::zstd::{self as zst, ZstdIndexer, ZstdSeekTable};
 use crate::archive::{Archive, Compression, Progress, SeekTable, StreamReader};
 use crate::index::build::{build_index, BuildOptions};
@@ -459,8 +462,9 @@ fn check_file(
     Ok(())
 }
 
-/// Target 2: gzip and zstd seek tables. Byte 0 picks the mode, byte 1 the span
-/// spacing; the rest is the payload (modes 0, 1) or the compressed stream (2, 3).
+/// Target 2: gzip, zstd, xz and bzip2 seek tables. Byte 0 picks the mode, byte 1 the
+/// span spacing; the rest is the payload (modes 0, 1, 4, 5) or the compressed stream
+/// (2, 3, 6, 7).
 pub fn checkpoint_reader(data: &[u8]) -> Outcome {
     let [mode, span, rest @ ..] = data else {
         return Ok(());
@@ -472,7 +476,7 @@ pub fn checkpoint_reader(data: &[u8]) -> Outcome {
         _ => 1 << 20,
     };
     let mut rng = Rng::from_bytes(data);
-    match mode % 4 {
+    match mode % 8 {
         0 => {
             let payload = grow(rest, &mut rng);
             let gz = gzip_stream(&payload, &mut rng)?;
@@ -484,7 +488,19 @@ pub fn checkpoint_reader(data: &[u8]) -> Outcome {
             check_zstd(&zs, Some(&payload), span, &mut rng)
         }
         2 => check_gzip(rest, None, span, &mut rng),
-        _ => check_zstd(rest, None, span, &mut rng),
+        3 => check_zstd(rest, None, span, &mut rng),
+        4 => {
+            let payload = grow(rest, &mut rng);
+            let x = xz_stream(&payload, &mut rng)?;
+            check_xz(&x, Some(&payload), span, &mut rng)
+        }
+        5 => {
+            let payload = grow(rest, &mut rng);
+            let b = bzip2_stream(&payload, &mut rng)?;
+            check_bzip2(&b, Some(&payload), span, &mut rng)
+        }
+        6 => check_xz(rest, None, span, &mut rng),
+        _ => check_bzip2(rest, None, span, &mut rng),
     }
 }
 
@@ -621,6 +637,216 @@ fn zstd_stream(payload: &[u8], rng: &mut Rng) -> std::result::Result<Vec<u8>, St
         }
     }
     Ok(out)
+}
+
+/// A valid xz file of `payload`: streams split at random, each at a random preset and
+/// check, blocks ended at random points (full flushes), stream padding between.
+fn xz_stream(payload: &[u8], rng: &mut Rng) -> std::result::Result<Vec<u8>, String> {
+    use liblzma::stream::{Action, Check, Status, Stream};
+    let err = |e: liblzma::stream::Error| format!("harness: xz: {e}");
+    let mut out = Vec::new();
+    let mut rest = payload;
+    loop {
+        let len = if rng.below(3) == 0 {
+            rest.len()
+        } else {
+            rng.below(rest.len() + 1)
+        };
+        let (part, tail) = rest.split_at(len);
+        let check = [Check::None, Check::Crc32, Check::Crc64, Check::Sha256][rng.below(4)];
+        let mut enc = Stream::new_easy_encoder(rng.below(2) as u32, check).map_err(err)?;
+        let mut buf = vec![0u8; part.len() + 4096];
+        let mut run = |input: &[u8], action: Action, out: &mut Vec<u8>| -> Outcome {
+            let mut input = input;
+            for _ in 0..100_000 {
+                let (i0, o0) = (enc.total_in(), enc.total_out());
+                let st = enc.process(input, &mut buf, action).map_err(err)?;
+                let used = usize::try_from(enc.total_in() - i0).unwrap_or(0);
+                let made = usize::try_from(enc.total_out() - o0).unwrap_or(0);
+                input = input.get(used..).unwrap_or(&[]);
+                out.extend_from_slice(buf.get(..made).unwrap_or(&[]));
+                let flushing = !matches!(action, Action::Run);
+                if (flushing && st == Status::StreamEnd) || (!flushing && input.is_empty()) {
+                    return Ok(());
+                }
+            }
+            Err("harness: the xz encoder does not finish".into())
+        };
+        let mut p = part;
+        while !p.is_empty() {
+            let n = 1 + rng.below(p.len());
+            let (piece, after) = p.split_at(n);
+            run(piece, Action::Run, &mut out)?;
+            if rng.below(3) == 0 {
+                run(&[], Action::FullFlush, &mut out)?;
+            }
+            p = after;
+        }
+        run(&[], Action::Finish, &mut out)?;
+        if rng.below(4) == 0 {
+            out.resize(out.len() + 4 * (1 + rng.below(3)), 0);
+        }
+        rest = tail;
+        if rest.is_empty() && rng.below(4) != 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// A valid bzip2 file of `payload`: streams split at random, at random levels.
+fn bzip2_stream(payload: &[u8], rng: &mut Rng) -> std::result::Result<Vec<u8>, String> {
+    let err = |e: io::Error| format!("harness: bzip2: {e}");
+    let mut out = Vec::new();
+    let mut rest = payload;
+    loop {
+        let len = if rng.below(3) == 0 {
+            rest.len()
+        } else {
+            rng.below(rest.len() + 1)
+        };
+        let (part, tail) = rest.split_at(len);
+        let level = ::bzip2::Compression::new(1 + rng.below(9) as u32);
+        let mut enc = ::bzip2::write::BzEncoder::new(Vec::new(), level);
+        enc.write_all(part).map_err(err)?;
+        out.extend_from_slice(&enc.finish().map_err(err)?);
+        rest = tail;
+        if rest.is_empty() && rng.below(4) != 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Indexes `data` as xz, then checks the table, its encoding, every span and random
+/// reads against the decoded bytes (and against `expect` or liblzma's own reader).
+fn check_xz(data: &[u8], expect: Option<&[u8]>, span: u64, rng: &mut Rng) -> Outcome {
+    let valid = |what: &str, e: &dyn std::fmt::Display| -> Outcome {
+        match expect {
+            Some(_) => Err(format!("a valid xz file is refused ({what}): {e}")),
+            None => Ok(()),
+        }
+    };
+    let file = temp_file(data)?;
+    let source = source_of(&file)?;
+    // What the file's own index declares is decoded for real: skip bombs.
+    match xz::parse(&*source, data.len() as u64) {
+        Ok(l) if l.blocks.iter().map(|b| b.uncompressed_len).sum::<u64>() <= MAX_STREAM as u64 => {}
+        Ok(_) => return Ok(()),
+        Err(e) => return valid("parsing", &e),
+    }
+    let mut indexer = match XzIndexer::new(source.clone(), span, Progress::default()) {
+        Ok(i) => i,
+        Err(e) => return valid("parsing", &e),
+    };
+    let out = match read_all(&mut indexer, rng) {
+        Ok(Some(out)) => out,
+        Ok(None) => return Ok(()),
+        Err(e) => return valid("indexing", &e),
+    };
+    let table = match indexer.finish() {
+        Ok(t) => t,
+        Err(e) => return valid("finishing", &e),
+    };
+    match expect {
+        Some(x) if x != out.as_slice() => return Err("indexing decoded other bytes".into()),
+        Some(_) => {}
+        None => {
+            let mut other = Vec::new();
+            let dec = liblzma::read::XzDecoder::new_multi_decoder(data);
+            if dec.take(MAX_STREAM as u64).read_to_end(&mut other).is_ok() && other != out {
+                return Err("the indexer and liblzma's reader decode different bytes".into());
+            }
+        }
+    }
+    if table.uncompressed_size != out.len() as u64 {
+        return Err("xz seek table size differs from the bytes decoded".into());
+    }
+    let mut enc = Vec::new();
+    table.encode(&mut enc);
+    match XzSeekTable::decode(&enc) {
+        Ok(t) if t == table => {}
+        other => return Err(format!("xz table encoding round trip: {:?}", other.err())),
+    }
+    let mut buf = Vec::new();
+    for i in some_spans(table.span_count(), rng) {
+        let (s, e) = table.span_range(i);
+        xz::decode_span(&*source, &table, i, &mut buf).map_err(|e| format!("span {i}: {e}"))?;
+        if out.get(s as usize..e as usize) != Some(buf.as_slice()) {
+            return Err(format!("xz span {i} decodes to other bytes"));
+        }
+    }
+    let mut all = Vec::new();
+    let n = xz::decompress_all(&*source, &table, &mut all)
+        .map_err(|e| format!("decompress_all: {e}"))?;
+    if n != out.len() as u64 || all != out {
+        return Err("xz decompress_all differs from the indexing pass".into());
+    }
+    check_reads(file, SeekTable::Xz(table), &out, rng)
+}
+
+/// The bzip2 counterpart of [`check_xz`].
+fn check_bzip2(data: &[u8], expect: Option<&[u8]>, span: u64, rng: &mut Rng) -> Outcome {
+    let valid = |what: &str, e: &dyn std::fmt::Display| -> Outcome {
+        match expect {
+            Some(_) => Err(format!("a valid bzip2 file is refused ({what}): {e}")),
+            None => Ok(()),
+        }
+    };
+    let file = temp_file(data)?;
+    let source = source_of(&file)?;
+    let input = Chunky {
+        data,
+        rng: Rng::new(rng.next_u64()),
+    };
+    let mut indexer = Bz2Indexer::new(input, source.clone(), span, Progress::default());
+    let out = match read_all(&mut indexer, rng) {
+        Ok(Some(out)) => out,
+        Ok(None) => return Ok(()),
+        Err(e) => return valid("indexing", &e),
+    };
+    let garbage = indexer.trailing_garbage();
+    let table = match indexer.finish() {
+        Ok(t) => t,
+        Err(e) => return valid("finishing", &e),
+    };
+    match expect {
+        Some(x) if x != out.as_slice() || garbage.is_some() => {
+            return Err("indexing decoded other bytes".into())
+        }
+        Some(_) => {}
+        None if garbage.is_none() => {
+            let mut other = Vec::new();
+            let dec = ::bzip2::read::MultiBzDecoder::new(data);
+            if dec.take(MAX_STREAM as u64).read_to_end(&mut other).is_ok() && other != out {
+                return Err("the indexer and the bzip2 crate decode different bytes".into());
+            }
+        }
+        None => {}
+    }
+    if table.uncompressed_size != out.len() as u64 {
+        return Err("bzip2 seek table size differs from the bytes decoded".into());
+    }
+    let mut enc = Vec::new();
+    table.encode(&mut enc);
+    match Bz2SeekTable::decode(&enc) {
+        Ok(t) if t == table => {}
+        other => {
+            return Err(format!(
+                "bzip2 table encoding round trip: {:?}",
+                other.err()
+            ))
+        }
+    }
+    let mut buf = Vec::new();
+    for i in some_spans(table.span_count(), rng) {
+        let (s, e) = table.span_range(i);
+        bz2::decode_span(&*source, &table, i, &mut buf).map_err(|e| format!("span {i}: {e}"))?;
+        if out.get(s as usize..e as usize) != Some(buf.as_slice()) {
+            return Err(format!("bzip2 span {i} decodes to other bytes"));
+        }
+    }
+    check_reads(file, SeekTable::Bzip2(table), &out, rng)
 }
 
 /// A reader handing out its bytes in random small chunks.

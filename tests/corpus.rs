@@ -26,6 +26,22 @@ pub enum Comp {
     ZstdMulti,
     /// pzstd -p 2: frames preceded by skippable frames.
     Pzstd,
+    /// xz -T2 --block-size=1MiB: one stream of 1 MiB blocks.
+    XzMulti,
+    /// Plain xz (-T1): one block.
+    XzSingle,
+    /// Several xz streams concatenated, with stream padding and an empty stream.
+    XzConcat,
+    /// bzip2 -9: 900 kB blocks in one stream.
+    Bzip2Best,
+    /// bzip2 -1: 100 kB blocks.
+    Bzip2Fast,
+    /// pbzip2 -p2: one stream per block.
+    Pbzip2,
+    /// lbzip2 -n2: one stream, blocks compressed in parallel.
+    Lbzip2,
+    /// Separately compressed parts concatenated (cat a.bz2 b.bz2).
+    Bzip2Concat,
 }
 
 impl Comp {
@@ -34,6 +50,10 @@ impl Comp {
             Comp::None => "tar",
             Comp::Gzip | Comp::Pigz | Comp::GzipConcat => "tar.gz",
             Comp::ZstdSingle | Comp::ZstdMulti | Comp::Pzstd => "tar.zst",
+            Comp::XzMulti | Comp::XzSingle | Comp::XzConcat => "tar.xz",
+            Comp::Bzip2Best | Comp::Bzip2Fast | Comp::Pbzip2 | Comp::Lbzip2 | Comp::Bzip2Concat => {
+                "tar.bz2"
+            }
         }
     }
 }
@@ -62,6 +82,18 @@ pub fn compress(tar: &Path, comp: Comp) -> PathBuf {
             "mkdir {c}; split -b 655360 -d -a 4 {t} {c}/p.\n: > {o}\nfor p in {c}/p.*; do zstd -q -c \"$p\" >> {o}; done\nrm -r {c}"
         ),
         Comp::Pzstd => format!("pzstd -q -p 2 -c {t} > {o} 2>/dev/null"),
+        Comp::XzMulti => format!("xz -q -2 -T2 --block-size=1MiB -c {t} > {o}"),
+        Comp::XzSingle => format!("xz -q -2 -T1 -c {t} > {o}"),
+        Comp::XzConcat => format!(
+            "mkdir {c}; split -b 1500000 -d -a 4 {t} {c}/p.\n: > {o}\nfirst=1\nfor p in {c}/p.*; do xz -q -2 -T2 --block-size=512KiB -c \"$p\" >> {o}; if [ $first = 1 ]; then printf '' | xz -q -c >> {o}; printf '\\0\\0\\0\\0\\0\\0\\0\\0' >> {o}; first=0; fi; done\nrm -r {c}"
+        ),
+        Comp::Bzip2Best => format!("bzip2 -9 -c {t} > {o}"),
+        Comp::Bzip2Fast => format!("bzip2 -1 -c {t} > {o}"),
+        Comp::Pbzip2 => format!("pbzip2 -9 -p2 -c {t} > {o}"),
+        Comp::Lbzip2 => format!("lbzip2 -9 -n2 -c {t} > {o}"),
+        Comp::Bzip2Concat => format!(
+            "mkdir {c}; split -b 1234567 -d -a 4 {t} {c}/p.\n: > {o}\nfor p in {c}/p.*; do bzip2 -5 -c \"$p\" >> {o}; done\nrm -r {c}"
+        ),
     };
     sh(dir, &script);
     out

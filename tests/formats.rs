@@ -49,6 +49,16 @@ std_tests! {
     pax_tar_zstd_single: "posix", Comp::ZstdSingle;
     pax_tar_zstd_multi: "posix", Comp::ZstdMulti;
     pax_tar_pzstd: "posix", Comp::Pzstd;
+    gnu_tar_xz_multi_block: "gnu", Comp::XzMulti;
+    gnu_tar_xz_single_block: "gnu", Comp::XzSingle;
+    gnu_tar_xz_multi_stream: "gnu", Comp::XzConcat;
+    gnu_tar_bzip2_9: "gnu", Comp::Bzip2Best;
+    gnu_tar_bzip2_1: "gnu", Comp::Bzip2Fast;
+    gnu_tar_pbzip2: "gnu", Comp::Pbzip2;
+    gnu_tar_lbzip2: "gnu", Comp::Lbzip2;
+    gnu_tar_bzip2_concat: "gnu", Comp::Bzip2Concat;
+    pax_tar_xz_multi_block: "posix", Comp::XzMulti;
+    pax_tar_bzip2_9: "posix", Comp::Bzip2Best;
 }
 
 // ------------------------------------------------------------ random reads
@@ -173,8 +183,72 @@ fn random_reads_zstd_multiframe() {
 }
 
 #[test]
+fn random_reads_xz_multi_block() {
+    random_reads("rr-xz", Comp::XzMulti, 24 << 20, &[]);
+}
+
+#[test]
+fn random_reads_xz_span_per_block_small_cache() {
+    random_reads(
+        "rr-xz-1m",
+        Comp::XzMulti,
+        12 << 20,
+        &["--span", "1M", "--cache-size", "1048576"],
+    );
+}
+
+#[test]
+fn random_reads_bzip2() {
+    random_reads("rr-bzip2", Comp::Bzip2Best, 16 << 20, &[]);
+}
+
+#[test]
+fn random_reads_pbzip2_span_1m() {
+    random_reads("rr-pbzip2", Comp::Pbzip2, 12 << 20, &["--span", "1M"]);
+}
+
+#[test]
 fn random_reads_plain_tar() {
     random_reads("rr-plain", Comp::None, 16 << 20, &[]);
+}
+
+/// A single-block xz file (plain `xz`, no `-T`) with more than 64 MiB in its block has
+/// no seek point inside it: it is decompressed once into a cache file, with a note.
+#[test]
+fn xz_single_block_falls_back_to_a_cache_file() {
+    let td = TestDir::new("xz-cachefile");
+    let data = util::semi_compressible(72 << 20, 18);
+    fs::create_dir_all(td.join("src")).unwrap();
+    fs::write(td.join("src/big.txt"), &data).unwrap();
+    util::sh(
+        td.path(),
+        "tar -C src -cf a.tar big.txt && xz -q -0 -T1 a.tar",
+    );
+    let archive = td.join("a.tar.xz");
+    let mnt = td.mkdir("mnt").canonicalize().unwrap();
+    let cache = td.mkdir("cache");
+    let r = util::run(
+        std::process::Command::new(util::bin())
+            .env("XDG_CACHE_HOME", &cache)
+            .arg("mount")
+            .arg(&archive)
+            .arg(&mnt),
+    );
+    r.assert_ok();
+    let m = Mount::adopt(&archive, &mnt);
+    assert!(
+        r.stderr_str().contains("decompressing it once") && r.stderr_str().contains("xz"),
+        "no note: {}",
+        r.stderr_str()
+    );
+    let f = File::open(m.join("big.txt")).unwrap();
+    let mut buf = vec![0u8; 100_000];
+    for off in [50 << 20, 3, 71 << 20] {
+        let n = read_full_at(&f, &mut buf, off).unwrap();
+        assert!(buf[..n] == data[off as usize..off as usize + n]);
+    }
+    assert!(fs::read(m.join("big.txt")).unwrap() == data);
+    assert_eq!(fs::read_dir(cache.join("snapfs")).unwrap().count(), 1);
 }
 
 // ------------------------------------------------------------ huge sparse

@@ -573,7 +573,13 @@ fn truncated_archives_are_refused_naming_the_archive() {
         &td.join("m2"),
         "truncated",
     );
-    for comp in [Comp::Gzip, Comp::ZstdMulti] {
+    for comp in [
+        Comp::Gzip,
+        Comp::ZstdMulti,
+        Comp::XzMulti,
+        Comp::Bzip2Best,
+        Comp::Pbzip2,
+    ] {
         let c = fs::read(corpus::compress(&tar, comp)).unwrap();
         let name = format!("half-{comp:?}.{}", comp.ext()).to_lowercase();
         refused(
@@ -775,6 +781,125 @@ fn corrupt_gzip_after_indexing_reads_eio_only_in_the_damaged_span() {
 fn corrupt_zstd_after_indexing_reads_eio_only_in_the_damaged_frame() {
     // zstd frames written by the zstd tool carry a checksum, checked on decode.
     damaged_after_indexing(Comp::ZstdMulti);
+}
+
+#[test]
+fn corrupt_xz_block_after_indexing_reads_eio_only_in_the_damaged_block() {
+    // Every block decode checks the block's CRC-64 (xz's default check).
+    damaged_after_indexing(Comp::XzMulti);
+}
+
+#[test]
+fn corrupt_bzip2_block_after_indexing_reads_eio_only_in_the_damaged_block() {
+    // Every block decode checks the block's CRC.
+    damaged_after_indexing(Comp::Bzip2Best);
+}
+
+#[test]
+fn damaged_xz_index_footer_or_tail_is_refused() {
+    // xz's own index is the seek table: it is read from the end of the file and every
+    // field is checked (CRC-32s, sizes against the file, header against footer).
+    let td = TestDir::new("xz-damaged-index");
+    let tar = corpus::small_tar(td.path(), "a.tar", 33);
+    let xz = fs::read(corpus::compress(&tar, Comp::XzMulti)).unwrap();
+    let n = xz.len();
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        ("footer.tar.xz", flip(&xz, n - 8), "footer"),
+        ("footer-magic.tar.xz", flip(&xz, n - 1), "truncated"),
+        ("index.tar.xz", flip(&xz, n - 17), "index"),
+        (
+            "garbage.tar.xz",
+            [&xz[..], b"garbage!"].concat(),
+            "truncated",
+        ),
+        ("header.tar.xz", flip(&xz, 7), "xz"),
+    ];
+    for (i, (name, bytes, why)) in cases.into_iter().enumerate() {
+        let p = td.join(name);
+        fs::write(&p, bytes).unwrap();
+        refused(&p, &td.join(format!("m{i}")), why);
+    }
+}
+
+fn flip(bytes: &[u8], at: usize) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b[at] ^= 0x41;
+    b
+}
+
+#[test]
+fn garbage_after_a_bzip2_stream_is_ignored_with_a_warning_as_bzip2_does() {
+    let td = TestDir::new("bzip2-garbage");
+    let tar = corpus::small_tar(td.path(), "a.tar", 34);
+    let bz = corpus::compress(&tar, Comp::Bzip2Best);
+    let mut bytes = fs::read(&bz).unwrap();
+    bytes.extend_from_slice(b"this is not bzip2, just garbage after the stream\n");
+    fs::write(&bz, &bytes).unwrap();
+    // GNU tar (through bzip2, which warns and ignores it) extracts the file.
+    let exp = td.join("x");
+    corpus::extract(&bz, &exp);
+    let m = Mount::new(&bz, &td.join("mnt"));
+    tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+    assert!(
+        m.stderr.contains("trailing garbage"),
+        "no warning for the garbage:\n{}",
+        m.stderr
+    );
+    // What starts like another stream is one, and a broken one is refused.
+    let mut bytes = fs::read(corpus::compress(&tar, Comp::Bzip2Best)).unwrap();
+    bytes.extend_from_slice(b"BZh9 and then garbage");
+    let bad = td.join("second.tar.bz2");
+    fs::write(&bad, &bytes).unwrap();
+    refused(&bad, &td.join("m2"), "bzip2");
+}
+
+#[test]
+fn hostile_xz_and_bzip2_seek_tables_in_an_index_file_are_rebuilt() {
+    // An index file whose seek table lies (its CRC fixed up, so only `validate` and the
+    // table decoders stand in the way) is refused on load and rebuilt, never trusted.
+    let td = TestDir::new("hostile-block-tables");
+    let tar = corpus::small_tar(td.path(), "a.tar", 35);
+    let src = td.join("src-a.tar");
+    for (comp, magic) in [
+        (Comp::Bzip2Fast, &b"SNBZ2v1\0"[..]),
+        (Comp::XzConcat, &b"SNXZ1\0\0\0"[..]),
+    ] {
+        let arch = corpus::compress(&tar, comp);
+        util::snapfs([std::ffi::OsStr::new("index"), arch.as_os_str()]).assert_ok();
+        let mut side = arch.clone().into_os_string();
+        side.push(".snapfs-idx");
+        let side = PathBuf::from(side);
+        let good = fs::read(&side).unwrap();
+        let at = good
+            .windows(magic.len())
+            .position(|w| w == magic)
+            .expect("seek table magic in the index file");
+        // Header: magic, size, streams, count; then the first block's first field.
+        let block0 = at + 32;
+        let lies: [(usize, u64); 4] = [
+            (at + 8, 12345),                     // stream size
+            (at + 24, u64::MAX),                 // block count
+            (block0, u64::MAX - 3),              // first block's offset (xz) / bit offset (bzip2)
+            (block0 + 8, 0x7fff_ffff_ffff_ffff), // unpadded size (xz) / lengths (bzip2)
+        ];
+        for (k, (field, value)) in lies.into_iter().enumerate() {
+            let mut bad = good.clone();
+            bad[field..field + 8].copy_from_slice(&value.to_le_bytes());
+            let n = bad.len();
+            let crc = crc32fast::hash(&bad[..n - 4]);
+            bad[n - 4..].copy_from_slice(&crc.to_le_bytes());
+            fs::write(&side, &bad).unwrap();
+            let m = Mount::new(&arch, &td.join(format!("mnt-{comp:?}-{k}")));
+            assert_eq!(fs::read(m.join("readme")).unwrap(), b"seed 35\n");
+            assert_eq!(
+                fs::read(m.join("d1/f001.dat")).unwrap(),
+                fs::read(src.join("d1/f001.dat")).unwrap()
+            );
+            assert!(!m.stderr.contains("panicked"), "{}", m.stderr);
+            drop(m);
+            assert_ne!(fs::read(&side).unwrap(), bad, "the lying index was kept");
+        }
+    }
 }
 
 fn damaged_after_indexing(comp: Comp) {

@@ -1,7 +1,7 @@
 //! The snapfs integration test binary: mounts archives built at test time
 //! and compares the mounted tree with GNU tar's extraction.
 //!
-//! Needs root, /dev/fuse, GNU tar, gzip, pigz, zstd/pzstd, attr (getfattr,
+//! Needs root, /dev/fuse, GNU tar, gzip, pigz, zstd/pzstd, xz, bzip2, pbzip2, lbzip2, attr (getfattr,
 //! setfattr) and python3. Every test works in its own temp dir and unmounts
 //! what it mounted.
 

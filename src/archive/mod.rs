@@ -3,12 +3,15 @@
 //! uncompressed tar stream ([`StreamReader`]). Reads through a [`Source`]; knows
 //! nothing of where the bytes live, of paths in the tree, or of FUSE.
 
+mod ahead;
+pub mod bzip2;
 pub mod gzip;
 pub mod pipe;
 pub mod tar;
+pub mod xz;
 pub mod zstd;
 
-/// Span arithmetic shared by the gzip and zstd seek tables: span `i` starts at
+/// Span arithmetic shared by the seek tables: span `i` starts at
 /// checkpoint `i`'s uncompressed offset and ends at the next one (the last at the
 /// stream size).
 mod spans {
@@ -64,6 +67,10 @@ pub enum Compression {
     Gzip,
     /// zstd (one or many frames).
     Zstd,
+    /// xz (one or many streams of one or many blocks).
+    Xz,
+    /// bzip2 (one or many streams).
+    Bzip2,
 }
 
 impl Compression {
@@ -76,6 +83,10 @@ impl Compression {
         {
             // A zstd frame, or a skippable frame (as seekable-zstd writers may lead with).
             Compression::Zstd
+        } else if head.starts_with(&xz::MAGIC) {
+            Compression::Xz
+        } else if is_bzip2(head) {
+            Compression::Bzip2
         } else {
             Compression::None
         }
@@ -87,6 +98,8 @@ impl Compression {
             Compression::None => "tar",
             Compression::Gzip => "gzip",
             Compression::Zstd => "zstd",
+            Compression::Xz => "xz",
+            Compression::Bzip2 => "bzip2",
         }
     }
 
@@ -96,6 +109,8 @@ impl Compression {
             Compression::None => 0,
             Compression::Gzip => 1,
             Compression::Zstd => 2,
+            Compression::Xz => 3,
+            Compression::Bzip2 => 4,
         }
     }
 
@@ -105,9 +120,30 @@ impl Compression {
             0 => Some(Compression::None),
             1 => Some(Compression::Gzip),
             2 => Some(Compression::Zstd),
+            3 => Some(Compression::Xz),
+            4 => Some(Compression::Bzip2),
             _ => None,
         }
     }
+}
+
+/// Bytes [`Compression::detect`] looks at.
+pub const DETECT_BYTES: usize = 16;
+
+/// `BZh`, a level digit, then a block or the end-of-stream marker: a tar whose first
+/// member's name merely starts with `BZh` is not taken for bzip2.
+fn is_bzip2(head: &[u8]) -> bool {
+    let Some((magic, rest)) = head.split_at_checked(4) else {
+        return false;
+    };
+    let next = rest
+        .iter()
+        .take(6)
+        .fold(0u64, |a, &b| a << 8 | u64::from(b));
+    magic[..3] == *b"BZh"
+        && (b'1'..=b'9').contains(&magic[3])
+        && rest.len() >= 6
+        && (next == bzip2::BLOCK_MAGIC || next == bzip2::EOS_MAGIC)
 }
 
 /// Bytes hashed at each end of the archive for its identity.
@@ -156,6 +192,10 @@ pub enum SeekTable {
     Gzip(gzip::GzipSeekTable),
     /// zstd frame checkpoints.
     Zstd(zstd::ZstdSeekTable),
+    /// xz blocks (from xz's own index).
+    Xz(xz::XzSeekTable),
+    /// bzip2 blocks.
+    Bzip2(bzip2::Bz2SeekTable),
 }
 
 impl SeekTable {
@@ -165,6 +205,8 @@ impl SeekTable {
             SeekTable::Plain => Compression::None,
             SeekTable::Gzip(_) => Compression::Gzip,
             SeekTable::Zstd(_) => Compression::Zstd,
+            SeekTable::Xz(_) => Compression::Xz,
+            SeekTable::Bzip2(_) => Compression::Bzip2,
         }
     }
 
@@ -174,6 +216,8 @@ impl SeekTable {
             SeekTable::Plain => 0,
             SeekTable::Gzip(t) => t.span_count(),
             SeekTable::Zstd(t) => t.span_count(),
+            SeekTable::Xz(t) => t.span_count(),
+            SeekTable::Bzip2(t) => t.span_count(),
         }
     }
 
@@ -183,6 +227,8 @@ impl SeekTable {
             SeekTable::Plain => None,
             SeekTable::Gzip(t) => t.span_of(off).map(|i| (i, t.span_range(i))),
             SeekTable::Zstd(t) => t.span_of(off).map(|i| (i, t.span_range(i))),
+            SeekTable::Xz(t) => t.span_of(off).map(|i| (i, t.span_range(i))),
+            SeekTable::Bzip2(t) => t.span_of(off).map(|i| (i, t.span_range(i))),
         }
     }
 
@@ -192,6 +238,8 @@ impl SeekTable {
             SeekTable::Plain => (0, 0),
             SeekTable::Gzip(t) => t.span_range(i),
             SeekTable::Zstd(t) => t.span_range(i),
+            SeekTable::Xz(t) => t.span_range(i),
+            SeekTable::Bzip2(t) => t.span_range(i),
         };
         end - start
     }
@@ -202,6 +250,8 @@ impl SeekTable {
             SeekTable::Plain => 0,
             SeekTable::Gzip(t) => t.max_span_len(),
             SeekTable::Zstd(t) => t.max_span_len(),
+            SeekTable::Xz(t) => t.max_span_len(),
+            SeekTable::Bzip2(t) => t.max_span_len(),
         }
     }
 }
@@ -227,7 +277,7 @@ impl Archive {
     /// An archive over `source`: detects the format and reads the identity.
     pub fn from_source(source: Arc<dyn Source>) -> Result<Archive> {
         let path = source.name();
-        let mut head = [0u8; 8];
+        let mut head = [0u8; DETECT_BYTES];
         let n = source
             .read_at(&mut head, 0)
             .map_err(|e| Error::io("reading", &path, e))?;
@@ -274,7 +324,7 @@ enum Backing {
     /// Decode spans on demand through the LRU cache.
     Spans(Box<SpanCache>),
     /// A one-time full decompression into a cache file (streams that cannot be
-    /// checkpointed: single-frame zstd, gzip with huge deflate blocks).
+    /// checkpointed: single-frame zstd, single-block xz, gzip with huge deflate blocks).
     CacheFile(File),
 }
 
@@ -501,14 +551,18 @@ impl Inner {
         Ok(last)
     }
 
-    /// Decodes span `span`, or at least its first `limit` bytes (gzip stops there;
-    /// zstd decodes whole frames anyway).
+    /// Decodes span `span`, or at least its first `limit` bytes (gzip stops there, xz
+    /// and bzip2 after the block that reaches it; zstd decodes whole frames anyway).
     fn decode_span(&self, span: usize, limit: usize, out: &mut Vec<u8>) -> Result<()> {
         let r = match &*self.table {
             SeekTable::Gzip(t) => {
                 gzip::decode_span_prefix(&*self.archive, t, span, limit as u64, out)
             }
             SeekTable::Zstd(t) => zstd::decode_span(&*self.archive, t, span, out),
+            SeekTable::Xz(t) => xz::decode_span_prefix(&*self.archive, t, span, limit as u64, out),
+            SeekTable::Bzip2(t) => {
+                bzip2::decode_span_prefix(&*self.archive, t, span, limit as u64, out)
+            }
             SeekTable::Plain => Ok(()),
         };
         r.map_err(|e| Error::archive(&self.path, None, None, format!("decompression failed: {e}")))

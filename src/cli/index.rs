@@ -18,8 +18,8 @@ use crate::index::Index;
 /// Arguments of `snapfs index`.
 #[derive(Args, Debug)]
 pub struct IndexArgs {
-    /// The archive (tar, tar.gz or tar.zst) or image (OCI layout, OCI archive,
-    /// docker save); detected from its content.
+    /// The archive (tar, tar.gz, tar.zst, tar.xz or tar.bz2) or image (OCI layout, OCI
+    /// archive, docker save); detected from its content.
     archive: PathBuf,
     #[command(flatten)]
     select: super::ImageArgs,

@@ -18,9 +18,9 @@ use clap::{Parser, Subcommand};
 
 use crate::error::{Error, Result};
 
-/// Mount snapshot tarballs (tar, tar.gz, tar.zst) and container images as lazy FUSE
-/// views: read-only, or writable with an upper dir whose changes `commit` cuts into new
-/// snapshots.
+/// Mount snapshot tarballs (tar, tar.gz, tar.zst, tar.xz, tar.bz2) and container images
+/// as lazy FUSE views: read-only, or writable with an upper dir whose changes `commit`
+/// cuts into new snapshots.
 #[derive(Parser, Debug)]
 #[command(name = "snapfs", version, about, long_about = None)]
 pub struct Cli {

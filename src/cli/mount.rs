@@ -31,9 +31,9 @@ use crate::view::{self, ViewSpec};
 /// Arguments of `snapfs mount`.
 #[derive(Args, Debug)]
 pub struct MountArgs {
-    /// The archives (tar, tar.gz or tar.zst) or images (OCI layout, OCI archive,
-    /// docker save; detected from their content), bottom layer first: each one after
-    /// the first is stacked on top as OCI layers.
+    /// The archives (tar, tar.gz, tar.zst, tar.xz, tar.bz2) or images (OCI layout, OCI
+    /// archive, docker save; detected from their content), bottom layer first: each one
+    /// after the first is stacked on top as OCI layers.
     #[arg(required = true, value_name = "ARCHIVE")]
     archives: Vec<PathBuf>,
     /// Where the view appears (an existing directory).

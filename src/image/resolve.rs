@@ -492,7 +492,7 @@ fn docker(path: &Path, store: Store, select: &Select) -> Result<Image> {
         let (source, digest) = match named {
             Some(d) => (source, Some(d)),
             None => {
-                let mut head = [0u8; 8];
+                let mut head = [0u8; crate::archive::DETECT_BYTES];
                 let n = source
                     .read_at(&mut head, 0)
                     .map_err(|e| Error::io("reading", source.name(), e))?;

@@ -140,7 +140,7 @@ impl Store {
             return Ok(None);
         }
         let source: Arc<dyn Source> = Arc::new(FileSource::open(path)?);
-        let mut head = [0u8; 8];
+        let mut head = [0u8; crate::archive::DETECT_BYTES];
         let n = source
             .read_at(&mut head, 0)
             .map_err(|e| Error::io("reading", path, e))?;

@@ -76,7 +76,7 @@ fn check_layer(image: &Image, i: usize, progress: &Progress) -> Result<LayerChec
     let name = format!("layer {} {}", i + 1, layer.label);
     let fail = |m: String| Error::image(&image.path, format!("{name}: {m}"));
     let read_err = |e: io::Error| fail(format!("read failed: {e}"));
-    let mut head = [0u8; 8];
+    let mut head = [0u8; crate::archive::DETECT_BYTES];
     let n = layer.source.read_at(&mut head, 0).map_err(read_err)?;
     let compression = Compression::detect(&head[..n]);
     let algorithm = layer
@@ -114,6 +114,17 @@ fn check_layer(image: &Image, i: usize, progress: &Progress) -> Result<LayerChec
             let mut d = zstd::stream::read::Decoder::with_buffer(buffered).map_err(decode_err)?;
             io::copy(&mut d, &mut sink).map_err(decode_err)?;
             d.finish()
+        }
+        // Not OCI layer types, but snapfs mounts them, so it verifies them too.
+        Compression::Xz => {
+            let mut d = liblzma::bufread::XzDecoder::new_multi_decoder(buffered);
+            io::copy(&mut d, &mut sink).map_err(decode_err)?;
+            d.into_inner()
+        }
+        Compression::Bzip2 => {
+            let mut d = bzip2::bufread::MultiBzDecoder::new(buffered);
+            io::copy(&mut d, &mut sink).map_err(decode_err)?;
+            d.into_inner()
         }
     };
     // Bytes after the compressed stream still belong to the blob.

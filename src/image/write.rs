@@ -67,6 +67,8 @@ fn oci_layer_type(media_type: &str, compression: Compression) -> String {
         Compression::None => model::MT_OCI_LAYER,
         Compression::Gzip => model::MT_OCI_LAYER_GZIP,
         Compression::Zstd => model::MT_OCI_LAYER_ZSTD,
+        // OCI names no xz or bzip2 layer type: the input's name is kept.
+        Compression::Xz | Compression::Bzip2 => return media_type.to_string(),
     };
     if media_type.starts_with("application/vnd.oci.image.layer.") {
         media_type.to_string()
@@ -212,10 +214,10 @@ fn digest_of(source: &Arc<dyn Source>, what: &Path) -> Result<Digest> {
     Ok(h.finish())
 }
 
-/// The sha256 of the uncompressed stream of a gzip, zstd or plain tar file.
+/// The sha256 of the uncompressed stream of a gzip, zstd, xz, bzip2 or plain tar file.
 pub fn diff_id_of(path: &Path) -> Result<Digest> {
     let f = File::open(path).map_err(|e| Error::io("cannot open", path, e))?;
-    let mut head = [0u8; 8];
+    let mut head = [0u8; crate::archive::DETECT_BYTES];
     let n = (&f)
         .read(&mut head)
         .map_err(|e| Error::io("reading", path, e))?;
@@ -228,6 +230,11 @@ pub fn diff_id_of(path: &Path) -> Result<Digest> {
         Compression::Zstd => {
             zstd::stream::read::Decoder::with_buffer(r).and_then(|mut d| io::copy(&mut d, &mut h))
         }
+        Compression::Xz => io::copy(
+            &mut liblzma::bufread::XzDecoder::new_multi_decoder(r),
+            &mut h,
+        ),
+        Compression::Bzip2 => io::copy(&mut bzip2::bufread::MultiBzDecoder::new(r), &mut h),
     };
     res.map_err(|e| Error::io("decompressing", path, e))?;
     Ok(h.finish())
@@ -332,7 +339,7 @@ pub fn write_image(image: &Image, layer: &Path, out: &Path, opts: &Options) -> R
     let layer_size = layer_src.identity().size;
     let layer_digest = digest_of(&layer_src, layer)?;
     let diff_id = diff_id_of(layer)?;
-    let mut head = [0u8; 8];
+    let mut head = [0u8; crate::archive::DETECT_BYTES];
     let n = layer_src
         .read_at(&mut head, 0)
         .map_err(|e| Error::io("reading", layer, e))?;
@@ -346,7 +353,7 @@ pub fn write_image(image: &Image, layer: &Path, out: &Path, opts: &Options) -> R
             Some(d) => d.clone(),
             None => digest_of(&l.source, &image.path)?,
         };
-        let mut head = [0u8; 8];
+        let mut head = [0u8; crate::archive::DETECT_BYTES];
         let n = l
             .source
             .read_at(&mut head, 0)

@@ -6,8 +6,10 @@ use std::collections::{HashMap, VecDeque};
 use std::io::BufReader;
 use std::path::Path;
 
+use crate::archive::bzip2::Bz2Indexer;
 use crate::archive::gzip::GzipIndexer;
 use crate::archive::tar::{Data, FileStream, Member, MemberKind, MemberReader, ReadStream};
+use crate::archive::xz::XzIndexer;
 use crate::archive::zstd::ZstdIndexer;
 use crate::archive::{pipe, Archive, Compression, CountingReader, Progress, SeekTable};
 use crate::error::{Error, Result};
@@ -46,6 +48,8 @@ pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) 
     let mut tree = TreeBuilder::new(path, archive.id.mtime_ns);
     let gz_err = |e: std::io::Error| Error::archive(path, None, None, format!("gzip: {e}"));
     let zs_err = |e: std::io::Error| Error::archive(path, None, None, format!("zstd: {e}"));
+    let xz_err = |e: std::io::Error| Error::archive(path, None, None, format!("xz: {e}"));
+    let bz_err = |e: std::io::Error| Error::archive(path, None, None, format!("bzip2: {e}"));
     let (table, stream_size) = match archive.compression {
         Compression::None => {
             let mut reader = MemberReader::new(FileStream::new(file), path);
@@ -83,6 +87,49 @@ pub fn build_index(archive: &Archive, opts: &BuildOptions, progress: &Progress) 
             let table = indexer.finish().map_err(zs_err)?;
             let size = table.uncompressed_size;
             (SeekTable::Zstd(table), size)
+        }
+        Compression::Xz => {
+            // The blocks come from xz's own index (read from the end of the file); each
+            // is decoded on its own, as random reads will.
+            let indexer = XzIndexer::new(archive.source.clone(), opts.span_bytes, progress.clone())
+                .map_err(xz_err)?;
+            let (piped, producer) = pipe::spawn(indexer);
+            let mut reader = MemberReader::new(ReadStream(piped), path);
+            while let Some(m) = reader.next_member()? {
+                tree.add(m);
+            }
+            drop(reader);
+            let indexer = producer.join().map_err(|_| panicked(path))?;
+            let table = indexer.finish().map_err(xz_err)?;
+            let size = table.uncompressed_size;
+            (SeekTable::Xz(table), size)
+        }
+        Compression::Bzip2 => {
+            // The scanner reads 1 MiB at a time itself.
+            let indexer = Bz2Indexer::new(
+                file,
+                archive.source.clone(),
+                opts.span_bytes,
+                progress.clone(),
+            );
+            let (piped, producer) = pipe::spawn(indexer);
+            let mut reader = MemberReader::new(ReadStream(piped), path);
+            while let Some(m) = reader.next_member()? {
+                tree.add(m);
+            }
+            drop(reader);
+            let indexer = producer.join().map_err(|_| panicked(path))?;
+            let garbage = indexer.trailing_garbage();
+            let table = indexer.finish().map_err(bz_err)?;
+            if let Some(at) = garbage {
+                log::warn!(
+                    "{}: ignoring {} bytes of trailing garbage after the last bzip2 stream (at byte {at}), as bzip2 does",
+                    path.display(),
+                    archive.id.size.saturating_sub(at)
+                );
+            }
+            let size = table.uncompressed_size;
+            (SeekTable::Bzip2(table), size)
         }
     };
     let mut index = tree.finish()?;

@@ -8,14 +8,20 @@
 //! span_bytes u64 | compression u8 | 7 zero bytes | stream_size u64 | skipped u64
 //! counts u64 x 6: inodes, dirents, names, xattrs, segments, seek-table bytes
 //! inodes (96 B each) | dirents (12 B) | names | xattrs (16 B) | segments (24 B)
-//! seek table (gzip/zstd encoding, empty for plain tar) | crc32 u32 of all before
+//! seek table (gzip/zstd/xz/bzip2 encoding, empty for plain tar) | crc32 u32 of all before
 //! ```
 //! Version history: 1 — first format; 2 — inode records carry atime and ctime
 //! (72 → 96 bytes: `atime i64 | ctime i64 | atime_nsec u32 | ctime_nsec u32` after
 //! `flags`), from PAX `atime`/`ctime` records or the mtime.
+//!
+//! Compression codes: 0 tar, 1 gzip, 2 zstd; 3 xz and 4 bzip2 were added later
+//! without a version bump (a reader that does not know a code refuses the index as
+//! unknown and rebuilds it, which it could not do for that archive anyway).
 
+use crate::archive::bzip2::Bz2SeekTable;
 use crate::archive::gzip::GzipSeekTable;
 use crate::archive::tar::Segment;
+use crate::archive::xz::XzSeekTable;
 use crate::archive::zstd::ZstdSeekTable;
 use crate::archive::{ArchiveId, Compression, SeekTable};
 use crate::index::{DirentRecord, Index, InodeRecord, XattrRecord, FLAG_SPARSE};
@@ -38,6 +44,8 @@ pub fn encode(index: &Index) -> Vec<u8> {
         SeekTable::Plain => {}
         SeekTable::Gzip(t) => t.encode(&mut table),
         SeekTable::Zstd(t) => t.encode(&mut table),
+        SeekTable::Xz(t) => t.encode(&mut table),
+        SeekTable::Bzip2(t) => t.encode(&mut table),
     }
     let mut out = Vec::with_capacity(
         HEADER_BYTES
@@ -304,6 +312,8 @@ pub fn decode(bytes: &[u8]) -> Result<Index, String> {
         Compression::None => SeekTable::Plain,
         Compression::Gzip => SeekTable::Gzip(GzipSeekTable::decode(table_bytes)?),
         Compression::Zstd => SeekTable::Zstd(ZstdSeekTable::decode(table_bytes)?),
+        Compression::Xz => SeekTable::Xz(XzSeekTable::decode(table_bytes)?),
+        Compression::Bzip2 => SeekTable::Bzip2(Bz2SeekTable::decode(table_bytes)?),
     };
     let index = Index {
         id,
@@ -356,6 +366,8 @@ pub fn validate(index: &Index) -> Result<(), String> {
         SeekTable::Plain => {}
         SeekTable::Gzip(t) if t.uncompressed_size == index.stream_size => {}
         SeekTable::Zstd(t) if t.uncompressed_size == index.stream_size => {}
+        SeekTable::Xz(t) if t.uncompressed_size == index.stream_size => {}
+        SeekTable::Bzip2(t) if t.uncompressed_size == index.stream_size => {}
         _ => return Err("seek table size does not match the stream size".into()),
     }
     let mut referenced_dirs = vec![0u8; n];

@@ -292,8 +292,8 @@ pub fn cache_file_for(archive: &Archive, index: &Index) -> Result<Option<File>> 
         }
     }
     log::warn!(
-        "{}: the {} stream has a span of {} MiB without a seek point (a single zstd frame or \
-         one huge deflate block), so random access would decompress from far back; \
+        "{}: the {} stream has a span of {} MiB without a seek point (a single zstd frame, \
+         a single xz block (xz without -T) or one huge deflate block), so random access would decompress from far back; \
          decompressing it once into {}",
         archive.path.display(),
         index.table.compression().name(),
@@ -309,6 +309,10 @@ pub fn cache_file_for(archive: &Archive, index: &Index) -> Result<Option<File>> 
         let n = match &*index.table {
             SeekTable::Zstd(_) => crate::archive::zstd::decompress_all(&*archive.source, &mut w),
             SeekTable::Gzip(_) => decompress_gzip_all(archive, &mut w),
+            SeekTable::Xz(t) => crate::archive::xz::decompress_all(&*archive.source, t, &mut w),
+            SeekTable::Bzip2(t) => {
+                crate::archive::bzip2::decompress_all(&*archive.source, t, &mut w)
+            }
             SeekTable::Plain => Ok(0),
         }
         .map_err(|e| {

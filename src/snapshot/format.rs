@@ -117,10 +117,11 @@ impl Footer {
 }
 
 /// The footer block wrapped for `compression`: as is, as a gzip member with one stored
-/// block, or as a zstd frame with one raw block.
+/// block, or as a zstd frame with one raw block. (snapfs writes no xz or bzip2
+/// snapshots; for them the block is returned as is, and readers never look for it.)
 pub fn wrap_footer(block: &[u8; FOOTER_LEN], compression: Compression) -> Vec<u8> {
     match compression {
-        Compression::None => block.to_vec(),
+        Compression::None | Compression::Xz | Compression::Bzip2 => block.to_vec(),
         Compression::Gzip => {
             let mut out = Vec::with_capacity(GZIP_FOOTER_LEN);
             out.extend_from_slice(&GZIP_FOOTER_HEAD);
@@ -174,6 +175,7 @@ fn unwrap_footer(
             }
             block.copy_from_slice(&tail[10..]);
         }
+        Compression::Xz | Compression::Bzip2 => return Ok(None),
     }
     Ok(Some(block))
 }
@@ -194,6 +196,8 @@ pub fn read_embedded(archive: &Archive) -> Result<Option<Index>> {
         Compression::None => FOOTER_LEN,
         Compression::Gzip => GZIP_FOOTER_LEN,
         Compression::Zstd => ZSTD_FOOTER_LEN,
+        // snapfs writes no xz or bzip2 snapshots: such a file is indexed.
+        Compression::Xz | Compression::Bzip2 => return Ok(None),
     } as u64;
     if size < wrap_len {
         return Ok(None);
@@ -269,6 +273,8 @@ fn load_index(
             .read_to_end(&mut bytes),
         Compression::Zstd => zstd::stream::read::Decoder::new(src)
             .and_then(|d| d.single_frame().take(padded + 1).read_to_end(&mut bytes)),
+        // Never embedded (read_embedded does not look for them).
+        Compression::Xz | Compression::Bzip2 => return Ok(None),
     };
     read.map_err(|e| format!("cannot read it: {e}"))?;
     if bytes.len() as u64 != padded {
@@ -309,6 +315,8 @@ fn load_index(
             .checkpoints
             .iter()
             .all(|c| c.compressed < f.compressed_offset),
+        // Never embedded (read_embedded does not look for them).
+        SeekTable::Xz(_) | SeekTable::Bzip2(_) => false,
     };
     if !table_ok {
         return Err("seek points lie past the index".into());

@@ -703,13 +703,13 @@ impl SnapshotWriter {
         self.flush_chunk()?;
         self.drain()?;
         let comp = self.opts.compression.kind();
-        let table = match comp {
-            Compression::None => SeekTable::Plain,
-            Compression::Gzip => SeekTable::Gzip(GzipSeekTable {
+        let table = match self.opts.compression {
+            OutputCompression::None => SeekTable::Plain,
+            OutputCompression::Gzip { .. } => SeekTable::Gzip(GzipSeekTable {
                 checkpoints: std::mem::take(&mut self.gz_points),
                 uncompressed_size: stream_size,
             }),
-            Compression::Zstd => {
+            OutputCompression::Zstd { .. } => {
                 let points = std::mem::take(&mut self.zs_points);
                 SeekTable::Zstd(ZstdSeekTable {
                     frame_count: points.len() as u64,
