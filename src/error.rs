@@ -86,6 +86,27 @@ pub enum Error {
     Service(String),
     /// An internal invariant broke (a worker vanished, a writer reused after failure).
     Internal(String),
+    /// A containerd snapshot request that the snapshot model refuses; the code is
+    /// containerd's class of error (its gRPC status).
+    Snapshot {
+        /// Why.
+        code: SnapshotCode,
+        /// One line naming the snapshot.
+        message: String,
+    },
+}
+
+/// The classes of [`Error::Snapshot`], as containerd's errdefs name them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotCode {
+    /// No snapshot (or parent, or content) of that name.
+    NotFound,
+    /// The name is taken (or the target layer exists already).
+    AlreadyExists,
+    /// The snapshot is of the wrong kind, or has children.
+    FailedPrecondition,
+    /// A malformed request.
+    InvalidArgument,
 }
 
 impl Error {
@@ -132,6 +153,11 @@ impl Error {
             Error::Usage(_) | Error::NotA { .. } | Error::Service(_) => libc::EINVAL,
             Error::InUse { .. } | Error::Busy { .. } | Error::AlreadyMounted { .. } => libc::EBUSY,
             Error::Daemon(_) | Error::Internal(_) => libc::EIO,
+            Error::Snapshot { code, .. } => match code {
+                SnapshotCode::NotFound => libc::ENOENT,
+                SnapshotCode::AlreadyExists => libc::EEXIST,
+                SnapshotCode::FailedPrecondition | SnapshotCode::InvalidArgument => libc::EINVAL,
+            },
         }
     }
 }
@@ -165,6 +191,7 @@ impl fmt::Display for Error {
             }
             Error::Errno(e) => write!(f, "{}", io::Error::from_raw_os_error(*e)),
             Error::Usage(m) | Error::Daemon(m) | Error::Service(m) => write!(f, "{m}"),
+            Error::Snapshot { message, .. } => write!(f, "{message}"),
             Error::InUse { path, holder } => {
                 write!(f, "{} is in use by {holder}", path.display())
             }

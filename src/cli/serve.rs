@@ -9,6 +9,8 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::error::{Error, Result};
+use crate::service::containerd::server::Server as ContainerdServer;
+use crate::service::containerd::snapshotter::Snapshotter;
 use crate::service::control::{self, Control};
 use crate::service::{Service, ServiceConfig};
 
@@ -36,6 +38,18 @@ pub struct ServeArgs {
     /// Write the service's pid to FILE once it answers requests (removed on exit).
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
+    /// Also serve containerd's snapshots API (a proxy plugin) on this socket: the
+    /// address of `[proxy_plugins.snapfs]` in containerd's config.toml.
+    #[arg(long, value_name = "SOCKET")]
+    containerd: Option<PathBuf>,
+    /// containerd's own socket, for its content store.
+    #[arg(
+        long,
+        value_name = "PATH",
+        env = "CONTAINERD_ADDRESS",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    containerd_address: PathBuf,
 }
 
 /// Runs `snapfs serve`.
@@ -56,6 +70,21 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         cache_bytes: super::mount::default_cache_bytes(args.cache_size),
         threads: args.threads,
     })?;
+    let snapshots = match &args.containerd {
+        None => None,
+        Some(sock) => {
+            let started = Snapshotter::open(service.clone()).and_then(|sn| {
+                ContainerdServer::start(sn, &absolute(sock.clone())?, &args.containerd_address)
+            });
+            match started {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    service.shutdown();
+                    return Err(e);
+                }
+            }
+        }
+    };
     let control = match Control::bind(service.clone(), &socket) {
         Ok(c) => c,
         Err(e) => {
@@ -79,6 +108,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     super::mount::wait_for_signal();
     log::info!("signal received: unmounting every view");
     control.close();
+    if let Some(s) = snapshots {
+        s.close();
+    }
     service.shutdown();
     if let Some(f) = &args.pid_file {
         let _ = std::fs::remove_file(f);

@@ -8,10 +8,12 @@
 
 mod archives;
 pub mod client;
+pub mod containerd;
 pub mod control;
 mod counted;
 mod mounts;
 pub mod protocol;
+pub mod snapshots;
 pub mod state;
 
 use std::collections::BTreeMap;
