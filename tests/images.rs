@@ -130,7 +130,7 @@ fn write_layout(dir: &Path, layers: &[LayerBlob], tag: &str) {
 }
 
 /// The three-layer test image as an OCI layout at `t/oci` (tag `t`).
-fn sample_image(t: &TestDir) -> PathBuf {
+pub(crate) fn sample_image(t: &TestDir) -> PathBuf {
     need("pigz");
     need("zstd");
     let l1 = crate::containers::rootfs_dir(&t.join("l1"));

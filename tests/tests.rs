@@ -11,6 +11,7 @@ mod util;
 
 mod cli;
 mod commit;
+mod containerd;
 mod containers;
 mod create;
 mod faults;
