@@ -14,9 +14,12 @@ cd "$(dirname "$0")/.."
 #   the tree comparisons
 #   runc busybox-static: container tests; mount util-linux passwd: permission and
 #   mount-helper tests; fio: load tests.
+#   containerd: the snapshotter tests; protobuf-compiler (+ libprotobuf-dev below):
+#   build.rs generates containerd's gRPC API.
 PACKAGES="fuse3:fusermount3 pigz:pigz zstd:zstd xz-utils:xz bzip2:bzip2 pbzip2:pbzip2
   lbzip2:lbzip2 attr:getfattr python3:python3 tar:tar
-  gzip:gzip runc:runc mount:mount util-linux:setpriv passwd:useradd fio:fio"
+  gzip:gzip runc:runc mount:mount util-linux:setpriv passwd:useradd fio:fio
+  containerd:containerd protobuf-compiler:protoc"
 # crates.io tools, pinned: the POSIX suites run inside writable views.
 CRATES="pjdfstest@0.2.2:pjdfstest fsx@0.3.2:fsx"
 
@@ -29,6 +32,8 @@ done
 if ! command -v busybox >/dev/null 2>&1 || ldd "$(command -v busybox)" >/dev/null 2>&1; then
   missing_pkgs+=(busybox-static)
 fi
+# protoc's well-known types (google/protobuf/*.proto) for build.rs.
+[ -f /usr/include/google/protobuf/empty.proto ] || missing_pkgs+=(libprotobuf-dev)
 missing_crates=()
 for c in $CRATES; do
   want="${c%%:*}"; tool="${c#*:}"

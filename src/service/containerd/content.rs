@@ -5,6 +5,9 @@
 //! every manifest of an index), config, `rootfs.diff_ids`, chain IDs as containerd
 //! computes them.
 
+// tonic's Status is what gRPC errors are; boxing it would only add conversions.
+#![allow(clippy::result_large_err)]
+
 use std::path::PathBuf;
 
 use hyper_util::rt::TokioIo;

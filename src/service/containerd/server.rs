@@ -3,6 +3,9 @@
 //! async runtime, since they mount, unmount and cut), errors into gRPC codes that
 //! containerd's errdefs understand.
 
+// tonic's Status is what gRPC errors are; boxing it would only add conversions.
+#![allow(clippy::result_large_err)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
