@@ -10,6 +10,7 @@ use clap::Args;
 
 use crate::error::{Error, Result};
 use crate::service::control::{self, Control};
+use crate::service::docker::{self, Plugin};
 use crate::service::{Service, ServiceConfig};
 
 /// Arguments of `snapfs serve`.
@@ -36,6 +37,13 @@ pub struct ServeArgs {
     /// Write the service's pid to FILE once it answers requests (removed on exit).
     #[arg(long, value_name = "FILE")]
     pid_file: Option<PathBuf>,
+    /// Also serve Docker's volume plugin protocol as driver NAME, on
+    /// DIR/NAME.sock (`docker volume create -d NAME`); the socket goes with the service.
+    #[arg(long, value_name = "NAME")]
+    docker_plugin: Option<String>,
+    /// Where the Docker plugin socket goes.
+    #[arg(long, value_name = "DIR", default_value = docker::PLUGIN_DIR, requires = "docker_plugin")]
+    docker_plugin_dir: PathBuf,
 }
 
 /// Runs `snapfs serve`.
@@ -51,6 +59,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| control::default_socket(&args.root));
     let socket = absolute(socket)?;
+    if let Some(name) = &args.docker_plugin {
+        docker::check_plugin_name(name)?;
+    }
     let service = Service::start(ServiceConfig {
         root: args.root.clone(),
         cache_bytes: super::mount::default_cache_bytes(args.cache_size),
@@ -63,8 +74,22 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
             return Err(e);
         }
     };
+    let plugin = match &args.docker_plugin {
+        Some(name) => match Plugin::bind(service.clone(), &args.docker_plugin_dir, name) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                control.close();
+                service.shutdown();
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     if let Some(f) = &args.pid_file {
         if let Err(e) = std::fs::write(f, format!("{}\n", std::process::id())) {
+            if let Some(p) = plugin {
+                p.close();
+            }
             control.close();
             service.shutdown();
             return Err(Error::io("cannot write pid file", f, e));
@@ -78,6 +103,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     );
     super::mount::wait_for_signal();
     log::info!("signal received: unmounting every view");
+    if let Some(p) = plugin {
+        p.close();
+    }
     control.close();
     service.shutdown();
     if let Some(f) = &args.pid_file {
