@@ -30,3 +30,4 @@ mod semantics;
 mod service;
 mod trust;
 mod upper;
+mod volumes;
