@@ -340,6 +340,27 @@ fn docker_volumes_from_snapshots_end_to_end() {
     w.assert_fail();
     assert!(w.stderr_str().contains("Read-only"), "{}", w.stderr_str());
 
+    // An image as a volume: `docker save` of the busybox image, its tree at /data.
+    let saved = td.join("busybox-save.tar");
+    dockerd.ok(&["save", "-o", s(&saved), &image]);
+    create(
+        &dockerd,
+        "img1",
+        &[&format!("snapshot={}", saved.display())],
+    )
+    .assert_ok();
+    assert_eq!(
+        sh(
+            &dockerd,
+            "img1",
+            "sha256sum /data/bin/busybox | cut -c1-64; cat /data/etc/motd"
+        ),
+        format!(
+            "{}\nsnapfs rootfs marker\n",
+            util::sha256_file(&rootfs.join("bin/busybox")).unwrap()
+        )
+    );
+
     // Name clash, through the service's socket (Docker answers a same-driver
     // create of an existing name itself).
     let r =
@@ -556,7 +577,7 @@ fn docker_volumes_from_snapshots_end_to_end() {
     dockerd.forget_dead_containerd();
     dockerd.spawn();
     let ls = dockerd.ok(&["volume", "ls", "-q"]);
-    for v in ["ro1", "w1", "w1copy", "w1full", "before"] {
+    for v in ["ro1", "img1", "w1", "w1copy", "w1full", "before"] {
         assert!(ls.lines().any(|l| l == v), "{v} not in {ls}");
     }
     assert_eq!(
@@ -566,7 +587,7 @@ fn docker_volumes_from_snapshots_end_to_end() {
     assert_eq!(sh(&dockerd, "ro1", SUMS), expected_sums(&src1));
 
     // Teardown: volumes removed through the driver, daemons stopped by pid.
-    for v in ["ro1", "w1", "w1copy", "w1full", "before"] {
+    for v in ["ro1", "img1", "w1", "w1copy", "w1full", "before"] {
         dockerd.ok(&["volume", "rm", v]);
     }
     assert!(

@@ -822,6 +822,32 @@ mod tests {
     }
 
     #[test]
+    fn volume_requests_parse() {
+        let r = super::super::protocol::parse(
+            br#"{"op":"volume_snapshot","name":"v","output":"/o.tar.gz","paused":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::VolumeSnapshot {
+                name: "v".into(),
+                output: "/o.tar.gz".into(),
+                full: false,
+                paused: true
+            }
+        );
+        let e = super::super::protocol::parse(br#"{"op":"volume_restore","name":"v"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing field `snapshot`"), "{e}");
+        assert!(compression_of(Path::new("/x.zip")).is_err());
+        assert!(matches!(
+            compression_of(Path::new("/x.tzst")),
+            Ok(OutputCompression::Zstd { .. })
+        ));
+    }
+
+    #[test]
     fn volumes_file_round_trips() {
         let dir = tempfile::tempdir().unwrap();
         let t = tar_at(dir.path(), "s.tar");
