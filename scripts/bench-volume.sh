@@ -110,12 +110,14 @@ bench() { # NAME SNAPSHOT
   # (a) docker cp into a local volume.
   D volume create "$n-a" >/dev/null
   D create --name "$n-a" --network none -v "$n-a:/data" snapfs-bench-bb:1 /bin/busybox sh -c "$READ" >/dev/null
+  sync  # every way starts with no dirty pages of the one before
   t0=$(now)
   D cp - "$n-a:/data" < "$snap"
   tr=$(now)
   stamp D start -a "$n-a"
   R[$n,a,restore]=$(secs "$t0" "$tr"); R[$n,a,first]=$(secs "$t0" "$T_F"); R[$n,a,all]=$(secs "$t0" "$T_A")
   # (b) tar -xzf into a local volume's directory.
+  sync
   t0=$(now)
   D volume create "$n-b" >/dev/null
   tar -xzf "$snap" -C "$(D volume inspect -f '{{.Mountpoint}}' "$n-b")"
@@ -123,12 +125,14 @@ bench() { # NAME SNAPSHOT
   stamp D run --rm --network none -v "$n-b:/data" snapfs-bench-bb:1 /bin/busybox sh -c "$READ"
   R[$n,b,restore]=$(secs "$t0" "$tr"); R[$n,b,first]=$(secs "$t0" "$T_F"); R[$n,b,all]=$(secs "$t0" "$T_A")
   # (c) a snapfs volume.
+  sync
   t0=$(now)
   D volume create -d "$PLUGIN" -o "snapshot=$snap" -o writable=true "$n-c" >/dev/null
   tr=$(now)
   stamp D run --rm --network none -v "$n-c:/data" snapfs-bench-bb:1 /bin/busybox sh -c "$READ"
   R[$n,c,restore]=$(secs "$t0" "$tr"); R[$n,c,first]=$(secs "$t0" "$T_F"); R[$n,c,all]=$(secs "$t0" "$T_A")
   # Container start alone (the floor of every "first read").
+  sync
   t0=$(now)
   stamp D run --rm --network none snapfs-bench-bb:1 /bin/busybox sh -c 'echo F; echo A'
   R[$n,start]=$(secs "$t0" "$T_F")
@@ -136,6 +140,7 @@ bench() { # NAME SNAPSHOT
   # Snapshot of a changed volume: one file changed.
   D run --rm --network none -v "$n-c:/data" snapfs-bench-bb:1 /bin/busybox sh -c 'echo changed >> /data/first.txt'
   D run --rm --network none -v "$n-a:/data" snapfs-bench-bb:1 /bin/busybox sh -c 'echo changed >> /data/first.txt'
+  sync
   t0=$(now)
   "$SNAPFS" volume --root "$W/svc" snapshot "$n-c" -o "$W/out/$n-delta.tar.gz" >/dev/null
   R[$n,snap,delta]=$(secs "$t0" "$(now)")

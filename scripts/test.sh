@@ -13,10 +13,11 @@ cd "$(dirname "$0")/.."
 #   fuse3 pigz zstd xz-utils bzip2 pbzip2 lbzip2 attr tar python3: the archives and
 #   the tree comparisons
 #   runc busybox-static: container tests; mount util-linux passwd: permission and
-#   mount-helper tests; fio: load tests.
+#   mount-helper tests; fio: load tests; docker.io: the Docker volume tests (dockerd).
 PACKAGES="fuse3:fusermount3 pigz:pigz zstd:zstd xz-utils:xz bzip2:bzip2 pbzip2:pbzip2
   lbzip2:lbzip2 attr:getfattr python3:python3 tar:tar
-  gzip:gzip runc:runc mount:mount util-linux:setpriv passwd:useradd fio:fio"
+  gzip:gzip runc:runc mount:mount util-linux:setpriv passwd:useradd fio:fio
+  docker.io:dockerd"
 # crates.io tools, pinned: the POSIX suites run inside writable views.
 CRATES="pjdfstest@0.2.2:pjdfstest fsx@0.3.2:fsx"
 
