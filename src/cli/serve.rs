@@ -107,8 +107,8 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The service's front-ends: the control socket, and containerd's snapshots API and
-/// Docker's volume plugin when asked for. Whatever started is closed, in reverse.
+/// The service's front-ends: containerd's snapshots API and Docker's volume plugin when
+/// asked for, then the control socket. Whatever started is closed, in reverse.
 #[derive(Default)]
 struct FrontEnds {
     snapshots: Option<ContainerdServer>,
@@ -131,7 +131,6 @@ impl FrontEnds {
                 &args.containerd_address,
             )?);
         }
-        self.control = Some(Control::bind(service.clone(), socket)?);
         if let Some(name) = &args.docker_plugin {
             self.plugin = Some(Plugin::bind(
                 service.clone(),
@@ -139,16 +138,18 @@ impl FrontEnds {
                 name,
             )?);
         }
+        // Last: a client that gets an answer here finds every other front-end up.
+        self.control = Some(Control::bind(service.clone(), socket)?);
         Ok(())
     }
 
     /// Closes the front-ends, then unmounts every view.
     fn close(&mut self, service: &Service) {
-        if let Some(p) = self.plugin.take() {
-            p.close();
-        }
         if let Some(c) = self.control.take() {
             c.close();
+        }
+        if let Some(p) = self.plugin.take() {
+            p.close();
         }
         if let Some(s) = self.snapshots.take() {
             s.close();
