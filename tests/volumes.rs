@@ -572,8 +572,29 @@ fn docker_volumes_from_snapshots_end_to_end() {
         "second snapshot\nafter\n"
     );
 
-    // kill -9 of the service and of dockerd: both come back, the volumes are
-    // listed again, and the next docker run -v works.
+    // kill -9 of the service and of dockerd while a container uses w1: both come
+    // back, the volumes are listed again, the next docker run -v works, and the dead
+    // container's Mount ID does not hold the volume forever.
+    dockerd.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "held",
+        "--network",
+        "none",
+        "-v",
+        "w1:/data",
+        &image,
+        "/bin/sh",
+        "-c",
+        "echo held > /data/held.txt; sleep 600",
+    ]);
+    assert!(
+        util::poll_until(Duration::from_secs(30), || dockerd
+            .docker(&["exec", "held", "test", "-f", "/data/held.txt"])
+            .ok()),
+        "held never wrote"
+    );
     svc.kill9();
     dockerd.signal(libc::SIGKILL);
     svc = start_service(&td, driver);
@@ -584,10 +605,18 @@ fn docker_volumes_from_snapshots_end_to_end() {
         assert!(ls.lines().any(|l| l == v), "{v} not in {ls}");
     }
     assert_eq!(
-        sh(&dockerd, "w1", "cat /data/b.txt /data/after.txt"),
-        "second snapshot\nafter\n"
+        sh(
+            &dockerd,
+            "w1",
+            "cat /data/b.txt /data/after.txt /data/held.txt"
+        ),
+        "second snapshot\nafter\nheld\n"
     );
     assert_eq!(sh(&dockerd, "ro1", SUMS), expected_sums(&src1));
+    dockerd.ok(&["rm", "-f", "held"]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&volume(&svc, &["inspect", "w1"]).assert_ok().stdout_str()).unwrap();
+    assert!(inspect.get("mounts").is_none(), "{inspect}");
 
     // Teardown: volumes removed through the driver, daemons stopped by pid.
     for v in ["ro1", "img1", "w1", "w1copy", "w1full", "before"] {

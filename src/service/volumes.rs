@@ -493,6 +493,32 @@ impl Service {
         Ok(vols.mountpoint(name))
     }
 
+    /// Docker activated the plugin: a dockerd (re)started. Without live-restore the
+    /// containers of an earlier dockerd are gone, and Docker never unmounts them, so
+    /// the Mount IDs recorded before are forgotten (or no volume could be removed or
+    /// restored again). Returns how many were forgotten.
+    pub fn volume_docker_started(&self) -> Result<usize> {
+        let vols = self.volumes();
+        let _op = lock(&vols.ops);
+        let mut table = lock(&vols.table);
+        let stale: usize = table.values().map(|v| v.mounts.len()).sum();
+        if stale == 0 {
+            return Ok(0);
+        }
+        let old = table.clone();
+        for v in table.values_mut() {
+            v.mounts.clear();
+        }
+        if let Err(e) = vols.save(&table) {
+            *table = old;
+            return Err(e);
+        }
+        log::warn!(
+            "Docker activated the plugin: forgetting {stale} Mount ID(s) of its previous run"
+        );
+        Ok(stale)
+    }
+
     /// Docker's Unmount: the view is unmounted with the last user.
     pub fn volume_unmount(&self, name: &str, id: &str) -> Result<()> {
         let vols = self.volumes();
