@@ -649,7 +649,7 @@ fn docker_volumes_from_snapshots_end_to_end() {
 }
 
 #[test]
-fn a_plugin_name_is_checked_and_its_socket_goes_with_the_service() {
+fn plugin_protocol_by_hand_its_socket_with_the_service_and_an_image_view() {
     let td = TestDir::new("volumes-plugin");
     let _left = NoMountsLeft(td.path().to_path_buf());
     let r = util::snapfs([
@@ -712,6 +712,29 @@ fn a_plugin_name_is_checked_and_its_socket_goes_with_the_service() {
         r["Err"].as_str().unwrap().contains("bad plugin request"),
         "{r}"
     );
+    // The service serves an image input too (`snapfs mount --service` of an OCI layout).
+    let (layout, _) = crate::images::small_image(&td, "img");
+    let mnt = td.mkdir("mnt");
+    let r = util::run_timeout(
+        Command::new(util::bin())
+            .args(["mount", "--service"])
+            .arg(&svc.socket)
+            .arg(&layout)
+            .arg(&mnt),
+        LONG,
+    );
+    r.assert_ok();
+    assert_eq!(fs::read_to_string(mnt.join("etc/one")).unwrap(), "one\n");
+    assert_eq!(fs::read_to_string(mnt.join("etc/two")).unwrap(), "two\n");
+    util::run_timeout(
+        Command::new(util::bin())
+            .args(["umount", "--service"])
+            .arg(&svc.socket)
+            .arg(&mnt),
+        LONG,
+    )
+    .assert_ok();
+    assert!(!util::is_mounted(&mnt));
     svc.stop();
     assert!(!sock.exists());
 }
