@@ -565,7 +565,29 @@ fn docker_volumes_from_snapshots_end_to_end() {
     let ls = volume(&svc, &["ls"]).assert_ok().stdout_str();
     assert!(ls.lines().any(|l| l.starts_with("w1\t0\tno\t")), "{ls}");
     // Another snapshot, for the next start.
-    volume(&svc, &["restore", "w1", s(&s2)]).assert_ok();
+    let kept2 = volume(&svc, &["restore", "w1", s(&s2)])
+        .assert_ok()
+        .stdout_str()
+        .trim()
+        .to_string();
+    // Kept states are dropped only when asked; a delta another volume uses stays.
+    assert_eq!(
+        kept2,
+        s(&s1.canonicalize().unwrap()),
+        "no changes: the snapshot itself"
+    );
+    volume(&svc, &["drop", "w1", &kept2]).assert_ok();
+    let r = volume(&svc, &["drop", "w1", &kept2]);
+    util::assert_one_line_error(&r, "keeps no pre-restore state");
+    volume(&svc, &["drop", "w1", &kept]).assert_ok();
+    let delta = kept.rsplit(':').next().unwrap();
+    assert!(
+        Path::new(delta).exists(),
+        "{delta} is volume before's layer"
+    );
+    let inspect: serde_json::Value =
+        serde_json::from_str(&volume(&svc, &["inspect", "w1"]).assert_ok().stdout_str()).unwrap();
+    assert!(inspect.get("pre_restore").is_none(), "{inspect}");
     sh(&dockerd, "w1", "echo after > /data/after.txt");
     assert_eq!(
         sh(&dockerd, "w1", "cat /data/b.txt /data/after.txt"),
