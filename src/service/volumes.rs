@@ -400,6 +400,11 @@ impl Service {
         let vols = self.volumes();
         let _op = lock(&vols.ops);
         let v = from_options(name, opts)?;
+        if !lock(&vols.table).contains_key(name) {
+            // A view left recorded for a volume whose removal a crash cut short.
+            self.volume_unmount_view(name)?;
+            super::mounts::clean_stale(&vols.mountpoint(name))?;
+        }
         {
             let mut table = lock(&vols.table);
             if let Some(old) = table.get(name) {
