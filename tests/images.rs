@@ -37,7 +37,7 @@ fn s(p: &Path) -> String {
 }
 
 /// A layer of a layout being written: the blob file, its media type, its diff_id.
-struct LayerBlob {
+pub(crate) struct LayerBlob {
     blob: PathBuf,
     media_type: &'static str,
     diff_id: String,
@@ -567,7 +567,7 @@ fn a_mount_reads_no_layer_blob_in_full() {
 }
 
 /// A small two-layer image (gzip + plain) as a layout at `t/NAME`, tag `v`.
-fn small_image(t: &TestDir, name: &str) -> (PathBuf, Vec<LayerBlob>) {
+pub(crate) fn small_image(t: &TestDir, name: &str) -> (PathBuf, Vec<LayerBlob>) {
     sh(
         t.path(),
         &format!(

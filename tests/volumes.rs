@@ -565,15 +565,58 @@ fn docker_volumes_from_snapshots_end_to_end() {
     let ls = volume(&svc, &["ls"]).assert_ok().stdout_str();
     assert!(ls.lines().any(|l| l.starts_with("w1\t0\tno\t")), "{ls}");
     // Another snapshot, for the next start.
-    volume(&svc, &["restore", "w1", s(&s2)]).assert_ok();
+    let kept2 = volume(&svc, &["restore", "w1", s(&s2)])
+        .assert_ok()
+        .stdout_str()
+        .trim()
+        .to_string();
+    // Kept states are dropped only when asked; a delta another volume uses stays.
+    assert_eq!(
+        kept2,
+        s(&s1.canonicalize().unwrap()),
+        "no changes: the snapshot itself"
+    );
+    volume(&svc, &["drop", "w1", &kept2]).assert_ok();
+    let r = volume(&svc, &["drop", "w1", &kept2]);
+    util::assert_one_line_error(&r, "keeps no pre-restore state");
+    volume(&svc, &["drop", "w1", &kept]).assert_ok();
+    let delta = kept.rsplit(':').next().unwrap();
+    assert!(
+        Path::new(delta).exists(),
+        "{delta} is volume before's layer"
+    );
+    let inspect: serde_json::Value =
+        serde_json::from_str(&volume(&svc, &["inspect", "w1"]).assert_ok().stdout_str()).unwrap();
+    assert!(inspect.get("pre_restore").is_none(), "{inspect}");
     sh(&dockerd, "w1", "echo after > /data/after.txt");
     assert_eq!(
         sh(&dockerd, "w1", "cat /data/b.txt /data/after.txt"),
         "second snapshot\nafter\n"
     );
 
-    // kill -9 of the service and of dockerd: both come back, the volumes are
-    // listed again, and the next docker run -v works.
+    // kill -9 of the service and of dockerd while a container uses w1: both come
+    // back, the volumes are listed again, the next docker run -v works, and the dead
+    // container's Mount ID does not hold the volume forever.
+    dockerd.ok(&[
+        "run",
+        "-d",
+        "--name",
+        "held",
+        "--network",
+        "none",
+        "-v",
+        "w1:/data",
+        &image,
+        "/bin/sh",
+        "-c",
+        "echo held > /data/held.txt; sleep 600",
+    ]);
+    assert!(
+        util::poll_until(Duration::from_secs(30), || dockerd
+            .docker(&["exec", "held", "test", "-f", "/data/held.txt"])
+            .ok()),
+        "held never wrote"
+    );
     svc.kill9();
     dockerd.signal(libc::SIGKILL);
     svc = start_service(&td, driver);
@@ -584,10 +627,18 @@ fn docker_volumes_from_snapshots_end_to_end() {
         assert!(ls.lines().any(|l| l == v), "{v} not in {ls}");
     }
     assert_eq!(
-        sh(&dockerd, "w1", "cat /data/b.txt /data/after.txt"),
-        "second snapshot\nafter\n"
+        sh(
+            &dockerd,
+            "w1",
+            "cat /data/b.txt /data/after.txt /data/held.txt"
+        ),
+        "second snapshot\nafter\nheld\n"
     );
     assert_eq!(sh(&dockerd, "ro1", SUMS), expected_sums(&src1));
+    dockerd.ok(&["rm", "-f", "held"]);
+    let inspect: serde_json::Value =
+        serde_json::from_str(&volume(&svc, &["inspect", "w1"]).assert_ok().stdout_str()).unwrap();
+    assert!(inspect.get("mounts").is_none(), "{inspect}");
 
     // Teardown: volumes removed through the driver, daemons stopped by pid.
     for v in ["ro1", "img1", "w1", "w1copy", "w1full", "before"] {
@@ -620,7 +671,7 @@ fn docker_volumes_from_snapshots_end_to_end() {
 }
 
 #[test]
-fn a_plugin_name_is_checked_and_its_socket_goes_with_the_service() {
+fn plugin_protocol_by_hand_its_socket_with_the_service_and_an_image_view() {
     let td = TestDir::new("volumes-plugin");
     let _left = NoMountsLeft(td.path().to_path_buf());
     let r = util::snapfs([
@@ -683,6 +734,29 @@ fn a_plugin_name_is_checked_and_its_socket_goes_with_the_service() {
         r["Err"].as_str().unwrap().contains("bad plugin request"),
         "{r}"
     );
+    // The service serves an image input too (`snapfs mount --service` of an OCI layout).
+    let (layout, _) = crate::images::small_image(&td, "img");
+    let mnt = td.mkdir("mnt");
+    let r = util::run_timeout(
+        Command::new(util::bin())
+            .args(["mount", "--service"])
+            .arg(&svc.socket)
+            .arg(&layout)
+            .arg(&mnt),
+        LONG,
+    );
+    r.assert_ok();
+    assert_eq!(fs::read_to_string(mnt.join("etc/one")).unwrap(), "one\n");
+    assert_eq!(fs::read_to_string(mnt.join("etc/two")).unwrap(), "two\n");
+    util::run_timeout(
+        Command::new(util::bin())
+            .args(["umount", "--service"])
+            .arg(&svc.socket)
+            .arg(&mnt),
+        LONG,
+    )
+    .assert_ok();
+    assert!(!util::is_mounted(&mnt));
     svc.stop();
     assert!(!sock.exists());
 }

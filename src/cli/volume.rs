@@ -1,7 +1,7 @@
 //! `snapfs volume`: glue that asks the service (`--service SOCKET`, `$SNAPFS_SERVICE`,
 //! or `--root DIR` for `DIR/snapfs.sock`) about its Docker volumes: `ls`, `inspect`,
 //! `snapshot` (with `--pause`, the containers using the volume are paused through
-//! the Docker API for the cut and unpaused after it) and `restore`.
+//! the Docker API for the cut and unpaused after it), `restore` and `drop`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -57,6 +57,13 @@ enum VolumeCommand {
         /// unix:///var/run/docker.sock].
         #[arg(long, value_name = "unix://PATH")]
         docker_host: Option<String>,
+    },
+    /// Drop a kept pre-restore state (as `inspect` lists it) and its delta file.
+    Drop {
+        /// The volume.
+        name: String,
+        /// The kept state.
+        snapshot: String,
     },
     /// Point a volume at another snapshot (`a:b:c` for a stack) for its next use; the
     /// old state is cut first and kept as a pre-restore snapshot (printed).
@@ -126,6 +133,9 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
                 c.bytes,
                 c.millis
             );
+        }
+        VolumeCommand::Drop { name, snapshot } => {
+            client::call(&socket, &Request::VolumeDrop { name, snapshot })?;
         }
         VolumeCommand::Restore { name, snapshot } => {
             let snapshot = snapshot

@@ -318,7 +318,8 @@ impl Service {
             | Request::VolumeList {}
             | Request::VolumeInspect { .. }
             | Request::VolumeSnapshot { .. }
-            | Request::VolumeRestore { .. }) => self.volume_request(r)?,
+            | Request::VolumeRestore { .. }
+            | Request::VolumeDrop { .. }) => self.volume_request(r)?,
         })
     }
 

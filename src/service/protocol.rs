@@ -78,6 +78,13 @@ pub enum Request {
         /// The snapshot (absolute paths, `a:b:c` for a stack).
         snapshot: String,
     },
+    /// Drop a kept pre-restore state of a volume (and its delta file).
+    VolumeDrop {
+        /// The volume's name.
+        name: String,
+        /// The kept state, as `volume_inspect` lists it.
+        snapshot: String,
+    },
 }
 
 /// How a view stands.

@@ -12,7 +12,7 @@
 //! one of a volume in use is refused unless its containers are paused, and is then
 //! cut through the view's freeze gate. A restore cuts the old state first, as a
 //! pre-restore snapshot in `ROOT/pre-restore/` that snapfs keeps until the user
-//! deletes it, then points the volume at the new snapshot with an empty upper dir.
+//! drops it ([`Service::volume_drop`]), then points the volume at the new snapshot with an empty upper dir.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
@@ -400,6 +400,11 @@ impl Service {
         let vols = self.volumes();
         let _op = lock(&vols.ops);
         let v = from_options(name, opts)?;
+        if !lock(&vols.table).contains_key(name) {
+            // A view left recorded for a volume whose removal a crash cut short.
+            self.volume_unmount_view(name)?;
+            super::mounts::clean_stale(&vols.mountpoint(name))?;
+        }
         {
             let mut table = lock(&vols.table);
             if let Some(old) = table.get(name) {
@@ -491,6 +496,32 @@ impl Service {
             v.mounts.insert(id.to_string());
         })?;
         Ok(vols.mountpoint(name))
+    }
+
+    /// Docker activated the plugin: a dockerd (re)started. Without live-restore the
+    /// containers of an earlier dockerd are gone, and Docker never unmounts them, so
+    /// the Mount IDs recorded before are forgotten (or no volume could be removed or
+    /// restored again). Returns how many were forgotten.
+    pub fn volume_docker_started(&self) -> Result<usize> {
+        let vols = self.volumes();
+        let _op = lock(&vols.ops);
+        let mut table = lock(&vols.table);
+        let stale: usize = table.values().map(|v| v.mounts.len()).sum();
+        if stale == 0 {
+            return Ok(0);
+        }
+        let old = table.clone();
+        for v in table.values_mut() {
+            v.mounts.clear();
+        }
+        if let Err(e) = vols.save(&table) {
+            *table = old;
+            return Err(e);
+        }
+        log::warn!(
+            "Docker activated the plugin: forgetting {stale} Mount ID(s) of its previous run"
+        );
+        Ok(stale)
     }
 
     /// Docker's Unmount: the view is unmounted with the last user.
@@ -670,6 +701,39 @@ impl Service {
         Ok(info)
     }
 
+    /// Drops a kept pre-restore state of volume `name` (`snapshot` as `inspect` lists
+    /// it): it leaves the list, and its delta in `ROOT/pre-restore/` is deleted unless
+    /// a volume's snapshot or another kept state still names it.
+    pub fn volume_drop(&self, name: &str, snapshot: &str) -> Result<()> {
+        let vols = self.volumes();
+        let _op = lock(&vols.ops);
+        let v = vols.get(name)?;
+        if !v.pre_restore.iter().any(|p| p.snapshot == snapshot) {
+            return Err(Error::Service(format!(
+                "volume {name:?} keeps no pre-restore state {snapshot:?} (see snapfs volume inspect)"
+            )));
+        }
+        vols.update(name, |v| v.pre_restore.retain(|p| p.snapshot != snapshot))?;
+        let table = lock(&vols.table);
+        let named = |f: &str| {
+            table.values().any(|v| {
+                v.snapshot.split(':').any(|l| l == f)
+                    || v.pre_restore
+                        .iter()
+                        .any(|p| p.snapshot.split(':').any(|l| l == f))
+            })
+        };
+        let kept_dir = vols.root.join("pre-restore");
+        for f in snapshot.split(':') {
+            if Path::new(f).parent() == Some(kept_dir.as_path()) && !named(f) {
+                if let Err(e) = std::fs::remove_file(f) {
+                    log::warn!("cannot remove {f}: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Serves a `volume_*` request of the control socket.
     pub(super) fn volume_request(&self, req: Request) -> Result<Response> {
         let with_volume = |v| Response {
@@ -699,6 +763,10 @@ impl Service {
             } => with_cut(self.volume_snapshot(&name, &output, full, paused)?),
             Request::VolumeRestore { name, snapshot } => {
                 with_cut(self.volume_restore(&name, &snapshot)?)
+            }
+            Request::VolumeDrop { name, snapshot } => {
+                self.volume_drop(&name, &snapshot)?;
+                Response::ok()
             }
             other => return Err(Error::Internal(format!("not a volume request: {other:?}"))),
         })

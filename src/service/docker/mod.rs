@@ -3,7 +3,9 @@
 //! (`/run/docker/plugins/NAME.sock` by default), answered with
 //! `application/vnd.docker.plugins.v1+json`. Plugin.Activate, VolumeDriver.Create,
 //! Remove, Mount, Unmount, Path, Get, List and Capabilities (scope `local`); a
-//! refusal is `{"Err": "one line"}`. [`api`] is the other direction: the few engine
+//! refusal is `{"Err": "one line"}`. Docker activates a plugin once per daemon run,
+//! so an Activate means a new dockerd: the Mount IDs of the one before are forgotten
+//! (its containers are gone; live-restore is not supported). [`api`] is the other direction: the few engine
 //! calls that `snapfs volume snapshot --pause` makes.
 
 pub mod api;
@@ -206,7 +208,10 @@ pub fn route(service: &Service, path: &str, body: &[u8]) -> Value {
 
 fn call(service: &Service, path: &str, req: &Value) -> Result<Value> {
     Ok(match path {
-        "/Plugin.Activate" => json!({"Implements": ["VolumeDriver"]}),
+        "/Plugin.Activate" => {
+            service.volume_docker_started()?;
+            json!({"Implements": ["VolumeDriver"]})
+        }
         "/VolumeDriver.Capabilities" => json!({"Capabilities": {"Scope": "local"}}),
         "/VolumeDriver.Create" => {
             let name = field(req, "Name")?;
