@@ -13,9 +13,11 @@
 //!
 //! Blocking calls (mount, unmount, cut); the gRPC adapter runs them off its runtime.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crate::error::{Error, Result, SnapshotCode};
 use crate::index::build::BuildOptions;
@@ -38,6 +40,8 @@ struct Inner {
     service: Service,
     dir: PathBuf,
     model: Mutex<Snapshots>,
+    /// Layer blobs being indexed in the background, by path.
+    indexing: Mutex<HashMap<PathBuf, JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -72,6 +76,7 @@ impl Snapshotter {
                 service,
                 dir,
                 model: Mutex::new(model),
+                indexing: Mutex::new(HashMap::new()),
             }),
         };
         s.ensure_views();
@@ -186,6 +191,45 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Builds (and stores) the index of a layer blob on a thread of its own, so that
+    /// the first view of the layer finds it: while containerd's differ decompresses
+    /// the layer, or right after a layer is recorded from its blob.
+    fn index_in_background(&self, path: &Path) {
+        let mut running = lock(&self.inner.indexing);
+        running.retain(|_, h| !h.is_finished());
+        if running.contains_key(path) {
+            return;
+        }
+        let p = path.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("index-layer".into())
+            .spawn(move || {
+                let t = Instant::now();
+                match crate::view::open_archive(&p, &BuildOptions::default(), 1 << 20) {
+                    Ok(_) => log::info!(
+                        "layer {} indexed in {:.2} s",
+                        p.display(),
+                        t.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => log::warn!("layer {} not indexed: {e}", p.display()),
+                }
+            });
+        match spawned {
+            Ok(h) => {
+                running.insert(path.to_path_buf(), h);
+            }
+            Err(e) => log::warn!("cannot start indexing {}: {e}", path.display()),
+        }
+    }
+
+    /// Waits for the background indexing of `path`, if any.
+    fn wait_index(&self, path: &Path) {
+        let h = lock(&self.inner.indexing).remove(path);
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+    }
+
     /// The committed snapshot for target `target` on `parent`, if recorded.
     pub fn has_target(&self, target: &str, parent: Option<&str>) -> bool {
         lock(&self.inner.model)
@@ -227,10 +271,9 @@ impl Snapshotter {
                 Some(blob) => {
                     let dir = inner.dir.join("scratch").join(id.to_string());
                     std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-                    Content::Scratch {
-                        dir,
-                        blob: self.link_blob(blob)?,
-                    }
+                    let blob = self.link_blob(blob)?;
+                    self.index_in_background(&blob);
+                    Content::Scratch { dir, blob }
                 }
                 None => {
                     let mountpoint = inner.dir.join("mnt").join(id.to_string());
@@ -327,10 +370,14 @@ impl Snapshotter {
         let inner = &*self.inner;
         let s = lock(&inner.model).check_commit(name, key)?.clone();
         let layer = match &s.content {
-            Content::Scratch { blob, .. } => Content::Layer {
-                path: blob.clone(),
-                owned: true,
-            },
+            Content::Scratch { blob, .. } => {
+                // The differ is done; the layer's first view will find its index.
+                self.wait_index(blob);
+                Content::Layer {
+                    path: blob.clone(),
+                    owned: true,
+                }
+            }
             Content::View {
                 view,
                 upper: Some(upper),
