@@ -573,3 +573,103 @@ fn du(dir: &Path) -> (i64, i64) {
     }
     (bytes, inodes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::ServiceConfig;
+
+    fn code(e: Error) -> SnapshotCode {
+        match e {
+            Error::Snapshot { code, .. } => code,
+            other => panic!("not a snapshot error: {other}"),
+        }
+    }
+
+    /// The remote path without containerd: a layer recorded from its blob is a
+    /// committed snapshot found by its target label, its blob linked (not copied) and
+    /// indexed; removal unlinks it; cleanup leaves what is used.
+    #[test]
+    fn layers_from_blobs_are_committed_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let blob = blobs.join("layer");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "etc/x", &b"abc"[..]).unwrap();
+        std::fs::write(&blob, b.into_inner().unwrap()).unwrap();
+        let service = Service::start(ServiceConfig {
+            root: dir.path().join("root"),
+            cache_bytes: 64 << 20,
+            threads: 1,
+        })
+        .unwrap();
+        let sn = Snapshotter::open(service.clone()).unwrap();
+        let found = FoundLayer {
+            digest: format!("sha256:{}", "a".repeat(64)),
+            path: blob.clone(),
+        };
+        let mut labels = BTreeMap::new();
+        labels.insert(
+            super::super::LABEL_REF.to_string(),
+            "sha256:chain".to_string(),
+        );
+        sn.add_layer("sha256:chain", None, labels.clone(), &found)
+            .unwrap();
+        assert!(sn.has_target("sha256:chain", None));
+        assert_eq!(
+            code(
+                sn.add_layer("sha256:chain", None, labels, &found)
+                    .unwrap_err()
+            ),
+            SnapshotCode::AlreadyExists
+        );
+        let s = sn.stat("sha256:chain").unwrap();
+        assert_eq!(s.kind, Kind::Committed);
+        let Content::Layer { path, .. } = &s.content else {
+            panic!("{s:?}")
+        };
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(path).unwrap().ino(),
+            std::fs::metadata(&blob).unwrap().ino(),
+            "the blob is linked, not copied"
+        );
+        assert_eq!(
+            code(sn.mounts("sha256:chain").unwrap_err()),
+            SnapshotCode::FailedPrecondition
+        );
+        let size = std::fs::metadata(&blob).unwrap().len() as i64;
+        assert_eq!(sn.usage("sha256:chain").unwrap().0, size);
+        sn.wait_index(path);
+        if let Err(e) = crate::view::open_archive(path, &BuildOptions::default(), 1 << 20) {
+            panic!("{e}");
+        }
+        let mut idx = path.clone().into_os_string();
+        idx.push(".snapfs-idx");
+        assert!(
+            Path::new(&idx).exists(),
+            "the layer was not indexed: {:?}",
+            std::fs::read_dir(path.parent().unwrap())
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        );
+        sn.cleanup().unwrap();
+        assert!(path.exists());
+        sn.remove("sha256:chain").unwrap();
+        assert!(!path.exists() && !Path::new(&idx).exists());
+        assert!(blob.exists(), "the content store's blob stays");
+        assert_eq!(
+            code(sn.stat("sha256:chain").unwrap_err()),
+            SnapshotCode::NotFound
+        );
+        let again = Snapshotter::open(service).unwrap();
+        assert!(again.list().is_empty());
+    }
+}
