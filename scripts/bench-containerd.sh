@@ -181,8 +181,8 @@ while not buf.endswith(b"\n"):
     buf += s.recv(1 << 16)
 print(json.dumps(json.loads(buf)["status"]))' "$W/snapfs/svc/snapfs.sock"; }
 # Own files of the service (blob links share the content store's inodes).
-find "$W/snapfs/svc" -type f -links 1 -size +1M -printf "own file: %p %s\n" >&2
-s_own=$(find "$W/snapfs/svc" -type f -links 1 -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+find "$W/snapfs/svc" -xdev -type f -links 1 -size +1M -printf "own file: %p %s\n" >&2
+s_own=$(find "$W/snapfs/svc" -xdev -type f -links 1 -printf '%s\n' | awk '{s += $1} END {print s + 0}')
 s_disk=$(du -sb "$W/snapfs/root/io.containerd.snapshotter.v1.overlayfs" 2>/dev/null | cut -f1)
 s_blobs=$(du -sb "$W/snapfs/root/io.containerd.content.v1.content" | cut -f1)
 

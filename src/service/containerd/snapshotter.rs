@@ -301,6 +301,7 @@ impl Snapshotter {
                 Content::View { .. } => Some(self.view_config(&model, &snap)?),
                 _ => None,
             };
+
             model.insert(snap.clone())?;
             // Recorded first: a crash from here on finds the snapshot (and mounts its
             // view) at restart.
@@ -308,6 +309,11 @@ impl Snapshotter {
             (snap, cfg)
         };
         if let Some(cfg) = cfg {
+            // A layer indexed in the background is opened once its index is there,
+            // not indexed a second time.
+            for l in &cfg.layers {
+                self.wait_index(l);
+            }
             if let Err(e) = inner.service.add(cfg) {
                 let mut model = lock(&inner.model);
                 let _ = model.remove(key);
@@ -370,14 +376,12 @@ impl Snapshotter {
         let inner = &*self.inner;
         let s = lock(&inner.model).check_commit(name, key)?.clone();
         let layer = match &s.content {
-            Content::Scratch { blob, .. } => {
-                // The differ is done; the layer's first view will find its index.
-                self.wait_index(blob);
-                Content::Layer {
-                    path: blob.clone(),
-                    owned: true,
-                }
-            }
+            // The differ is done; the index may still be being built (a view of
+            // the layer waits for it).
+            Content::Scratch { blob, .. } => Content::Layer {
+                path: blob.clone(),
+                owned: true,
+            },
             Content::View {
                 view,
                 upper: Some(upper),
