@@ -13,13 +13,13 @@ cd "$(dirname "$0")/.."
 #   fuse3 pigz zstd xz-utils bzip2 pbzip2 lbzip2 attr tar python3: the archives and
 #   the tree comparisons
 #   runc busybox-static: container tests; mount util-linux passwd: permission and
-#   mount-helper tests; fio: load tests.
+#   mount-helper tests; fio: load tests; docker.io: the Docker volume tests (dockerd).
 #   containerd: the snapshotter tests; protobuf-compiler (+ libprotobuf-dev below):
 #   build.rs generates containerd's gRPC API.
 PACKAGES="fuse3:fusermount3 pigz:pigz zstd:zstd xz-utils:xz bzip2:bzip2 pbzip2:pbzip2
   lbzip2:lbzip2 attr:getfattr python3:python3 tar:tar
   gzip:gzip runc:runc mount:mount util-linux:setpriv passwd:useradd fio:fio
-  containerd:containerd protobuf-compiler:protoc"
+  containerd:containerd protobuf-compiler:protoc docker.io:dockerd"
 # crates.io tools, pinned: the POSIX suites run inside writable views.
 CRATES="pjdfstest@0.2.2:pjdfstest fsx@0.3.2:fsx"
 

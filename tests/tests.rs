@@ -31,3 +31,4 @@ mod semantics;
 mod service;
 mod trust;
 mod upper;
+mod volumes;

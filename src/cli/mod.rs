@@ -10,6 +10,7 @@ mod mount;
 mod serve;
 mod umount;
 mod verify;
+mod volume;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +59,8 @@ consistent state and never mixes in writes that happen during the cut."
     /// Check an image's blobs against its manifest (digests, sizes) and its layers
     /// against the config's diff_ids; names the failing layer.
     Verify(verify::VerifyArgs),
+    /// The Docker volumes of a snapfs service: ls, inspect, snapshot, restore.
+    Volume(volume::VolumeArgs),
 }
 
 /// Parses the arguments and runs the subcommand. Invoked as `mount.fuse.snapfs`
@@ -82,6 +85,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Serve(a) => serve::run(a),
         Command::Commit(a) => commit::run(a),
         Command::Verify(a) => verify::run(a),
+        Command::Volume(a) => volume::run(a),
     }
 }
 

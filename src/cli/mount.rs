@@ -135,13 +135,12 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     }
     if args.ready_fd.is_none() {
         if let Some(socket) = super::service_socket(args.service.as_deref()) {
-            if let Some(view::Input::Image(img)) =
-                inputs.iter().find(|i| matches!(i, view::Input::Image(_)))
-            {
-                return Err(Error::Usage(format!(
-                    "{} is an image; the service does not serve images yet (mount it without --service)",
-                    img.path.display()
-                )));
+            // The service chooses an image's default image and platform itself.
+            if select.reference.is_some() || select.platform.is_some() {
+                return Err(Error::Usage(
+                    "--image and --platform are not passed to the service (mount without --service)"
+                        .into(),
+                ));
             }
             // The service checks the mountpoint itself (and names its own view there).
             return via_service(&args, archives, mountpoint, &socket);

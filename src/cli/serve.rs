@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::service::containerd::server::Server as ContainerdServer;
 use crate::service::containerd::snapshotter::Snapshotter;
 use crate::service::control::{self, Control};
+use crate::service::docker::{self, Plugin};
 use crate::service::{Service, ServiceConfig};
 
 /// Arguments of `snapfs serve`.
@@ -50,6 +51,13 @@ pub struct ServeArgs {
         default_value = "/run/containerd/containerd.sock"
     )]
     containerd_address: PathBuf,
+    /// Also serve Docker's volume plugin protocol as driver NAME, on
+    /// DIR/NAME.sock (`docker volume create -d NAME`); the socket goes with the service.
+    #[arg(long, value_name = "NAME")]
+    docker_plugin: Option<String>,
+    /// Where the Docker plugin socket goes.
+    #[arg(long, value_name = "DIR", default_value = docker::PLUGIN_DIR, requires = "docker_plugin")]
+    docker_plugin_dir: PathBuf,
 }
 
 /// Runs `snapfs serve`.
@@ -65,37 +73,22 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| control::default_socket(&args.root));
     let socket = absolute(socket)?;
+    if let Some(name) = &args.docker_plugin {
+        docker::check_plugin_name(name)?;
+    }
     let service = Service::start(ServiceConfig {
         root: args.root.clone(),
         cache_bytes: super::mount::default_cache_bytes(args.cache_size),
         threads: args.threads,
     })?;
-    let snapshots = match &args.containerd {
-        None => None,
-        Some(sock) => {
-            let started = Snapshotter::open(service.clone()).and_then(|sn| {
-                ContainerdServer::start(sn, &absolute(sock.clone())?, &args.containerd_address)
-            });
-            match started {
-                Ok(s) => Some(s),
-                Err(e) => {
-                    service.shutdown();
-                    return Err(e);
-                }
-            }
-        }
-    };
-    let control = match Control::bind(service.clone(), &socket) {
-        Ok(c) => c,
-        Err(e) => {
-            service.shutdown();
-            return Err(e);
-        }
-    };
+    let mut fronts = FrontEnds::default();
+    if let Err(e) = fronts.start(&service, &args, &socket) {
+        fronts.close(&service);
+        return Err(e);
+    }
     if let Some(f) = &args.pid_file {
         if let Err(e) = std::fs::write(f, format!("{}\n", std::process::id())) {
-            control.close();
-            service.shutdown();
+            fronts.close(&service);
             return Err(Error::io("cannot write pid file", f, e));
         }
     }
@@ -107,15 +100,62 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
     );
     super::mount::wait_for_signal();
     log::info!("signal received: unmounting every view");
-    control.close();
-    if let Some(s) = snapshots {
-        s.close();
-    }
-    service.shutdown();
+    fronts.close(&service);
     if let Some(f) = &args.pid_file {
         let _ = std::fs::remove_file(f);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The service's front-ends: containerd's snapshots API and Docker's volume plugin when
+/// asked for, then the control socket. Whatever started is closed, in reverse.
+#[derive(Default)]
+struct FrontEnds {
+    snapshots: Option<ContainerdServer>,
+    control: Option<Control>,
+    plugin: Option<Plugin>,
+}
+
+impl FrontEnds {
+    fn start(
+        &mut self,
+        service: &Service,
+        args: &ServeArgs,
+        socket: &std::path::Path,
+    ) -> Result<()> {
+        if let Some(sock) = &args.containerd {
+            let sn = Snapshotter::open(service.clone())?;
+            self.snapshots = Some(ContainerdServer::start(
+                sn,
+                &absolute(sock.clone())?,
+                &args.containerd_address,
+            )?);
+        }
+        if let Some(name) = &args.docker_plugin {
+            self.plugin = Some(Plugin::bind(
+                service.clone(),
+                &args.docker_plugin_dir,
+                name,
+            )?);
+        }
+        // Last: a client that gets an answer here finds every other front-end up.
+        self.control = Some(Control::bind(service.clone(), socket)?);
+        Ok(())
+    }
+
+    /// Closes the front-ends, then unmounts every view.
+    fn close(&mut self, service: &Service) {
+        if let Some(c) = self.control.take() {
+            c.close();
+        }
+        if let Some(p) = self.plugin.take() {
+            p.close();
+        }
+        if let Some(s) = self.snapshots.take() {
+            s.close();
+        }
+        service.shutdown();
+    }
 }
 
 fn absolute(p: PathBuf) -> Result<PathBuf> {

@@ -71,6 +71,30 @@ impl Archives {
     /// The archive at canonical `path`, opened now (its index loaded or built with
     /// `opts`) unless a view already has it open and it is unchanged.
     pub fn open(&self, path: &Path, opts: &BuildOptions) -> Result<Arc<OpenArchive>> {
+        self.open_with(path, opts, || {
+            Ok(Arc::new(FileSource::open(path)?) as Arc<dyn Source>)
+        })
+    }
+
+    /// The archive whose bytes are `source` (a layer of an image), registered under
+    /// `key` (the image's path joined with `@` and the layer's digest), as [`open`].
+    ///
+    /// [`open`]: Archives::open
+    pub fn open_source(
+        &self,
+        key: &Path,
+        source: Arc<dyn Source>,
+        opts: &BuildOptions,
+    ) -> Result<Arc<OpenArchive>> {
+        self.open_with(key, opts, || Ok(source.clone()))
+    }
+
+    fn open_with(
+        &self,
+        path: &Path,
+        opts: &BuildOptions,
+        source: impl Fn() -> Result<Arc<dyn Source>>,
+    ) -> Result<Arc<OpenArchive>> {
         let slot = {
             let mut slots = lock(&self.slots);
             // Forget slots whose archive is closed (none is being opened: try_lock).
@@ -90,7 +114,7 @@ impl Archives {
                 path.display()
             );
         }
-        let source = Arc::new(CountedSource::new(Arc::new(FileSource::open(path)?)));
+        let source = Arc::new(CountedSource::new(source()?));
         let archive = Archive::from_source(source.clone())?;
         let tree = view::open_archive_in(archive, opts, Spans::Pool(&self.pool))?;
         let a = Arc::new(OpenArchive {

@@ -4,17 +4,22 @@
 //! the recovery after a restart or a crash (stale mounts detached, every recorded
 //! view mounted again with its upper dir) before any request is answered.
 //! Front-ends are thin adapters over it: the control socket ([`control`], speaking
-//! [`protocol`]; [`client`] is its other end) and, later, containerd's snapshots API.
+//! [`protocol`]; [`client`] is its other end), Docker's volume plugin protocol
+//! ([`docker`], over the volumes of [`volumes`]) and, later, containerd's snapshots API.
+//! Each view's changes pass a freeze gate ([`gate`]), so a view in use can be cut.
 
 mod archives;
 pub mod client;
 pub mod containerd;
 pub mod control;
 mod counted;
+pub mod docker;
+mod gate;
 mod mounts;
 pub mod protocol;
 pub mod snapshots;
 pub mod state;
+pub mod volumes;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -28,11 +33,13 @@ use crate::cache::SpanPool;
 use crate::error::{Error, Result};
 use crate::fs::{MountOptions, Served, Session};
 use crate::idmap::IdMap;
+use crate::image::{Image, Select};
 use crate::index::build::BuildOptions;
 use crate::index::tree::Tree;
 use crate::view;
 
 use archives::{Archives, OpenArchive, SharedTree};
+use gate::{Gate, GatedTree};
 pub use protocol::{CacheInfo, Request, Response, SourceInfo, Status, ViewInfo, ViewState};
 pub use state::ViewConfig;
 
@@ -78,6 +85,10 @@ struct Inner {
     closing: AtomicBool,
     next_id: AtomicU64,
     exits: mpsc::Sender<Exit>,
+    /// The freeze gate of each live view, by key.
+    gates: Mutex<BTreeMap<String, Weak<Gate>>>,
+    /// The Docker volumes (see [`volumes`]).
+    volumes: volumes::Volumes,
     _lock: File,
 }
 
@@ -119,6 +130,7 @@ impl Service {
             .canonicalize()
             .map_err(|e| Error::io("cannot resolve", &config.root, e))?;
         let saved = state::load(&root)?;
+        let volumes = volumes::Volumes::load(&root)?;
         let (exits, ended) = mpsc::channel();
         let inner = Arc::new(Inner {
             root,
@@ -129,6 +141,8 @@ impl Service {
             closing: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             exits,
+            gates: Mutex::new(BTreeMap::new()),
+            volumes,
             _lock: lock_file,
         });
         let weak = Arc::downgrade(&inner);
@@ -299,6 +313,12 @@ impl Service {
                 status: Some(self.status()),
                 ..Response::ok()
             },
+            r @ (Request::VolumeCreate { .. }
+            | Request::VolumeRemove { .. }
+            | Request::VolumeList {}
+            | Request::VolumeInspect { .. }
+            | Request::VolumeSnapshot { .. }
+            | Request::VolumeRestore { .. }) => self.volume_request(r)?,
         })
     }
 
@@ -418,12 +438,9 @@ impl Inner {
         let opts = BuildOptions {
             span_bytes: v.span.unwrap_or(DEFAULT_SPAN).max(64 << 10),
         };
-        let mut layers: Vec<Box<dyn Tree>> = Vec::with_capacity(v.layers.len());
-        for path in &v.layers {
-            layers.push(Box::new(SharedTree(self.archives.open(path, &opts)?)));
-        }
         let idmap = IdMap::from_args(&v.uid_map, &v.gid_map, v.owner.as_deref())?;
-        let tree = view::finish(view::stack(layers)?, v.upper.as_deref(), &idmap)?;
+        let gate = Gate::new(self.open_tree(v, &opts)?);
+        let tree = view::finish(Box::new(GatedTree(gate.clone())), None, &idmap)?;
         let names: Vec<String> = v.layers.iter().map(|a| a.display().to_string()).collect();
         let options = MountOptions::parse(
             format!("snapfs:{}", names.join(":")),
@@ -433,6 +450,7 @@ impl Inner {
         );
         let session = Session::mount(tree, &v.mountpoint, &options)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.gates).insert(v.key.clone(), Arc::downgrade(&gate));
         let exits = self.exits.clone();
         let key = v.key.clone();
         let served = session.spawn(format!("view-{id}"), move |r| {
@@ -446,6 +464,34 @@ impl Inner {
             return Err(Error::Service("the snapfs service is shutting down".into()));
         }
         Ok((served, id))
+    }
+
+    /// The view's layers (an image input stands for its layers, each a shared
+    /// archive of its own) under its upper dir: the tree a view's gate holds, without
+    /// its id map.
+    fn open_tree(&self, v: &ViewConfig, opts: &BuildOptions) -> Result<Box<dyn Tree>> {
+        let mut layers: Vec<Box<dyn Tree>> = Vec::with_capacity(v.layers.len());
+        let mut image = false;
+        for path in &v.layers {
+            match Image::open(path, &Select::default())? {
+                Some(img) => {
+                    image = true;
+                    for l in &img.layers {
+                        let key = path.join(format!("@{}", l.label));
+                        let a = self.archives.open_source(&key, l.source.clone(), opts)?;
+                        layers.push(Box::new(SharedTree(a)));
+                    }
+                }
+                None => layers.push(Box::new(SharedTree(self.archives.open(path, opts)?))),
+            }
+        }
+        // An image always goes through the layer stack (its whiteouts stay hidden).
+        let lower = if image {
+            Box::new(crate::layers::LayeredTree::new(layers)?)
+        } else {
+            view::stack(layers)?
+        };
+        view::finish(lower, v.upper.as_deref(), &IdMap::default())
     }
 
     /// A view's session ended. If nobody asked for it (an unmount outside the
@@ -620,6 +666,8 @@ fn check(mut v: ViewConfig) -> Result<ViewConfig> {
         absolute("archive", layer)?;
         match std::fs::metadata(&*layer) {
             Ok(m) if m.is_file() => {}
+            // An OCI image layout.
+            Ok(m) if m.is_dir() && layer.join("oci-layout").is_file() => {}
             Ok(_) => {
                 return Err(Error::NotA {
                     path: layer.clone(),

@@ -2,6 +2,7 @@
 //! from the client, then its response (see README, "The snapfs service"). Parsing
 //! never fails the service: a bad line gets an error response.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
@@ -10,6 +11,7 @@ use crate::cache::PoolStats;
 use crate::error::{Error, Result};
 
 use super::state::ViewConfig;
+use super::volumes::{CutInfo, VolumeInfo};
 
 /// A request, tagged by `op`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,6 +38,46 @@ pub enum Request {
     },
     /// The service: its cache, its sources and their bytes read, its views.
     Status {},
+    /// Create a Docker volume (as `docker volume create -d snapfs -o ...` does).
+    VolumeCreate {
+        /// Its name.
+        name: String,
+        /// Its options (`snapshot`, `writable`, `uid_map`, `gid_map`).
+        #[serde(default)]
+        opts: BTreeMap<String, String>,
+    },
+    /// Remove a volume that no container uses.
+    VolumeRemove {
+        /// Its name.
+        name: String,
+    },
+    /// The volumes, by name.
+    VolumeList {},
+    /// One volume.
+    VolumeInspect {
+        /// Its name.
+        name: String,
+    },
+    /// Cut a volume's changes (or, `full`, the whole volume) to `output`.
+    VolumeSnapshot {
+        /// Its name.
+        name: String,
+        /// The snapshot to write (absolute; .tar, .tar.gz, .tar.zst).
+        output: PathBuf,
+        /// A standalone snapshot of the whole volume instead of a delta.
+        #[serde(default)]
+        full: bool,
+        /// The containers that use the volume are paused (cut it though in use).
+        #[serde(default)]
+        paused: bool,
+    },
+    /// Point a volume at another snapshot; its old state is kept.
+    VolumeRestore {
+        /// Its name.
+        name: String,
+        /// The snapshot (absolute paths, `a:b:c` for a stack).
+        snapshot: String,
+    },
 }
 
 /// How a view stands.
@@ -142,6 +184,15 @@ pub struct Response {
     /// The status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// The volume created or inspected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<VolumeInfo>,
+    /// The volumes listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_list: Option<Vec<VolumeInfo>>,
+    /// What a volume snapshot or restore cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cut: Option<CutInfo>,
 }
 
 impl Response {
