@@ -13,9 +13,11 @@
 //!
 //! Blocking calls (mount, unmount, cut); the gRPC adapter runs them off its runtime.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crate::error::{Error, Result, SnapshotCode};
 use crate::index::build::BuildOptions;
@@ -38,6 +40,8 @@ struct Inner {
     service: Service,
     dir: PathBuf,
     model: Mutex<Snapshots>,
+    /// Layer blobs being indexed in the background, by path.
+    indexing: Mutex<HashMap<PathBuf, JoinHandle<()>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -72,6 +76,7 @@ impl Snapshotter {
                 service,
                 dir,
                 model: Mutex::new(model),
+                indexing: Mutex::new(HashMap::new()),
             }),
         };
         s.ensure_views();
@@ -186,6 +191,45 @@ impl Snapshotter {
         Ok(())
     }
 
+    /// Builds (and stores) the index of a layer blob on a thread of its own, so that
+    /// the first view of the layer finds it: while containerd's differ decompresses
+    /// the layer, or right after a layer is recorded from its blob.
+    fn index_in_background(&self, path: &Path) {
+        let mut running = lock(&self.inner.indexing);
+        running.retain(|_, h| !h.is_finished());
+        if running.contains_key(path) {
+            return;
+        }
+        let p = path.to_path_buf();
+        let spawned = std::thread::Builder::new()
+            .name("index-layer".into())
+            .spawn(move || {
+                let t = Instant::now();
+                match crate::view::open_archive(&p, &BuildOptions::default(), 1 << 20) {
+                    Ok(_) => log::info!(
+                        "layer {} indexed in {:.2} s",
+                        p.display(),
+                        t.elapsed().as_secs_f64()
+                    ),
+                    Err(e) => log::warn!("layer {} not indexed: {e}", p.display()),
+                }
+            });
+        match spawned {
+            Ok(h) => {
+                running.insert(path.to_path_buf(), h);
+            }
+            Err(e) => log::warn!("cannot start indexing {}: {e}", path.display()),
+        }
+    }
+
+    /// Waits for the background indexing of `path`, if any.
+    fn wait_index(&self, path: &Path) {
+        let h = lock(&self.inner.indexing).remove(path);
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+    }
+
     /// The committed snapshot for target `target` on `parent`, if recorded.
     pub fn has_target(&self, target: &str, parent: Option<&str>) -> bool {
         lock(&self.inner.model)
@@ -227,10 +271,9 @@ impl Snapshotter {
                 Some(blob) => {
                     let dir = inner.dir.join("scratch").join(id.to_string());
                     std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-                    Content::Scratch {
-                        dir,
-                        blob: self.link_blob(blob)?,
-                    }
+                    let blob = self.link_blob(blob)?;
+                    self.index_in_background(&blob);
+                    Content::Scratch { dir, blob }
                 }
                 None => {
                     let mountpoint = inner.dir.join("mnt").join(id.to_string());
@@ -258,6 +301,7 @@ impl Snapshotter {
                 Content::View { .. } => Some(self.view_config(&model, &snap)?),
                 _ => None,
             };
+
             model.insert(snap.clone())?;
             // Recorded first: a crash from here on finds the snapshot (and mounts its
             // view) at restart.
@@ -265,6 +309,11 @@ impl Snapshotter {
             (snap, cfg)
         };
         if let Some(cfg) = cfg {
+            // A layer indexed in the background is opened once its index is there,
+            // not indexed a second time.
+            for l in &cfg.layers {
+                self.wait_index(l);
+            }
             if let Err(e) = inner.service.add(cfg) {
                 let mut model = lock(&inner.model);
                 let _ = model.remove(key);
@@ -327,6 +376,8 @@ impl Snapshotter {
         let inner = &*self.inner;
         let s = lock(&inner.model).check_commit(name, key)?.clone();
         let layer = match &s.content {
+            // The differ is done; the index may still be being built (a view of
+            // the layer waits for it).
             Content::Scratch { blob, .. } => Content::Layer {
                 path: blob.clone(),
                 owned: true,
@@ -525,4 +576,104 @@ fn du(dir: &Path) -> (i64, i64) {
         }
     }
     (bytes, inodes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::ServiceConfig;
+
+    fn code(e: Error) -> SnapshotCode {
+        match e {
+            Error::Snapshot { code, .. } => code,
+            other => panic!("not a snapshot error: {other}"),
+        }
+    }
+
+    /// The remote path without containerd: a layer recorded from its blob is a
+    /// committed snapshot found by its target label, its blob linked (not copied) and
+    /// indexed; removal unlinks it; cleanup leaves what is used.
+    #[test]
+    fn layers_from_blobs_are_committed_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("blobs");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let blob = blobs.join("layer");
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "etc/x", &b"abc"[..]).unwrap();
+        std::fs::write(&blob, b.into_inner().unwrap()).unwrap();
+        let service = Service::start(ServiceConfig {
+            root: dir.path().join("root"),
+            cache_bytes: 64 << 20,
+            threads: 1,
+        })
+        .unwrap();
+        let sn = Snapshotter::open(service.clone()).unwrap();
+        let found = FoundLayer {
+            digest: format!("sha256:{}", "a".repeat(64)),
+            path: blob.clone(),
+        };
+        let mut labels = BTreeMap::new();
+        labels.insert(
+            super::super::LABEL_REF.to_string(),
+            "sha256:chain".to_string(),
+        );
+        sn.add_layer("sha256:chain", None, labels.clone(), &found)
+            .unwrap();
+        assert!(sn.has_target("sha256:chain", None));
+        assert_eq!(
+            code(
+                sn.add_layer("sha256:chain", None, labels, &found)
+                    .unwrap_err()
+            ),
+            SnapshotCode::AlreadyExists
+        );
+        let s = sn.stat("sha256:chain").unwrap();
+        assert_eq!(s.kind, Kind::Committed);
+        let Content::Layer { path, .. } = &s.content else {
+            panic!("{s:?}")
+        };
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(path).unwrap().ino(),
+            std::fs::metadata(&blob).unwrap().ino(),
+            "the blob is linked, not copied"
+        );
+        assert_eq!(
+            code(sn.mounts("sha256:chain").unwrap_err()),
+            SnapshotCode::FailedPrecondition
+        );
+        let size = std::fs::metadata(&blob).unwrap().len() as i64;
+        assert_eq!(sn.usage("sha256:chain").unwrap().0, size);
+        sn.wait_index(path);
+        if let Err(e) = crate::view::open_archive(path, &BuildOptions::default(), 1 << 20) {
+            panic!("{e}");
+        }
+        let mut idx = path.clone().into_os_string();
+        idx.push(".snapfs-idx");
+        assert!(
+            Path::new(&idx).exists(),
+            "the layer was not indexed: {:?}",
+            std::fs::read_dir(path.parent().unwrap())
+                .unwrap()
+                .flatten()
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        );
+        sn.cleanup().unwrap();
+        assert!(path.exists());
+        sn.remove("sha256:chain").unwrap();
+        assert!(!path.exists() && !Path::new(&idx).exists());
+        assert!(blob.exists(), "the content store's blob stays");
+        assert_eq!(
+            code(sn.stat("sha256:chain").unwrap_err()),
+            SnapshotCode::NotFound
+        );
+        let again = Snapshotter::open(service).unwrap();
+        assert!(again.list().is_empty());
+    }
 }
