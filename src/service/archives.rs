@@ -17,7 +17,7 @@ use crate::cache::SpanPool;
 use crate::error::Result;
 use crate::index::build::BuildOptions;
 use crate::index::tree::{Attr, DirSink, FsStats, IndexTree, Tree};
-use crate::source::{FileSource, Source};
+use crate::source::Source;
 use crate::view::{self, Spans};
 
 use super::counted::CountedSource;
@@ -90,7 +90,7 @@ impl Archives {
                 path.display()
             );
         }
-        let source = Arc::new(CountedSource::new(Arc::new(FileSource::open(path)?)));
+        let source = Arc::new(CountedSource::new(crate::source::open(path)?));
         let archive = Archive::from_source(source.clone())?;
         let tree = view::open_archive_in(archive, opts, Spans::Pool(&self.pool))?;
         let a = Arc::new(OpenArchive {
