@@ -383,7 +383,7 @@ impl Shared {
 
     /// Block `b` (claimed as pending) from the disk cache, if there: into memory,
     /// waiters woken.
-    fn from_disk(&self, b: u64) -> Option<Bytes> {
+    fn load_from_disk(&self, b: u64) -> Option<Bytes> {
         let blk = Bytes::from(self.disk.as_ref()?.get(&self.key, b, self.block_len(b))?);
         {
             let mut g = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
@@ -479,7 +479,7 @@ impl Shared {
             for (a, z) in runs {
                 let mut start = a;
                 for b in a..=z {
-                    if let Some(blk) = self.from_disk(b) {
+                    if let Some(blk) = self.load_from_disk(b) {
                         have[(b - first) as usize] = Some(blk);
                         if b > start {
                             fetch_runs.push((start, b - 1));
@@ -573,7 +573,7 @@ impl Shared {
                 // Blocks on disk need no request.
                 let mut start = a;
                 for b in a..=z {
-                    if this.from_disk(b).is_some() {
+                    if this.load_from_disk(b).is_some() {
                         if b > start {
                             let _ = this.fetch_run(start, b - 1).await;
                         }
@@ -591,9 +591,9 @@ impl Shared {
 }
 
 /// Awaits all of `futs`, concurrently.
-async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join<F>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
 where
-    F: Send + 'static,
+    F: std::future::Future + Send + 'static,
     F::Output: Send + 'static,
 {
     let handles: Vec<_> = futs.map(|f| tokio::spawn(f)).collect();
