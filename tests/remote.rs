@@ -151,6 +151,8 @@ struct Faults {
     strip_range: AtomicBool,
     /// Deny requests signed with this access key (403 InvalidAccessKeyId).
     deny_key: std::sync::Mutex<Option<String>>,
+    /// Deny uploads of multipart parts (403), as a failure mid-upload.
+    deny_parts: AtomicBool,
     stop: AtomicBool,
 }
 
@@ -254,6 +256,10 @@ fn serve_conn(client: TcpStream, upstream: u16, f: &Faults) -> std::io::Result<(
         let denied = deny.is_some_and(|k| {
             header(&head, "authorization").is_some_and(|a| a.contains(&format!("Credential={k}/")))
         });
+        let denied = denied
+            || (f.deny_parts.load(Ordering::SeqCst)
+                && head[0].starts_with("PUT ")
+                && head[0].contains("partNumber="));
         if denied {
             let msg = "<?xml version=\"1.0\"?><Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access Key Id you provided does not exist in our records.</Message></Error>";
             write!(
@@ -409,7 +415,6 @@ impl S3 {
         PathBuf::from(format!("s3://snaps/{key}"))
     }
 
-    #[allow(dead_code)]
     fn get(&self, key: &str, out: &Path) {
         self.py(
             "s3.download_file('snaps', sys.argv[1], sys.argv[2])",
@@ -812,4 +817,87 @@ fn s3_foreign_tar_gz_is_indexed_once_and_a_published_index_serves_other_hosts() 
         s3.proxy.bytes() - b2
     );
     tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+}
+
+#[test]
+fn create_and_commit_to_s3_upload_objects_gnu_tar_extracts_and_snapfs_mounts() {
+    let td = TestDir::new("remote-upload");
+    let s3 = S3::start(&td);
+    let src = td.join("src");
+    corpus::build_small_tree(&src, 21);
+    // 20 MiB: three parts of the multipart upload.
+    std::fs::write(src.join("big.bin"), util::random_bytes(20 << 20, 8)).unwrap();
+    let r = s3.snapfs(&[
+        "create",
+        src.to_str().unwrap(),
+        "-o",
+        "s3://snaps/up/made.tar.gz",
+    ]);
+    assert!(r.ok(), "{}", r.stderr_str());
+    let got = td.join("made.tar.gz");
+    s3.get("up/made.tar.gz", &got);
+    let exp = td.mkdir("exp");
+    corpus::extract(&got, &exp);
+    assert!(std::fs::read(exp.join("big.bin")).unwrap() == util::random_bytes(20 << 20, 8));
+    let url = PathBuf::from("s3://snaps/up/made.tar.gz");
+    {
+        let m = s3.mount(&url, &td.join("m"), &[]);
+        tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+    }
+
+    // commit: a delta of a view over the S3 snapshot, uploaded as a plain tar.
+    let upper = td.mkdir("upper");
+    let upper_s = upper.display().to_string();
+    {
+        let m = s3.mount(&url, &td.join("m"), &["--upper", &upper_s]);
+        std::fs::write(m.join("new-file"), b"written in the view\n").unwrap();
+        std::fs::remove_file(m.join("readme")).unwrap();
+        m.unmount();
+    }
+    let r = s3.snapfs(&[
+        "commit",
+        "s3://snaps/up/made.tar.gz",
+        "--upper",
+        &upper_s,
+        "-o",
+        "s3://snaps/up/delta.tar",
+    ]);
+    assert!(r.ok(), "{}", r.stderr_str());
+    let delta = td.join("delta.tar");
+    s3.get("up/delta.tar", &delta);
+    let listed = util::run_ok(Command::new("tar").arg("-tf").arg(&delta)).stdout_str();
+    assert!(
+        listed.contains("new-file") && listed.contains(".wh.readme"),
+        "{listed}"
+    );
+    let delta_url = PathBuf::from("s3://snaps/up/delta.tar");
+    let m = s3.mount(&delta_url, &td.join("m2"), &["s3://snaps/up/made.tar.gz"]);
+    assert_eq!(read(&m.join("new-file")).unwrap(), b"written in the view\n");
+    assert!(!m.join("readme").exists());
+    m.unmount();
+
+    // A failure mid-upload: an error line, the upload aborted, nothing stored.
+    s3.proxy.faults.deny_parts.store(true, Ordering::SeqCst);
+    let r = s3.snapfs(&[
+        "create",
+        src.to_str().unwrap(),
+        "-o",
+        "s3://snaps/up/failed.tar.zst",
+    ]);
+    util::assert_one_line_error(&r, "s3://snaps/up/failed.tar.zst");
+    s3.proxy.faults.deny_parts.store(false, Ordering::SeqCst);
+    assert!(
+        !s3.keys().iter().any(|k| k.contains("failed")),
+        "{:?}",
+        s3.keys()
+    );
+    let pending = s3.py(
+        "print(len(s3.list_multipart_uploads(Bucket='snaps').get('Uploads', [])))",
+        &[],
+    );
+    assert_eq!(
+        pending.stdout_str().trim(),
+        "0",
+        "an upload was left behind"
+    );
 }

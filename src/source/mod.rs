@@ -12,6 +12,7 @@ mod disk;
 mod file;
 mod range;
 mod remote;
+mod upload;
 
 use std::io::{self, Read};
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ pub use disk::DiskCache;
 pub use file::FileSource;
 pub use range::RangeSource;
 pub use remote::{identity_key, is_remote, RemoteSource, RemoteStats, BLOCK};
+pub use upload::Upload;
 
 /// The disk cache remote sources of this process use (set once, by the CLI).
 static DISK_CACHE: std::sync::OnceLock<Arc<DiskCache>> = std::sync::OnceLock::new();

@@ -63,7 +63,7 @@ pub fn is_remote(p: &Path) -> bool {
 }
 
 /// The runtime every remote request runs on (two worker threads, started on first use).
-fn runtime() -> &'static tokio::runtime::Runtime {
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
