@@ -622,6 +622,14 @@ fn s3_snapshot_mount_fetches_about_its_index_and_one_file_at_most_two_spans() {
         0,
         "second mount fetched bytes the disk cache holds"
     );
+    // `snapfs list` shows the remote source and the cache's hit rate.
+    let l = s3.snapfs(&["list", "--disk-cache", &disk_s]);
+    let out = l.stdout_str();
+    assert!(out.contains("s3://snaps/snap.tar.gz"), "{out}");
+    assert!(
+        out.contains("# disk cache") && out.contains("hit rate"),
+        "{out}"
+    );
 }
 
 fn walkdir_count(p: &Path) -> usize {

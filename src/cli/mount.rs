@@ -560,6 +560,9 @@ fn serve(
         let _ = std::fs::remove_file(f);
     }
     log::info!("{} unmounted, daemon exits", mountpoint.display());
+    if let Some(cache) = crate::source::disk_cache() {
+        cache.flush_counts();
+    }
     result.map(|()| ExitCode::SUCCESS)
 }
 

@@ -28,6 +28,26 @@ pub struct DiskCache {
     evicting: Mutex<()>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Counts not yet added to `DIR/.stats` (hits, misses).
+    unsaved: Mutex<(u64, u64)>,
+}
+
+/// Counts are added to the shared stats file every this many lookups.
+const SAVE_EVERY: u64 = 64;
+/// The shared counters of every process using the cache: "hits misses".
+const STATS: &str = ".stats";
+
+/// What `snapfs list` says about a disk cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheSummary {
+    /// Bytes in block files.
+    pub bytes: u64,
+    /// Block files.
+    pub blocks: u64,
+    /// Lookups that found their block, by every process (as saved so far).
+    pub hits: u64,
+    /// Lookups that did not.
+    pub misses: u64,
 }
 
 impl DiskCache {
@@ -41,6 +61,7 @@ impl DiskCache {
             evicting: Mutex::new(()),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            unsaved: Mutex::new((0, 0)),
         };
         let used: u64 = cache.files().iter().map(|(_, len, _)| len).sum();
         cache.used.store(used, Ordering::Relaxed);
@@ -77,6 +98,7 @@ impl DiskCache {
             (n == len && body.len() as u64 == n && crc32fast::hash(body) == crc)
                 .then(|| body.to_vec())
         });
+        self.count(got.is_some());
         match &got {
             Some(_) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
@@ -93,6 +115,66 @@ impl DiskCache {
             }
         }
         got
+    }
+
+    fn count(&self, hit: bool) {
+        let mut u = self.unsaved.lock().unwrap_or_else(|p| p.into_inner());
+        if hit {
+            u.0 += 1;
+        } else {
+            u.1 += 1;
+        }
+        if u.0 + u.1 >= SAVE_EVERY {
+            let (h, m) = std::mem::take(&mut *u);
+            drop(u);
+            self.save_counts(h, m);
+        }
+    }
+
+    /// Adds this process's counts to the shared stats file now.
+    pub fn flush_counts(&self) {
+        let (h, m) = std::mem::take(&mut *self.unsaved.lock().unwrap_or_else(|p| p.into_inner()));
+        if h + m > 0 {
+            self.save_counts(h, m);
+        }
+    }
+
+    fn save_counts(&self, h: u64, m: u64) {
+        use std::io::{Read, Seek};
+        use std::os::fd::AsRawFd;
+        let path = self.dir.join(STATS);
+        let Ok(mut f) = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+        else {
+            return;
+        };
+        // SAFETY: flock on a descriptor we own; released when it is closed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return;
+        }
+        let mut text = String::new();
+        let _ = f.read_to_string(&mut text);
+        let (oh, om) = parse_counts(&text);
+        let _ = f.set_len(0);
+        let _ = f.rewind();
+        let _ = writeln!(f, "{} {}", oh + h, om + m);
+    }
+
+    /// Size, block count and the shared hit counts.
+    pub fn summary(&self) -> CacheSummary {
+        let files = self.files();
+        let text = fs::read_to_string(self.dir.join(STATS)).unwrap_or_default();
+        let (hits, misses) = parse_counts(&text);
+        CacheSummary {
+            bytes: files.iter().map(|f| f.1).sum(),
+            blocks: files.len() as u64,
+            hits,
+            misses,
+        }
     }
 
     /// Stores block `block` of object `key` (best effort: a failure is logged).
@@ -164,6 +246,13 @@ impl DiskCache {
     }
 }
 
+fn parse_counts(text: &str) -> (u64, u64) {
+    let mut it = text
+        .split_whitespace()
+        .map(|w| w.parse::<u64>().unwrap_or(0));
+    (it.next().unwrap_or(0), it.next().unwrap_or(0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,5 +284,10 @@ mod tests {
         let c2 = DiskCache::open(dir.path(), 1 << 20).unwrap();
         let kept = (0..8).filter(|&b| c2.get("k", b, data.len() as u64).is_some());
         assert!(kept.count() >= 1);
+        c.flush_counts();
+        c2.flush_counts();
+        let s = c2.summary();
+        assert!(s.hits >= 2 && s.misses >= 3, "{s:?}");
+        assert!(s.blocks >= 1 && s.bytes <= 1 << 20);
     }
 }

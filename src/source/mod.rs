@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use blob::BlobSource;
-pub use disk::DiskCache;
+pub use disk::{CacheSummary, DiskCache};
 pub use file::FileSource;
 pub use range::RangeSource;
 pub use remote::{identity_key, is_remote, RemoteSource, RemoteStats, BLOCK};
