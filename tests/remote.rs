@@ -909,3 +909,62 @@ fn create_and_commit_to_s3_upload_objects_gnu_tar_extracts_and_snapfs_mounts() {
         "an upload was left behind"
     );
 }
+
+#[test]
+fn service_views_take_s3_urls() {
+    let td = TestDir::new("remote-service");
+    let s3 = S3::start(&td);
+    let (_src, exp, archives) = corpus_in(&td);
+    let url = s3.put("svc/snap.tar.zst", &archives[2]);
+    let root = td.mkdir("svc-root");
+    let socket = td.join("svc.sock");
+    let log = std::fs::File::create(td.join("serve.log")).unwrap();
+    let child = Command::new(util::bin())
+        .arg("serve")
+        .arg("--root")
+        .arg(&root)
+        .arg("--socket")
+        .arg(&socket)
+        .envs(s3.env())
+        .env_remove("SNAPFS_SERVICE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let mut serve = Daemon {
+        child,
+        what: "snapfs serve",
+    };
+    let up = util::poll_until(Duration::from_secs(60), || {
+        std::os::unix::net::UnixStream::connect(&socket).is_ok()
+    });
+    assert!(up, "snapfs serve never listened on {}", socket.display());
+    let mnt = td.mkdir("m");
+    let r = util::run_timeout(
+        Command::new(util::bin())
+            .arg("mount")
+            .arg("--service")
+            .arg(&socket)
+            .arg(&url)
+            .arg(&mnt)
+            .envs(s3.env()),
+        Duration::from_secs(120),
+    );
+    assert!(r.ok(), "{}", r.stderr_str());
+    let _gone = util::NoMountsLeft(mnt.clone());
+    assert!(util::poll_until(Duration::from_secs(30), || {
+        util::is_mounted(&mnt)
+    }));
+    tree::assert_same_tree(&exp, &mnt, &CmpOpts::default());
+    let r = util::run_timeout(
+        Command::new(util::bin())
+            .arg("umount")
+            .arg("--service")
+            .arg(&socket)
+            .arg(&mnt),
+        Duration::from_secs(60),
+    );
+    assert!(r.ok(), "{}", r.stderr_str());
+    serve.stop();
+}
