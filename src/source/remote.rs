@@ -249,7 +249,12 @@ impl RemoteSource {
     /// then one range read to check that the server honours Range. Blocks are also
     /// kept in `disk` if given.
     pub fn open(url: &str, disk: Option<Arc<DiskCache>>) -> Result<RemoteSource> {
-        let loc = locate(url)?;
+        Self::open_at(locate(url)?, disk)
+    }
+
+    fn open_at(loc: Location, disk: Option<Arc<DiskCache>>) -> Result<RemoteSource> {
+        let url = loc.url.clone();
+        let url = url.as_str();
         let meta = block_on(loc.store.head(&loc.path)).map_err(|e| Error::Remote {
             url: url.to_string(),
             message: describe(&e),
@@ -718,6 +723,93 @@ mod tests {
         assert!(locate("http://host").is_err());
         let l = locate("http://127.0.0.1:9/a/b.tar").unwrap();
         assert_eq!(l.path.as_ref(), "a/b.tar");
+    }
+
+    fn memory_object(data: &[u8]) -> (Arc<dyn ObjectStore>, Location) {
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let path = ObjPath::from("o.tar");
+        block_on(store.put(&path, Bytes::copy_from_slice(data).into())).unwrap();
+        let loc = Location {
+            url: "s3://mem/o.tar".into(),
+            store: store.clone(),
+            path,
+        };
+        (store, loc)
+    }
+
+    #[test]
+    fn reads_are_exact_coalesced_and_refused_once_the_object_changes() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (store, loc) = memory_object(&data);
+        let src = RemoteSource::open_at(loc, None).unwrap();
+        assert_eq!(src.identity().size, data.len() as u64);
+        let before = src.stats().requests.load(Ordering::Relaxed);
+        // One read over four missing blocks: one request.
+        let mut buf = vec![0u8; 4 * BLOCK as usize];
+        let off = 2 * BLOCK + 100;
+        src.read_exact_at(&mut buf, off).unwrap();
+        assert_eq!(buf, data[off as usize..off as usize + buf.len()]);
+        assert_eq!(src.stats().requests.load(Ordering::Relaxed) - before, 1);
+        // Random reads, also across the end.
+        for (o, n) in [
+            (0u64, 10usize),
+            (BLOCK - 3, 9),
+            (2_999_990, 10),
+            (1_234_567, 70_000),
+        ] {
+            let mut b = vec![0u8; n];
+            src.read_exact_at(&mut b, o).unwrap();
+            assert_eq!(b, data[o as usize..o as usize + n]);
+        }
+        let mut b = [0u8; 10];
+        assert_eq!(src.read_at(&mut b, 2_999_995).unwrap(), 5);
+        assert_eq!(src.read_at(&mut b, 3_000_000).unwrap(), 0);
+        // Replaced: a block not yet fetched fails, and so does every later read.
+        let far = 9 * BLOCK;
+        block_on(store.put(
+            &ObjPath::from("o.tar"),
+            Bytes::from(vec![1u8; 3_000_000]).into(),
+        ))
+        .unwrap();
+        let mut b = [0u8; 16];
+        let e = src.read_exact_at(&mut b, far).unwrap_err();
+        assert!(e.to_string().contains("changed"), "{e}");
+        assert!(src.check_unchanged().is_err());
+        assert!(src.read_exact_at(&mut b, 0).is_err());
+    }
+
+    #[test]
+    fn sequential_reads_fetch_ahead_and_the_disk_cache_serves_a_second_source() {
+        let data: Vec<u8> = (0..6_000_000u32).map(|i| (i * 13 % 253) as u8).collect();
+        let (_store, loc) = memory_object(&data);
+        let dir = tempfile::tempdir().unwrap();
+        let disk = Arc::new(DiskCache::open(dir.path(), 64 << 20).unwrap());
+        let src = RemoteSource::open_at(loc, Some(disk.clone())).unwrap();
+        let mut out = Vec::new();
+        let mut off = 0u64;
+        let mut buf = vec![0u8; 128 << 10];
+        loop {
+            let n = src.read_at(&mut buf, off).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+            off += n as u64;
+        }
+        assert!(out == data);
+        let s = src.stats();
+        let requests = s.requests.load(Ordering::Relaxed);
+        assert!(
+            requests < 12,
+            "{requests} requests for 23 blocks read in sequence"
+        );
+        // A second source of the same object: every block from disk.
+        let (_store2, loc2) = memory_object(&data);
+        let src2 = RemoteSource::open_at(loc2, Some(disk)).unwrap();
+        let mut b = vec![0u8; 1 << 20];
+        src2.read_exact_at(&mut b, 4 << 20).unwrap();
+        assert!(b[..] == data[4 << 20..5 << 20]);
+        assert_eq!(src2.stats().requests.load(Ordering::Relaxed), 0);
     }
 
     #[test]
