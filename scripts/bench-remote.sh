@@ -39,7 +39,14 @@ if [ "${1:-}" != inner ]; then
     ip netns add "$NS"
     trap 'ip netns del "$NS" 2>/dev/null || true' EXIT
     ip netns exec "$NS" ip link set lo up
-    ip netns exec "$NS" tc qdisc add dev lo root netem delay "${DELAY_MS}ms"
+    if ip netns exec "$NS" tc qdisc add dev lo root netem delay "${DELAY_MS}ms" 2>/dev/null; then
+        export NETEM=1
+    else
+        # Kernels without sch_netem (CONFIG_NET_SCH_NETEM unset): a userspace proxy in
+        # front of each server delays every chunk DELAY_MS in each direction instead.
+        echo "tc netem is not available in this kernel; delaying in a userspace proxy" >&2
+        export NETEM=0
+    fi
     # nsenter enters only the network namespace: mounts stay in ours.
     nsenter --net="/run/netns/$NS" -- bash "$0" inner
     exit $?
@@ -48,11 +55,14 @@ fi
 W=${WORK:-$(mktemp -d /var/tmp/snapfs-bench-remote.XXXXXX)}
 mkdir -p "$W/mnt"
 export XDG_CACHE_HOME=$W/cache
-PORT=$((20000 + RANDOM % 20000))
+SPORT=$((20000 + RANDOM % 20000))   # moto
+NSPORT=$((SPORT + 1))                 # nginx
+if [ "$NETEM" = 1 ]; then PORT=$SPORT NPORT=$NSPORT; else PORT=$((SPORT + 2)) NPORT=$((SPORT + 3)); fi
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench AWS_REGION=us-east-1
 export AWS_ENDPOINT_URL=http://127.0.0.1:$PORT AWS_ALLOW_HTTP=true
 export FSSPEC_S3_ENDPOINT_URL=$AWS_ENDPOINT_URL
 MOTO_PID=
+PROXY_PIDS=
 RATAR_PID=
 NGINX_PID=
 is_mounted() { awk -v m="$1" '$5 == m { f = 1 } END { exit !f }' /proc/self/mountinfo; }
@@ -63,6 +73,7 @@ cleanup() {
     [ -n "$RATAR_PID" ] && kill "$RATAR_PID" 2>/dev/null || true
     [ -n "$MOTO_PID" ] && kill "$MOTO_PID" 2>/dev/null || true
     [ -n "$NGINX_PID" ] && kill "$NGINX_PID" 2>/dev/null || true
+    for p in $PROXY_PIDS; do kill "$p" 2>/dev/null || true; done
     [ "$KEEP" = 1 ] || rm -rf "$W"
 }
 trap cleanup EXIT
@@ -71,21 +82,56 @@ secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 say() { printf '%-58s %s\n' "$1" "$2" | tee -a "$W/report.txt"; }
 
-ping_rtt=$(python3 - "$PORT" <<'EOF'
-import socket, sys, time
-s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
-c = socket.socket(); t = time.time(); c.connect(s.getsockname()); print(f"{(time.time() - t) * 1000:.1f}")
-EOF
-)
-echo "loopback connect round trip in the namespace: $ping_rtt ms" | tee "$W/report.txt"
 
-python3 -m moto.server -H 127.0.0.1 -p "$PORT" >"$W/moto.log" 2>&1 &
+delay_proxy() { # LISTEN_PORT TARGET_PORT
+    python3 - "$1" "$2" "$DELAY_MS" <<'EOF' &
+import asyncio, sys
+listen, target, delay = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]) / 1000
+async def pipe(r, w):
+    loop = asyncio.get_running_loop(); q = asyncio.Queue()
+    async def send():
+        while True:
+            t, data = await q.get()
+            wait = t - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not data:
+                w.close(); return
+            w.write(data); await w.drain()
+    task = asyncio.create_task(send())
+    try:
+        while True:
+            data = await r.read(1 << 18)
+            q.put_nowait((loop.time() + delay, data))
+            if not data:
+                break
+    except Exception:
+        q.put_nowait((0, b""))
+    await task
+async def conn(cr, cw):
+    try:
+        ur, uw = await asyncio.open_connection("127.0.0.1", target)
+    except OSError:
+        cw.close(); return
+    await asyncio.gather(pipe(cr, uw), pipe(ur, cw), return_exceptions=True)
+async def main():
+    srv = await asyncio.start_server(conn, "127.0.0.1", listen)
+    await srv.serve_forever()
+asyncio.run(main())
+EOF
+    PROXY_PIDS+=" $!"
+}
+PROXY_PIDS=
+if [ "$NETEM" != 1 ]; then delay_proxy "$PORT" "$SPORT"; delay_proxy "$NPORT" "$NSPORT"; fi
+python3 -m moto.server -H 127.0.0.1 -p "$SPORT" >"$W/moto.log" 2>&1 &
 MOTO_PID=$!
 for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$PORT/" && break; sleep 0.1; done
 python3 - <<EOF
 import boto3
 boto3.client('s3', endpoint_url='$AWS_ENDPOINT_URL').create_bucket(Bucket='bench')
 EOF
+t0=$(now); curl -s -o /dev/null "http://127.0.0.1:$PORT/bench"; t1=$(now)
+echo "one HTTP request round trip to moto (netem=$NETEM, ${DELAY_MS} ms each way): $(secs "$t0" "$t1") s" | tee "$W/report.txt"
 
 echo "generating $SIZE_MB MiB of files and $FILES small files in $W ..." >&2
 python3 - "$W" "$SIZE_MB" "$FILES" <<'EOF'
@@ -112,7 +158,6 @@ EOF
 rm -rf "$W/small"
 
 # nginx serves the same snapshot over http:// (ranges without copying the object).
-NPORT=$((PORT + 1))
 mkdir -p "$W/www" "$W/nginx"
 "$SNAPFS" create "$W/big" -o "$W/www/snap.tar" >/dev/null
 cat >"$W/nginx/nginx.conf" <<EOF
@@ -120,7 +165,7 @@ daemon off; master_process off; pid $W/nginx/nginx.pid; error_log $W/nginx/error
 events { worker_connections 256; }
 http { access_log off; client_body_temp_path $W/nginx/b; proxy_temp_path $W/nginx/p;
   fastcgi_temp_path $W/nginx/f; uwsgi_temp_path $W/nginx/u; scgi_temp_path $W/nginx/s;
-  server { listen 127.0.0.1:$NPORT; root $W/www; } }
+  server { listen 127.0.0.1:$NSPORT; root $W/www; } }
 EOF
 nginx -p "$W/nginx" -c "$W/nginx/nginx.conf" &
 NGINX_PID=$!
