@@ -255,10 +255,64 @@ impl RemoteSource {
     fn open_at(loc: Location, disk: Option<Arc<DiskCache>>) -> Result<RemoteSource> {
         let url = loc.url.clone();
         let url = url.as_str();
-        let meta = block_on(loc.store.head(&loc.path)).map_err(|e| Error::Remote {
+        let remote_err = |e: &object_store::Error| Error::Remote {
             url: url.to_string(),
-            message: describe(&e),
-        })?;
+            message: describe(e),
+        };
+        // One round trip: the first block and the last two, at once. Their answers
+        // give the size and ETag; a HEAD is the fallback (an empty object, a server
+        // that answers one of them oddly), and names the problem if there is one.
+        // With a disk cache, a HEAD first: the blocks may be on disk already (their
+        // key needs the size and ETag).
+        let quick = disk.is_none();
+        let (first, last) = block_on(async {
+            if !quick {
+                let skipped = || {
+                    Err(object_store::Error::Generic {
+                        store: "snapfs",
+                        source: "skipped".into(),
+                    })
+                };
+                return (skipped(), skipped());
+            }
+            let get = |range| {
+                let opts = GetOptions {
+                    range: Some(range),
+                    ..Default::default()
+                };
+                let (store, path) = (loc.store.clone(), loc.path.clone());
+                async move {
+                    let res = store.get_opts(&path, opts).await?;
+                    let (meta, range) = (res.meta.clone(), res.range.clone());
+                    Ok::<_, object_store::Error>((meta, range, res.bytes().await?))
+                }
+            };
+            tokio::join!(
+                get(GetRange::Bounded(0..BLOCK)),
+                get(GetRange::Suffix(2 * BLOCK))
+            )
+        });
+        let mut early: Vec<(Range<u64>, Bytes)> = Vec::new();
+        let meta = match (first, last) {
+            (Ok((a, ra, ba)), Ok((b, rb, bb)))
+                if a.size == b.size && a.e_tag == b.e_tag && a.size > 0 =>
+            {
+                early.push((ra, ba));
+                early.push((rb, bb));
+                a
+            }
+            (Err(e), _) | (_, Err(e))
+                if matches!(
+                    e,
+                    object_store::Error::NotFound { .. }
+                        | object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. }
+                ) =>
+            {
+                return Err(remote_err(&e))
+            }
+            _ => block_on(loc.store.head(&loc.path)).map_err(|e| remote_err(&e))?,
+        };
         let etag = meta.e_tag.clone();
         let key = identity_key(url, meta.size, etag.as_deref());
         let shared = Arc::new(Shared {
@@ -280,6 +334,7 @@ impl RemoteSource {
             stats: RemoteStats::default(),
         });
         let src = RemoteSource { shared };
+        src.shared.adopt(&early);
         if src.shared.size > 0 {
             // The first block: refuses a server that ignores Range, before any mount.
             src.shared.get_blocks(0, 1).map_err(|e| Error::Remote {
@@ -384,6 +439,35 @@ impl Shared {
             )));
         }
         Ok(bytes)
+    }
+
+    /// Keeps the whole blocks inside `pieces` (ranges fetched at open) in memory.
+    fn adopt(&self, pieces: &[(Range<u64>, Bytes)]) {
+        let mut g = self.blocks.lock().unwrap_or_else(|p| p.into_inner());
+        for (range, bytes) in pieces {
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .fetched
+                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+            if bytes.len() as u64 != range.end - range.start {
+                continue;
+            }
+            let first = range.start.div_ceil(BLOCK);
+            let mut b = first;
+            loop {
+                let r = self.block_range(b);
+                if r.start >= self.size || r.end > range.end || r.start >= r.end {
+                    break;
+                }
+                let s = (r.start - range.start) as usize;
+                let blk = bytes.slice(s..s + (r.end - r.start) as usize);
+                if let Some(d) = &self.disk {
+                    d.put(&self.key, b, &blk);
+                }
+                g.mem.put(b, blk);
+                b += 1;
+            }
+        }
     }
 
     /// Block `b` (claimed as pending) from the disk cache, if there: into memory,

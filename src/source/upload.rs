@@ -67,10 +67,31 @@ impl Upload {
             return Err(Error::Internal("upload finished twice".into()));
         };
         let _rt = runtime().enter();
-        block_on(w.finish()).map(drop).map_err(|e| Error::Remote {
-            url: self.url.clone(),
-            message: format!("cannot complete the upload: {}", describe(&e)),
-        })
+        match block_on(w.finish()) {
+            Ok(_) => Ok(()),
+            // A completion that timed out on our side but went through on the
+            // server's: the retry finds no upload. The object is there, whole.
+            Err(object_store::Error::NotFound { .. }) if self.landed() => Ok(()),
+            Err(e) => Err(Error::Remote {
+                url: self.url.clone(),
+                message: format!("cannot complete the upload: {}", describe(&e)),
+            }),
+        }
+    }
+
+    /// True if the object exists with the size written.
+    fn landed(&self) -> bool {
+        let Ok(loc) = locate(&self.url) else {
+            return false;
+        };
+        let meta = block_on(async { loc.store.head(&loc.path).await });
+        match meta {
+            Ok(m) if m.size == self.written => {
+                log::info!("{}: completed by an earlier attempt", self.url);
+                true
+            }
+            _ => false,
+        }
     }
 }
 
