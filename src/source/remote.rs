@@ -3,9 +3,11 @@
 //! `object_store` crate, whose futures run on one small runtime shared by every remote
 //! source of the process.
 //!
-//! Opening sends one HEAD (size, ETag: a missing object or a denied request is one
-//! error line then) and one range read (a server that ignores Range is refused, never
-//! downloaded). Bytes are fetched in aligned blocks of [`BLOCK`] bytes: a read fetches
+//! Opening is one round trip: the first block and the last two are fetched at once,
+//! and their answers give the size and ETag (a HEAD instead when a disk cache may
+//! already hold the blocks, or as the fallback). A missing object or a denied request
+//! is one error line then, and a server that ignores Range is refused, never
+//! downloaded. Bytes are fetched in aligned blocks of [`BLOCK`] bytes: a read fetches
 //! the blocks it lacks, adjacent ones as one request, and keeps them in a small LRU in
 //! memory (and in the on-disk [`DiskCache`] if one is set). Reads that continue where
 //! the last one ended are sequential: the blocks ahead are fetched in the background,
