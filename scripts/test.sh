@@ -13,13 +13,15 @@ cd "$(dirname "$0")/.."
 #   fuse3 pigz zstd xz-utils bzip2 pbzip2 lbzip2 attr tar python3: the archives and
 #   the tree comparisons
 #   runc busybox-static: container tests; mount util-linux passwd: permission and
-#   mount-helper tests; fio: load tests; docker.io: the Docker volume tests (dockerd).
+#   mount-helper tests; fio: load tests; docker.io: the Docker volume tests (dockerd);
+#   nginx-light: the http(s):// source tests; iproute2: scripts/bench-remote.sh.
 #   containerd: the snapshotter tests; protobuf-compiler (+ libprotobuf-dev below):
 #   build.rs generates containerd's gRPC API.
 PACKAGES="fuse3:fusermount3 pigz:pigz zstd:zstd xz-utils:xz bzip2:bzip2 pbzip2:pbzip2
   lbzip2:lbzip2 attr:getfattr python3:python3 tar:tar
   gzip:gzip runc:runc mount:mount util-linux:setpriv passwd:useradd fio:fio
-  containerd:containerd protobuf-compiler:protoc docker.io:dockerd"
+  containerd:containerd protobuf-compiler:protoc docker.io:dockerd
+  nginx-light:nginx iproute2:tc"
 # crates.io tools, pinned: the POSIX suites run inside writable views.
 CRATES="pjdfstest@0.2.2:pjdfstest fsx@0.3.2:fsx"
 
@@ -60,6 +62,16 @@ if [ ${#missing_pkgs[@]} -gt 0 ] || [ ${#missing_crates[@]} -gt 0 ]; then
     echo "scripts/test.sh: missing: ${missing_pkgs[*]} ${missing_crates[*]}" >&2
     echo "  install them (as root): $(IFS='&'; echo "${line[*]}" | sed 's/&/ \&\& /g')" >&2
     echo "  or run this script as root, which installs them first" >&2
+    exit 2
+  fi
+fi
+# The S3 source tests run moto's server (PyPI moto[server], with boto3).
+if ! python3 -c 'import moto.server, boto3' >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ]; then
+    echo "scripts/test.sh: installing moto[server] from PyPI" >&2
+    python3 -m pip install --quiet 'moto[server]'
+  else
+    echo "scripts/test.sh: missing moto[server] (python3 -m pip install 'moto[server]')" >&2
     exit 2
   fi
 fi

@@ -46,6 +46,14 @@ pub enum Error {
         /// What is wrong, naming the blob (by digest or path) or the reference.
         message: String,
     },
+    /// A remote object (`s3://`, `http(s)://`) cannot be used: missing, access
+    /// denied, unreachable, or its server ignores Range requests.
+    Remote {
+        /// The URL as given.
+        url: String,
+        /// What went wrong.
+        message: String,
+    },
     /// A request that the filesystem answers with a plain errno (ENOENT, EROFS, ...).
     Errno(i32),
     /// Bad command-line usage or configuration.
@@ -149,6 +157,7 @@ impl Error {
             Error::Archive { .. } => libc::EIO,
             Error::Index { .. } => libc::EIO,
             Error::Image { .. } => libc::EIO,
+            Error::Remote { .. } => libc::EIO,
             Error::Errno(e) => *e,
             Error::Usage(_) | Error::NotA { .. } | Error::Service(_) => libc::EINVAL,
             Error::InUse { .. } | Error::Busy { .. } | Error::AlreadyMounted { .. } => libc::EBUSY,
@@ -189,6 +198,7 @@ impl fmt::Display for Error {
             Error::Image { image, message } => {
                 write!(f, "image {}: {message}", image.display())
             }
+            Error::Remote { url, message } => write!(f, "remote object {url}: {message}"),
             Error::Errno(e) => write!(f, "{}", io::Error::from_raw_os_error(*e)),
             Error::Usage(m) | Error::Daemon(m) | Error::Service(m) => write!(f, "{m}"),
             Error::Snapshot { message, .. } => write!(f, "{message}"),

@@ -27,6 +27,7 @@ mod load;
 mod posix;
 mod random_ops;
 mod regression;
+mod remote;
 mod semantics;
 mod service;
 mod trust;

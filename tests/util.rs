@@ -334,6 +334,17 @@ impl Mount {
     /// Runs `snapfs mount`; on success waits for the mount to show up in
     /// mountinfo (panics if it never does); on failure returns the run.
     pub fn try_with_args(archive: &Path, mnt: &Path, args: &[&str]) -> Result<Mount, Run> {
+        Self::try_with_env(archive, mnt, args, &[])
+    }
+
+    /// [`Mount::try_with_args`] with extra environment variables for `snapfs mount`
+    /// (and so its daemon).
+    pub fn try_with_env(
+        archive: &Path,
+        mnt: &Path,
+        args: &[&str],
+        env: &[(String, String)],
+    ) -> Result<Mount, Run> {
         std::fs::create_dir_all(mnt).expect("create mountpoint");
         let mnt = mnt.canonicalize().expect("canonicalize mountpoint");
         let r = run_timeout(
@@ -341,7 +352,8 @@ impl Mount {
                 .arg("mount")
                 .args(args)
                 .arg(archive)
-                .arg(&mnt),
+                .arg(&mnt)
+                .envs(env.iter().map(|(k, v)| (k, v))),
             Duration::from_secs(300),
         );
         if !r.ok() {

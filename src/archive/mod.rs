@@ -56,7 +56,7 @@ use std::sync::Arc;
 
 use crate::cache::{Insert, SpanCache, SpanPool};
 use crate::error::{Error, Result};
-use crate::source::{FileSource, Source};
+use crate::source::Source;
 
 /// How the tar stream is stored in the archive file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,9 +269,10 @@ pub struct Archive {
 }
 
 impl Archive {
-    /// Opens the local file `path`, detects the format and reads the identity.
+    /// Opens the local file or remote object (`s3://`, `http(s)://`) `path`, detects
+    /// the format and reads the identity.
     pub fn open(path: &Path) -> Result<Archive> {
-        Archive::from_source(Arc::new(FileSource::open(path)?))
+        Archive::from_source(crate::source::open(path)?)
     }
 
     /// An archive over `source`: detects the format and reads the identity.
@@ -593,7 +594,7 @@ mod tests {
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         std::fs::write(&path, enc.finish().unwrap()).unwrap();
-        let file: Arc<dyn Source> = Arc::new(FileSource::open(&path).unwrap());
+        let file: Arc<dyn Source> = Arc::new(crate::source::FileSource::open(&path).unwrap());
         let mut indexer = gzip::GzipIndexer::new(
             io::BufReader::new(crate::source::SourceReader::new(file.clone())),
             1 << 20,

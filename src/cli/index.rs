@@ -29,6 +29,11 @@ pub struct IndexArgs {
     /// Rebuild even if a valid index exists.
     #[arg(long)]
     force: bool,
+    /// For a remote archive (s3://, http(s)://): upload the index as the sidecar
+    /// object KEY.snapfs-idx, which other hosts use (after checking it against the
+    /// object's ETag and size) instead of indexing it themselves.
+    #[arg(long)]
+    publish: bool,
 }
 
 /// Loads or builds the index of `archive`, with a progress bar on a terminal.
@@ -189,8 +194,17 @@ pub fn run(args: IndexArgs) -> Result<ExitCode> {
     let opts = BuildOptions {
         span_bytes: args.span.max(64 << 10),
     };
-    if let Some(img) = crate::image::Image::open(&args.archive, &args.select.select()?)? {
-        return run_image(&img, &args, &opts);
+    let remote = crate::source::is_remote(&args.archive);
+    if args.publish && !remote {
+        return Err(crate::error::Error::Usage(format!(
+            "--publish is for remote archives (s3://, http(s)://); {} is local",
+            args.archive.display()
+        )));
+    }
+    if !remote {
+        if let Some(img) = crate::image::Image::open(&args.archive, &args.select.select()?)? {
+            return run_image(&img, &args, &opts);
+        }
     }
     let archive = Archive::open(&args.archive)?;
     let start = Instant::now();
@@ -209,5 +223,21 @@ pub fn run(args: IndexArgs) -> Result<ExitCode> {
         index_bytes as f64 / 1024.0,
         index.memory_bytes() as f64 / (entries.max(1)) as f64,
     );
+    if args.publish {
+        let bytes = crate::index::format::encode(&index);
+        archive
+            .source
+            .publish_index(&bytes)
+            .map_err(|message| crate::error::Error::Remote {
+                url: archive.path.display().to_string(),
+                message,
+            })?;
+        println!(
+            "published: {}{} ({:.1} KiB)",
+            archive.path.display(),
+            crate::index::store::SUFFIX,
+            bytes.len() as f64 / 1024.0
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -464,6 +464,21 @@ pub fn run(args: ListArgs) -> Result<ExitCode> {
             shown(&c.layers, &[]),
         );
     }
+    if let Some(cache) = crate::source::disk_cache() {
+        let s = cache.summary();
+        let lookups = s.hits + s.misses;
+        let rate = match lookups {
+            0 => "-".to_string(),
+            n => format!("{:.1}%", s.hits as f64 * 100.0 / n as f64),
+        };
+        out.push_str(&format!(
+            "# disk cache {}: {:.1} MiB in {} blocks, hit rate {rate} ({} of {lookups} block lookups)\n",
+            cache.dir().display(),
+            s.bytes as f64 / 1048576.0,
+            s.blocks,
+            s.hits,
+        ));
+    }
     print!("{out}");
     Ok(ExitCode::SUCCESS)
 }

@@ -27,6 +27,51 @@ use crate::error::{Error, Result};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    remote: RemoteArgs,
+}
+
+/// Options of remote sources (`s3://`, `http(s)://`), for every subcommand.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct RemoteArgs {
+    /// Keep blocks fetched from remote objects in DIR (shared by every mount on the
+    /// host, kept across remounts) [default: $SNAPFS_DISK_CACHE]
+    #[arg(long, global = true, value_name = "DIR")]
+    disk_cache: Option<PathBuf>,
+    /// Bound of the disk cache (least recently used blocks go first)
+    /// [default: $SNAPFS_DISK_CACHE_SIZE, else 10G]
+    #[arg(long, global = true, value_parser = parse_size, value_name = "SIZE")]
+    disk_cache_size: Option<u64>,
+}
+
+/// Environment variables that carry the disk cache options to daemons and helpers.
+const DISK_CACHE_ENV: &str = "SNAPFS_DISK_CACHE";
+const DISK_CACHE_SIZE_ENV: &str = "SNAPFS_DISK_CACHE_SIZE";
+
+impl RemoteArgs {
+    /// Sets up the process's disk cache; the options pass to child processes (the
+    /// mount daemon) through the environment.
+    fn apply(&self) -> Result<()> {
+        if let Some(d) = &self.disk_cache {
+            let abs = std::path::absolute(d).map_err(|e| Error::io("cannot use", d, e))?;
+            std::env::set_var(DISK_CACHE_ENV, abs);
+        }
+        if let Some(n) = self.disk_cache_size {
+            std::env::set_var(DISK_CACHE_SIZE_ENV, n.to_string());
+        }
+        let Some(dir) = std::env::var_os(DISK_CACHE_ENV).filter(|v| !v.is_empty()) else {
+            return Ok(());
+        };
+        let size = match std::env::var(DISK_CACHE_SIZE_ENV) {
+            Ok(v) => parse_size(&v).map_err(Error::Usage)?,
+            Err(_) => 10 << 30,
+        };
+        crate::source::set_disk_cache(crate::source::DiskCache::open(
+            std::path::Path::new(&dir),
+            size,
+        )?);
+        Ok(())
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -76,6 +121,7 @@ pub fn run() -> Result<ExitCode> {
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {
+    cli.remote.apply()?;
     match cli.command {
         Command::Index(a) => index::run(a),
         Command::Mount(a) => mount::run(a),
@@ -149,6 +195,9 @@ impl ImageArgs {
 /// Checks that an input names a regular file (an archive or image archive) or a
 /// directory (an image layout; its content is checked when it is opened).
 fn check_input(p: &PathBuf) -> Result<()> {
+    if crate::source::is_remote(p) {
+        return Ok(()); // checked when it is opened (one HEAD)
+    }
     match std::fs::metadata(p) {
         Ok(m) if m.is_file() || m.is_dir() => Ok(()),
         Ok(_) => Err(Error::NotA {

@@ -175,6 +175,11 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     let mut todo: Vec<Archive> = Vec::new();
     let mut labels = Vec::new();
     for input in &inputs {
+        if let view::Input::Archive(p) = input {
+            if crate::source::is_remote(p) {
+                continue; // the daemon opens it once (its error line is relayed)
+            }
+        }
         for archive in input.archives()? {
             if let Some(index) = store::find_current(&archive) {
                 store::prefetch(&index);
@@ -219,7 +224,10 @@ fn via_service(
         mountpoint: resolve(mountpoint, "cannot use mountpoint")?,
         layers: archives
             .iter()
-            .map(|a| resolve(a, "cannot open archive"))
+            .map(|a| match crate::source::is_remote(a) {
+                true => Ok(a.clone()),
+                false => resolve(a, "cannot open archive"),
+            })
             .collect::<Result<_>>()?,
         upper: match &args.upper {
             Some(u) => Some(resolve(u, "cannot use upper dir")?),
@@ -551,6 +559,9 @@ fn serve(
         let _ = std::fs::remove_file(f);
     }
     log::info!("{} unmounted, daemon exits", mountpoint.display());
+    if let Some(cache) = crate::source::disk_cache() {
+        cache.flush_counts();
+    }
     result.map(|()| ExitCode::SUCCESS)
 }
 

@@ -256,6 +256,11 @@ pub fn load_or_build(
             Err(e) => log::info!("rebuilding: {e}"),
         }
     }
+    if !force {
+        if let Some(found) = published(archive, &places, required_span) {
+            return Ok(found);
+        }
+    }
     let index = build_index(archive, opts, progress)?;
     let bytes = format::encode(&index);
     let mut reasons = Vec::new();
@@ -266,6 +271,41 @@ pub fn load_or_build(
         }
     }
     Ok((index, Origin::BuiltUnsaved(reasons.join("; "))))
+}
+
+/// The index published beside a remote archive (`KEY.snapfs-idx`), if there is one
+/// that decodes, validates and matches the archive's identity (size, ETag, edge CRCs)
+/// and options; kept in the first of `places` so the next mount finds it locally.
+fn published(
+    archive: &Archive,
+    places: &[PathBuf],
+    required_span: Option<u64>,
+) -> Option<(Index, Origin)> {
+    let bytes = archive.source.published_index()?;
+    let mut name = archive.path.clone().into_os_string();
+    name.push(SUFFIX);
+    let name = PathBuf::from(name);
+    let index = match format::decode(&bytes) {
+        Ok(i) if i.id != archive.id => {
+            log::warn!(
+                "ignoring {}: made for another version of the object",
+                name.display()
+            );
+            return None;
+        }
+        Ok(i) if required_span.is_some_and(|s| s != i.span_bytes) => return None,
+        Ok(i) => i,
+        Err(e) => {
+            log::warn!("ignoring {}: {e}", name.display());
+            return None;
+        }
+    };
+    for p in places {
+        if write_atomic(p, &bytes).is_ok() {
+            return Some((index, Origin::Loaded(p.clone())));
+        }
+    }
+    Some((index, Origin::Loaded(name)))
 }
 
 /// Streams whose spans are longer than this are served from a decompressed cache file.

@@ -17,7 +17,7 @@ use crate::cache::SpanPool;
 use crate::error::Result;
 use crate::index::build::BuildOptions;
 use crate::index::tree::{Attr, DirSink, FsStats, IndexTree, Tree};
-use crate::source::{FileSource, Source};
+use crate::source::Source;
 use crate::view::{self, Spans};
 
 use super::counted::CountedSource;
@@ -68,12 +68,10 @@ impl Archives {
         &self.pool
     }
 
-    /// The archive at canonical `path`, opened now (its index loaded or built with
+    /// The archive at canonical `path` (or a remote URL), opened now (its index loaded or built with
     /// `opts`) unless a view already has it open and it is unchanged.
     pub fn open(&self, path: &Path, opts: &BuildOptions) -> Result<Arc<OpenArchive>> {
-        self.open_with(path, opts, || {
-            Ok(Arc::new(FileSource::open(path)?) as Arc<dyn Source>)
-        })
+        self.open_with(path, opts, || crate::source::open(path))
     }
 
     /// The archive whose bytes are `source` (a layer of an image), registered under

@@ -45,6 +45,14 @@ impl Source for CountedSource {
         self.inner.check_unchanged()
     }
 
+    fn published_index(&self) -> Option<Vec<u8>> {
+        self.inner.published_index()
+    }
+
+    fn publish_index(&self, index: &[u8]) -> Result<(), String> {
+        self.inner.publish_index(index)
+    }
+
     fn name(&self) -> PathBuf {
         self.inner.name()
     }

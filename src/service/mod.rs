@@ -664,6 +664,9 @@ fn check(mut v: ViewConfig) -> Result<ViewConfig> {
         )));
     }
     for layer in &mut v.layers {
+        if crate::source::is_remote(layer) {
+            continue; // a URL, opened (one HEAD) with the view
+        }
         absolute("archive", layer)?;
         match std::fs::metadata(&*layer) {
             Ok(m) if m.is_file() => {}

@@ -233,6 +233,9 @@ pub struct SnapshotWriter {
     bar: Option<indicatif::ProgressBar>,
     /// A failure poisons the writer (the temp file is then discarded on drop).
     failed: bool,
+    /// For an `s3://` output: the multipart upload the bytes stream into (instead of
+    /// the temporary file), completed by `finish`, aborted on drop.
+    upload: Option<crate::source::Upload>,
 }
 
 impl SnapshotWriter {
@@ -256,7 +259,15 @@ impl SnapshotWriter {
             }
             _ => {}
         }
+        let remote = crate::source::is_remote(final_path);
+        let upload = match remote {
+            true => Some(crate::source::Upload::start(&final_path.to_string_lossy())?),
+            false => None,
+        };
+        let temp_dir = std::env::temp_dir();
         let dir = match final_path.parent() {
+            // An upload writes no file: the temporary one stays empty.
+            _ if remote => temp_dir.as_path(),
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
@@ -310,6 +321,7 @@ impl SnapshotWriter {
             bar,
             opts,
             failed: false,
+            upload,
         })
     }
 
@@ -673,10 +685,16 @@ impl SnapshotWriter {
 
     /// Writes file bytes (and hashes them).
     fn emit(&mut self, bytes: &[u8]) -> Result<()> {
-        self.tmp
-            .as_file_mut()
-            .write_all(bytes)
-            .map_err(|e| Error::io("writing", self.tmp.path(), e))?;
+        match &mut self.upload {
+            Some(up) => up
+                .write(bytes)
+                .map_err(|e| Error::io("writing", &self.final_path, e))?,
+            None => self
+                .tmp
+                .as_file_mut()
+                .write_all(bytes)
+                .map_err(|e| Error::io("writing", self.tmp.path(), e))?,
+        }
         self.sha.update(bytes);
         self.written += bytes.len() as u64;
         Ok(())
@@ -755,8 +773,10 @@ impl SnapshotWriter {
         };
         self.emit(&wrap_footer(&footer.encode(), comp))?;
 
-        let file = self.tmp.as_file();
-        file.sync_all().map_err(|e| self.io_err(e))?;
+        if self.upload.is_none() {
+            let file = self.tmp.as_file();
+            file.sync_all().map_err(|e| self.io_err(e))?;
+        }
         let sha256 = hex(&std::mem::take(&mut self.sha).finalize());
         let path = self.final_path.clone();
         let SnapshotWriter {
@@ -765,17 +785,26 @@ impl SnapshotWriter {
             entries,
             written,
             started,
+            upload,
             ..
         } = self;
-        tmp.persist(&path)
-            .map_err(|e| Error::io("cannot rename the snapshot to", &path, e.error))?;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io("cannot sync directory", dir, e))?;
+        if let Some(up) = upload {
+            // The object appears under its key only now, whole.
+            if let Some(bar) = &bar {
+                bar.set_message("completing the upload");
+            }
+            up.finish()?;
+        } else {
+            tmp.persist(&path)
+                .map_err(|e| Error::io("cannot rename the snapshot to", &path, e.error))?;
+            let dir = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| Error::io("cannot sync directory", dir, e))?;
+        }
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }

@@ -2,20 +2,67 @@
 //! (its [`Identity`], checked on every read, and where an index of it may be kept).
 //! Backends: a local file ([`FileSource`]), a byte range of another source
 //! ([`RangeSource`], a layer blob inside an image archive) and a whole source known by
-//! its content digest ([`BlobSource`], a layer blob file in an image layout). Everything above this
-//! module asks a `Source` for bytes and never knows where they come from.
+//! its content digest ([`BlobSource`], a layer blob file in an image layout), and an
+//! object in S3 or behind an HTTP server ([`RemoteSource`], with its on-disk block
+//! cache [`DiskCache`]). Everything above this module asks a `Source` for bytes and
+//! never knows where they come from; [`open`] picks the backend from the name.
 
 mod blob;
+mod disk;
 mod file;
 mod range;
+mod remote;
+mod upload;
 
 use std::io::{self, Read};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use blob::BlobSource;
+pub use disk::{CacheSummary, DiskCache};
 pub use file::FileSource;
 pub use range::RangeSource;
+pub use remote::{identity_key, is_remote, RemoteSource, RemoteStats, BLOCK};
+pub use upload::Upload;
+
+/// The disk cache remote sources of this process use (set once, by the CLI).
+static DISK_CACHE: std::sync::OnceLock<Arc<DiskCache>> = std::sync::OnceLock::new();
+
+/// Makes `cache` the disk cache of every remote source opened from now on.
+pub fn set_disk_cache(cache: DiskCache) {
+    let _ = DISK_CACHE.set(Arc::new(cache));
+}
+
+/// The process's disk cache, if one is set.
+pub fn disk_cache() -> Option<Arc<DiskCache>> {
+    DISK_CACHE.get().cloned()
+}
+
+/// Every remote source opened by [`open`] in this process (for status lines).
+static REMOTES: std::sync::Mutex<Vec<std::sync::Weak<RemoteSource>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// The remote sources of this process still open.
+pub fn remotes() -> Vec<Arc<RemoteSource>> {
+    let mut g = REMOTES.lock().unwrap_or_else(|p| p.into_inner());
+    g.retain(|w| w.strong_count() > 0);
+    g.iter().filter_map(|w| w.upgrade()).collect()
+}
+
+/// The source `path` names: a remote object for `s3://` and `http(s)://` URLs, else a
+/// local file.
+pub fn open(path: &std::path::Path) -> crate::error::Result<Arc<dyn Source>> {
+    if is_remote(path) {
+        let url = path.to_string_lossy();
+        let src = Arc::new(RemoteSource::open(&url, disk_cache())?);
+        REMOTES
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&src));
+        return Ok(src);
+    }
+    Ok(Arc::new(FileSource::open(path)?))
+}
 
 /// What an index of a source is tied to besides its bytes' hashes: the size and a
 /// version stamp that changes whenever the content may have (a local file's mtime in
@@ -55,6 +102,22 @@ pub trait Source: Send + Sync {
 
     /// Where its index may be kept.
     fn index_home(&self) -> IndexHome;
+
+    /// The index published beside this source by `snapfs index --publish` (a remote
+    /// object's sidecar `KEY.snapfs-idx`), raw and untrusted: the caller decodes,
+    /// validates and checks it against the source's identity. `None` if there is none.
+    fn published_index(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Publishes `index` (an encoded index of this source) beside it.
+    fn publish_index(&self, index: &[u8]) -> Result<(), String> {
+        let _ = index;
+        Err(format!(
+            "{} is not a remote object; its index is kept beside it or in the cache dir",
+            self.name().display()
+        ))
+    }
 
     /// Fills `buf` from `off`; an early end is an `UnexpectedEof` error.
     fn read_exact_at(&self, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
