@@ -474,7 +474,13 @@ impl Inner {
         let mut layers: Vec<Box<dyn Tree>> = Vec::with_capacity(v.layers.len());
         let mut image = false;
         for path in &v.layers {
-            match Image::open(path, &Select::default())? {
+            // A URL is an archive (images are told from local files' content).
+            let found = if crate::source::is_remote(path) {
+                None
+            } else {
+                Image::open(path, &Select::default())?
+            };
+            match found {
                 Some(img) => {
                     image = true;
                     for l in &img.layers {
