@@ -15,11 +15,13 @@ cd "$(dirname "$0")/.."
 #   runc busybox-static: container tests; mount util-linux passwd: permission and
 #   mount-helper tests; fio: load tests; docker.io: the Docker volume tests (dockerd).
 #   containerd: the snapshotter tests; protobuf-compiler (+ libprotobuf-dev below):
-#   build.rs generates containerd's gRPC API.
+#   build.rs generates containerd's gRPC API. docker-registry skopeo: the
+#   snapshotter's pull test (a local registry).
 PACKAGES="fuse3:fusermount3 pigz:pigz zstd:zstd xz-utils:xz bzip2:bzip2 pbzip2:pbzip2
   lbzip2:lbzip2 attr:getfattr python3:python3 tar:tar
   gzip:gzip runc:runc mount:mount util-linux:setpriv passwd:useradd fio:fio
-  containerd:containerd protobuf-compiler:protoc docker.io:dockerd"
+  containerd:containerd protobuf-compiler:protoc docker.io:dockerd
+  docker-registry:docker-registry skopeo:skopeo"
 # crates.io tools, pinned: the POSIX suites run inside writable views.
 CRATES="pjdfstest@0.2.2:pjdfstest fsx@0.3.2:fsx"
 
