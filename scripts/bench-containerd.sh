@@ -205,7 +205,7 @@ REG=127.0.0.1:$REG_PORT
 mkdir -p "$W/registry"
 printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n' \
     "$W/registry/storage" "$REG" > "$W/registry/config.yml"
-docker-registry serve "$W/registry/config.yml" 2>"$W/registry/log" &
+docker-registry serve "$W/registry/config.yml" >"$W/registry/log" 2>&1 &
 REG_PID=$!
 for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$REG_PORT") 2>/dev/null && break; sleep 0.05; done
 REMOTE=$REG/snapfs/bench:1
@@ -238,6 +238,10 @@ for _ in $(seq 100); do ctr_ snapshots --snapshotter snapfs ls >/dev/null 2>&1 &
     sleep 0.05; done; echo "$most" > "$W/pull-snapfs/scratch-most" ) &
 read -r ps_pull ps_first < <(pull_and_run --snapshotter snapfs)
 touch "$W/pull-snapfs/done"; wait $!
+# Bytes read while a container that read the small file runs (a removed container's
+# view, and its counters, go with containerd's GC).
+ctr_ run -d --snapshotter snapfs "$REMOTE" keep sh -c 'cat /big/small.txt > /dev/null; touch /tmp/read; sleep 100000' >/dev/null || exit 1
+for _ in $(seq 100); do ctr_ tasks exec --exec-id probe keep test -e /tmp/read 2>/dev/null && break; sleep 0.1; done
 ps_read=$(read_big)
 ps_scratch_max=$(sort -n "$W/pull-snapfs/scratch-bytes" | tail -1)
 ps_lazy=$(grep -c "served from its blob" "$W/pull-snapfs/serve.log")
