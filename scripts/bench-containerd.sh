@@ -15,21 +15,32 @@
 # snapshotter dirs; for snapfs also its root, without the blob links that share the
 # content store's inodes), and the RSS of the service with N running containers
 # (N views) against N `snapfs mount` daemons serving the same writable views.
+# The pull rows: the image pushed to a local docker-registry (distribution, on
+# 127.0.0.1, its own storage), then pulled through containerd's CRI plugin
+# (examples/cri-pull.rs; the pull unpacker labels its Prepares with the chain ID,
+# `ctr image pull` in 1.6 does not) with CRI's snapshotter overlayfs or snapfs, and
+# `ctr -n k8s.io run --rm` printing the small file: pull start to first output.
+# ROWS=pull runs only the pull rows.
 # Needs root, containerd 1.6+ (ctr, containerd-shim-runc-v2), runc, busybox-static,
-# pigz, python3. Everything started here is stopped by pid at exit.
+# pigz, python3, docker-registry, skopeo. Everything started here is stopped by pid
+# at exit.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIG_MB=${BIG_MB:-1024}
+ROWS=${ROWS:-all}
 N=${N:-50}
 SNAPFS=${SNAPFS:-}
 if [ -z "$SNAPFS" ]; then
-    cargo build --release --quiet || exit 1
+    cargo build --release --quiet --bins --example cri-pull || exit 1
     SNAPFS=$PWD/target/release/snapfs
     [ -n "${CARGO_TARGET_DIR:-}" ] && SNAPFS=$CARGO_TARGET_DIR/release/snapfs
 fi
+CRI_PULL=${CRI_PULL:-$(dirname "$SNAPFS")/examples/cri-pull}
 W=$(mktemp -d /var/tmp/snapfs-bench-containerd.XXXXXX)
 CTD_PID=
 SVC_PID=
+REG_PID=
+NS=default
 IMAGE=docker.io/library/snapfs-bench:1
 
 stop_pid() { # pid: TERM, wait up to 20 s, KILL
@@ -38,7 +49,7 @@ stop_pid() { # pid: TERM, wait up to 20 s, KILL
     for _ in $(seq 200); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.1; done
     kill -9 "$1" 2>/dev/null
 }
-ctr_() { ctr -a "$W/$CASE/containerd.sock" "$@"; }
+ctr_() { ctr -a "$W/$CASE/containerd.sock" -n "$NS" "$@"; }
 clear_containers() {
     [ -n "$CTD_PID" ] || return 0
     for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s SIGKILL "$t" >/dev/null 2>&1; done
@@ -51,6 +62,7 @@ cleanup() {
     clear_containers
     stop_pid "$SVC_PID"
     stop_pid "$CTD_PID"
+    stop_pid "$REG_PID"
     grep -o " $W[^ ]*" /proc/self/mountinfo | sort -r | while read -r m; do umount -l "$m" 2>/dev/null; done
     rm -rf "$W"
 }
@@ -117,15 +129,28 @@ BIG_BYTES=$(stat -c %s "$W/oci/blobs/sha256/$BIG_DIGEST")
 tar -C "$W/oci" -cf "$W/image.tar" . && rm -rf "$W/oci"
 IMG_BYTES=$(stat -c %s "$W/image.tar")
 
-start_containerd() { # case
+start_containerd() { # case [CRI snapshotter]
     CASE=$1
-    local d="$W/$CASE"
+    local d="$W/$CASE" disabled='disabled_plugins = ["io.containerd.grpc.v1.cri"]' cri=
+    if [ -n "${2:-}" ]; then
+        disabled=
+        cri="[plugins.\"io.containerd.grpc.v1.cri\"]
+  stream_server_address = \"127.0.0.1\"
+  stream_server_port = \"0\"
+  [plugins.\"io.containerd.grpc.v1.cri\".containerd]
+    snapshotter = \"$2\"
+  [plugins.\"io.containerd.grpc.v1.cri\".cni]
+    bin_dir = \"$d/cni-bin\"
+    conf_dir = \"$d/cni-conf\"
+  [plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"$REG\"]
+    endpoint = [\"http://$REG\"]"
+    fi
     mkdir -p "$d/root" "$d/state"
     cat > "$d/config.toml" <<EOF
 version = 2
 root = "$d/root"
 state = "$d/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+$disabled
 [grpc]
   address = "$d/containerd.sock"
 [ttrpc]
@@ -136,6 +161,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   [proxy_plugins.snapfs]
     type = "snapshot"
     address = "$d/snapfs-grpc.sock"
+$cri
 EOF
     containerd --config "$d/config.toml" 2>"$d/containerd.log" &
     CTD_PID=$!
@@ -157,6 +183,93 @@ import_and_run() { # snapshotter-args...
     echo "$(echo "$t1 - $t0" | bc -l) $(echo "$t2 - $t0" | bc -l)"
 }
 
+start_service() { # case
+    RUST_LOG=info "$SNAPFS" serve --root "$W/$1/svc" --cache-size 256M --containerd "$W/$1/snapfs-grpc.sock" \
+        --containerd-address "$W/$1/containerd.sock" 2>"$W/$1/serve.log" &
+    SVC_PID=$!
+    for _ in $(seq 300); do [ -S "$W/$1/svc/snapfs.sock" ] && break; sleep 0.05; done
+}
+status() { python3 -c '
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"{\"op\":\"status\"}\n")
+buf = b""
+while not buf.endswith(b"\n"):
+    buf += s.recv(1 << 16)
+print(json.dumps(json.loads(buf)["status"]))' "$W/$CASE/svc/snapfs.sock"; }
+read_big() { status | python3 -c 'import json,sys; d=sys.argv[1]; print(sum(s["bytes_read"] for s in json.load(sys.stdin)["sources"] if d in s["path"]))' "$BIG_DIGEST"; }
+mib() { echo "scale=1; $1 / 1048576" | bc -l; }
+
+# The pull rows: a local registry with the image.
+REG_PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+REG=127.0.0.1:$REG_PORT
+mkdir -p "$W/registry"
+printf 'version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: %s\n' \
+    "$W/registry/storage" "$REG" > "$W/registry/config.yml"
+docker-registry serve "$W/registry/config.yml" >"$W/registry/log" 2>&1 &
+REG_PID=$!
+for _ in $(seq 200); do (exec 3<>"/dev/tcp/127.0.0.1/$REG_PORT") 2>/dev/null && break; sleep 0.05; done
+REMOTE=$REG/snapfs/bench:1
+skopeo copy --quiet --preserve-digests --dest-tls-verify=false "oci-archive:$W/image.tar" "docker://$REMOTE" || exit 1
+# pull + run: prints "pull_s first_line_s"
+pull_and_run() { # snapshotter-args...
+    sync; echo 3 > /proc/sys/vm/drop_caches
+    local t0 t1 t2
+    t0=$(now)
+    "$CRI_PULL" "$W/$CASE/containerd.sock" "$REMOTE" >/dev/null || exit 1
+    t1=$(now)
+    ctr_ run "$@" --rm "$REMOTE" first cat /big/small.txt | head -1 >/dev/null
+    t2=$(now)
+    echo "$(echo "$t1 - $t0" | bc -l) $(echo "$t2 - $t0" | bc -l)"
+}
+NS=k8s.io
+start_containerd pull-overlay overlayfs
+read -r po_pull po_first < <(pull_and_run)
+po_disk=$(du -sb "$W/pull-overlay/root/io.containerd.snapshotter.v1.overlayfs" | cut -f1)
+stop_containerd
+rm -rf "$W/pull-overlay"
+mkdir -p "$W/pull-snapfs"
+start_service pull-snapfs
+start_containerd pull-snapfs snapfs
+for _ in $(seq 100); do ctr_ snapshots --snapshotter snapfs ls >/dev/null 2>&1 && break; sleep 0.1; done
+# The most scratch dirs (what containerd's differ extracts into) during the pull.
+( most=0; while [ ! -e "$W/pull-snapfs/done" ]; do
+    n=$(ls "$W/pull-snapfs/svc/containerd/scratch" 2>/dev/null | wc -l); [ "$n" -gt "$most" ] && most=$n
+    du -sb "$W/pull-snapfs/svc/containerd/scratch" 2>/dev/null | cut -f1 >> "$W/pull-snapfs/scratch-bytes"
+    sleep 0.05; done; echo "$most" > "$W/pull-snapfs/scratch-most" ) &
+read -r ps_pull ps_first < <(pull_and_run --snapshotter snapfs)
+touch "$W/pull-snapfs/done"; wait $!
+# Bytes read while a container that read the small file runs (a removed container's
+# view, and its counters, go with containerd's GC).
+ctr_ run -d --snapshotter snapfs "$REMOTE" keep sh -c 'cat /big/small.txt > /dev/null; touch /tmp/read; sleep 100000' >/dev/null || exit 1
+for _ in $(seq 100); do ctr_ tasks exec --exec-id probe keep test -e /tmp/read 2>/dev/null && break; sleep 0.1; done
+ps_read=$(read_big)
+ps_scratch_max=$(sort -n "$W/pull-snapfs/scratch-bytes" | tail -1)
+ps_lazy=$(grep -c "served from its blob" "$W/pull-snapfs/serve.log")
+ps_unpacked=$(grep -c "not fetched yet" "$W/pull-snapfs/serve.log")
+ps_own=$(find "$W/pull-snapfs/svc" -xdev -type f -links 1 -printf '%s\n' | awk '{s += $1} END {print s + 0}')
+ps_index=$(grep "$BIG_DIGEST indexed in" "$W/pull-snapfs/serve.log" | sed 's/.*indexed in \([0-9.]*\) s.*/\1/' | head -1)
+stop_containerd
+stop_pid "$SVC_PID"; SVC_PID=
+stop_pid "$REG_PID"; REG_PID=
+NS=default
+CASE=
+print_pull() {
+    echo "| busybox + ${BIG_MB} MiB layer from a local registry (CRI pull) | overlayfs | snapfs | snapfs / overlayfs |"
+    echo "|---|---|---|---|"
+    printf '| CRI PullImage (s) | %.2f | %.2f | %.2f |\n' "$po_pull" "$ps_pull" "$(echo "$ps_pull / $po_pull" | bc -l)"
+    printf '| pull start to first output line (s) | %.2f | %.2f | %.2f |\n' "$po_first" "$ps_first" "$(echo "$ps_first / $po_first" | bc -l)"
+    printf '| snapfs: layers answered AlreadyExists (from their blobs) / unpacked by the differ | - | %s / %s | |\n' "$ps_lazy" "$ps_unpacked"
+    printf '| snapfs: indexing pass over the big layer blob (s) | - | %s | |\n' "${ps_index:--}"
+    printf '| bytes read from the big layer blob by one container reading its small file (MiB; blob %s MiB) | - | %s | |\n' "$(mib "$BIG_BYTES")" "$(mib "$ps_read")"
+    printf '| most bytes in the differ'"'"'s scratch dirs during the pull (MiB) | - | %s | |\n' "$(mib "${ps_scratch_max:-0}")"
+    printf '| unpacked bytes on disk after the pull (MiB) | %s | %s | |\n' "$(mib "$po_disk")" "$(mib "$ps_own")"
+}
+if [ "$ROWS" = pull ]; then
+    echo
+    print_pull
+    exit 0
+fi
+
 # overlayfs
 start_containerd overlay
 read -r o_import o_first < <(import_and_run)
@@ -173,13 +286,6 @@ SVC_PID=$!
 for _ in $(seq 300); do [ -S "$W/snapfs/svc/snapfs.sock" ] && break; sleep 0.05; done
 for _ in $(seq 100); do ctr_ snapshots --snapshotter snapfs ls >/dev/null 2>&1 && break; sleep 0.1; done
 read -r s_import s_first < <(import_and_run --snapshotter snapfs)
-status() { python3 -c '
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b"{\"op\":\"status\"}\n")
-buf = b""
-while not buf.endswith(b"\n"):
-    buf += s.recv(1 << 16)
-print(json.dumps(json.loads(buf)["status"]))' "$W/snapfs/svc/snapfs.sock"; }
 # Own files of the service (blob links share the content store's inodes).
 find "$W/snapfs/svc" -xdev -type f -links 1 -size +1M -printf "own file: %p %s\n" >&2
 s_own=$(find "$W/snapfs/svc" -xdev -type f -links 1 -printf '%s\n' | awk '{s += $1} END {print s + 0}')
@@ -212,7 +318,6 @@ for i in $(seq "$N"); do "$SNAPFS" umount "$W/d/v$i" >/dev/null; done
 stop_containerd
 stop_pid "$SVC_PID"; SVC_PID=
 
-mib() { echo "scale=1; $1 / 1048576" | bc -l; }
 # The one indexing pass over the big layer blob (in the background of the unpack).
 index_s=$(grep "$BIG_DIGEST indexed in" "$W/snapfs/serve.log" | sed 's/.*indexed in \([0-9.]*\) s.*/\1/' | head -1)
 echo
@@ -227,3 +332,5 @@ printf '| unpacked bytes on disk (MiB) | %s | %s | |\n' "$(mib "$o_disk")" "$(mi
 printf '| content store blobs (MiB) | %s | %s | |\n' "$(mib "$o_blobs")" "$(mib "$s_blobs")"
 printf '| RSS, %s running containers: one service (%s views, %s threads) vs %s snapfs mount daemons (MiB) | - | %s vs %s | %.3f |\n' \
     "$N" "$views" "$svc_threads" "$N" "$(echo "scale=1; $svc_rss / 1024" | bc -l)" "$(echo "scale=1; $d_rss / 1024" | bc -l)" "$(echo "$svc_rss / $d_rss" | bc -l)"
+echo
+print_pull

@@ -16,12 +16,13 @@ cd "$(dirname "$0")/.."
 #   mount-helper tests; fio: load tests; docker.io: the Docker volume tests (dockerd);
 #   nginx-light: the http(s):// source tests; iproute2: scripts/bench-remote.sh.
 #   containerd: the snapshotter tests; protobuf-compiler (+ libprotobuf-dev below):
-#   build.rs generates containerd's gRPC API.
+#   build.rs generates containerd's gRPC API. docker-registry skopeo: the
+#   snapshotter's pull test (a local registry); umoci skopeo: the image tests.
 PACKAGES="fuse3:fusermount3 pigz:pigz zstd:zstd xz-utils:xz bzip2:bzip2 pbzip2:pbzip2
   lbzip2:lbzip2 attr:getfattr python3:python3 tar:tar
   gzip:gzip runc:runc mount:mount util-linux:setpriv passwd:useradd fio:fio
   containerd:containerd protobuf-compiler:protoc docker.io:dockerd
-  nginx-light:nginx iproute2:tc"
+  nginx-light:nginx iproute2:tc docker-registry:docker-registry skopeo:skopeo umoci:umoci"
 # crates.io tools, pinned: the POSIX suites run inside writable views.
 CRATES="pjdfstest@0.2.2:pjdfstest fsx@0.3.2:fsx"
 

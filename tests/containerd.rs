@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use crate::cri;
 use crate::util::{self, poll_until, NoMountsLeft, Run, Service, TestDir};
 
 const IMAGE: &str = "docker.io/library/snapfs-test:1";
@@ -38,10 +39,18 @@ struct Containerd {
     child: Child,
     sock: PathBuf,
     log: PathBuf,
+    /// The namespace ctr works in.
+    ns: &'static str,
 }
 
 impl Containerd {
     fn start(dir: &Path, snapfs_sock: &Path) -> Containerd {
+        Self::start_with(dir, snapfs_sock, None)
+    }
+
+    /// With `cri`, containerd's CRI plugin too, its snapshotter snapfs and the
+    /// registry at `cri` reached over plain http.
+    fn start_with(dir: &Path, snapfs_sock: &Path, cri: Option<&str>) -> Containerd {
         for t in ["containerd", "ctr", "containerd-shim-runc-v2", "runc"] {
             need(t);
         }
@@ -57,7 +66,7 @@ impl Containerd {
                 r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
+{disabled}
 [grpc]
   address = "{sock}"
 [ttrpc]
@@ -68,7 +77,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   [proxy_plugins.snapfs]
     type = "snapshot"
     address = "{snapfs}"
-"#,
+{cri_config}"#,
+                disabled = if cri.is_some() {
+                    ""
+                } else {
+                    r#"disabled_plugins = ["io.containerd.grpc.v1.cri"]"#
+                },
+                cri_config = cri.map(|reg| cri_config(dir, reg)).unwrap_or_default(),
                 root = root.display(),
                 state = state.display(),
                 sock = sock.display(),
@@ -85,7 +100,12 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .stderr(fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawn containerd");
-        let mut c = Containerd { child, sock, log };
+        let mut c = Containerd {
+            child,
+            sock,
+            log,
+            ns: "default",
+        };
         let up = poll_until(Duration::from_secs(30), || {
             c.ctr(&["version"]).ok() || !matches!(c.child.try_wait(), Ok(None))
         });
@@ -107,7 +127,11 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     fn ctr(&self, args: &[&str]) -> Run {
         util::run_timeout(
-            Command::new("ctr").arg("-a").arg(&self.sock).args(args),
+            Command::new("ctr")
+                .arg("-a")
+                .arg(&self.sock)
+                .args(["-n", self.ns])
+                .args(args),
             Duration::from_secs(180),
         )
     }
@@ -159,6 +183,26 @@ impl Drop for Containerd {
         }
         let _ = self.child.wait();
     }
+}
+
+/// The CRI plugin's config: snapfs its snapshotter, `registry` over plain http, its
+/// CNI dirs (unused: the test only pulls) and stream server on 127.0.0.1.
+fn cri_config(dir: &Path, registry: &str) -> String {
+    format!(
+        r#"[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "snapfs"
+    disable_snapshot_annotations = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni-bin"
+    conf_dir = "{d}/cni-conf"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{registry}"]
+    endpoint = ["http://{registry}"]
+"#,
+        d = dir.display()
+    )
 }
 
 fn tail(s: &str) -> String {
@@ -538,5 +582,213 @@ fn containerd_runs_containers_from_unpacked_layers_never_extracted() {
     assert!(emptied, "snapshots left: {}", ctd.snap(&["ls"]));
     svc2.stop();
     drop(ctd);
+    assert!(util::mounts_under(t.path()).is_empty(), "mounts left");
+}
+
+/// Debian's docker-registry (distribution 2.8) of our own: storage in a temp dir,
+/// http on 127.0.0.1 at a free port, stopped by its pid.
+struct Registry {
+    child: Child,
+    addr: String,
+    log: PathBuf,
+}
+
+impl Registry {
+    fn start(dir: &Path) -> Registry {
+        assert!(
+            util::run(Command::new("sh").arg("-c").arg("command -v docker-registry")).ok(),
+            "CONTAINERD PULL TEST NOT RUN: docker-registry is missing; apt-get install -y docker-registry"
+        );
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let config = dir.join("registry.yml");
+        fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.join("storage").display()
+            ),
+        )
+        .unwrap();
+        let log = dir.join("registry.log");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn docker-registry");
+        let mut r = Registry { child, addr, log };
+        let up = poll_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&r.addr).is_ok() || !matches!(r.child.try_wait(), Ok(None))
+        });
+        assert!(
+            up && matches!(r.child.try_wait(), Ok(None)),
+            "docker-registry never listened:\n{}",
+            fs::read_to_string(&r.log).unwrap_or_default()
+        );
+        r
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        if !poll_until(Duration::from_secs(10), || {
+            matches!(self.child.try_wait(), Ok(Some(_)))
+        }) {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// The lazy path: `ctr image pull --snapshotter snapfs` from a local registry. The
+/// pull unpacker's Prepares carry the chain ID (`containerd.io/snapshot.ref`); the
+/// first layer containerd has not fetched goes through its differ (containerd 1.6
+/// fetches only from the first layer it must unpack), every later layer's Prepare
+/// waits for its blob and is answered AlreadyExists with a committed snapshot on the
+/// blob, never extracted. Containers on the pulled image print what the same
+/// containers print on overlayfs.
+#[test]
+fn containerd_pull_serves_layers_from_their_blobs() {
+    need("skopeo");
+    let t = TestDir::new("containerd-pull");
+    let _nm = NoMountsLeft(t.path().to_path_buf());
+    let (_tar, chain, layers) = image_archive(&t);
+    let reg = Registry::start(&t.mkdir("registry"));
+    let image = format!("{}/snapfs/test:1", reg.addr);
+    let push = util::run_timeout(
+        Command::new("skopeo")
+            .args([
+                "copy",
+                "--quiet",
+                "--preserve-digests",
+                "--dest-tls-verify=false",
+            ])
+            .arg(format!("oci:{}", t.join("oci").display()))
+            .arg(format!("docker://{image}")),
+        Duration::from_secs(120),
+    );
+    assert!(
+        push.ok(),
+        "skopeo copy: {}{}",
+        push.stdout_str(),
+        push.stderr_str()
+    );
+    let ctd_dir = t.mkdir("ctd");
+    let svc = start_service(&t, &ctd_dir.join("containerd.sock"));
+    let mut ctd = Containerd::start_with(&ctd_dir, &t.join("snapfs-grpc.sock"), Some(&reg.addr));
+    // CRI's namespace.
+    ctd.ns = "k8s.io";
+
+    // Watch the scratch dirs (what containerd's differ extracts into) while pulling.
+    let scratch = t.join("svc/containerd/scratch");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (scratch, stop) = (scratch.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut most = 0usize;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = fs::read_dir(&scratch).map(|d| d.count()).unwrap_or(0);
+                most = most.max(n);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            most
+        })
+    };
+    let pulled = cri::pull(&ctd.sock, &image);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most_scratch = watcher.join().unwrap();
+    let log = svc.log_text();
+    if let Err(e) = pulled {
+        panic!(
+            "CRI PullImage {image}: {e}\ncontainerd log tail:\n{}\nservice log:\n{log}",
+            tail(&ctd.log_text())
+        );
+    }
+    // Layer 0 (busybox) starts containerd's fetch and is unpacked; layers 1 and 2
+    // are served from their blobs.
+    assert_eq!(
+        log.matches("not fetched yet").count(),
+        1,
+        "service log:\n{log}"
+    );
+    for d in &layers[1..] {
+        assert!(
+            log.contains(&format!("layer {d} served from its blob")),
+            "layer {d} not served from its blob; service log:\n{log}"
+        );
+    }
+    assert!(
+        most_scratch <= 1,
+        "{most_scratch} scratch dirs during the pull"
+    );
+    assert_eq!(fs::read_dir(&scratch).unwrap().count(), 0, "scratch left");
+    let ls = ctd.snap(&["ls"]);
+    for c in &chain {
+        assert!(ls.contains(c.as_str()), "chain {c} not in\n{ls}");
+    }
+
+    // A small file: the index and a span or two of the 64 MiB zstd layer's blob.
+    let small = ctd.ctr_ok(&[
+        "run",
+        "--snapshotter",
+        "snapfs",
+        "--rm",
+        &image,
+        "small",
+        "cat",
+        "/opt/app/h1",
+    ]);
+    assert_eq!(small, "h\n");
+    let big = t
+        .join("svc/containerd/layers")
+        .join(layers[2].replace(':', "-"));
+    let big_size = fs::metadata(&big).unwrap().len();
+    let read = svc.bytes_read(&big);
+    assert!(
+        read < 12 << 20,
+        "reading a 2-byte file read {read} of {big_size} bytes"
+    );
+
+    let on_snapfs = ctd.ctr_ok(&[
+        "run",
+        "--snapshotter",
+        "snapfs",
+        "--rm",
+        &image,
+        "snap1",
+        "sh",
+        "-c",
+        SCRIPT,
+    ]);
+    // The same image unpacked by overlayfs (its blobs are in the content store now).
+    ctd.ctr_ok(&["images", "pull", "--plain-http", &image]);
+    let reference = ctd.ctr_ok(&["run", "--rm", &image, "ovl", "sh", "-c", SCRIPT]);
+    assert!(reference.contains("deleteme-gone"), "{reference}");
+    assert_eq!(
+        on_snapfs, reference,
+        "snapfs and overlayfs containers differ"
+    );
+
+    ctd.clear_containers();
+    // CRI records the image under its name, its digest and its config's ID.
+    for name in ctd.ctr_ok(&["images", "ls", "-q"]).lines() {
+        ctd.ctr_ok(&["images", "rm", name]);
+    }
+    let emptied = poll_until(Duration::from_secs(60), || {
+        active_views(&svc).is_empty() && ctd.snap(&["ls"]).lines().count() <= 1
+    });
+    assert!(emptied, "snapshots left: {}", ctd.snap(&["ls"]));
+    svc.stop();
+    drop(ctd);
+    drop(reg);
     assert!(util::mounts_under(t.path()).is_empty(), "mounts left");
 }

@@ -14,6 +14,7 @@ mod commit;
 mod containerd;
 mod containers;
 mod create;
+mod cri;
 mod faults;
 mod formats;
 mod fuzz;

@@ -3,7 +3,10 @@
 //! directory, where each blob is the file `blobs/sha256/<hex>`). A layer is found by
 //! its digest, or by its chain ID through the images of the namespace: manifest (or
 //! every manifest of an index), config, `rootfs.diff_ids`, chain IDs as containerd
-//! computes them.
+//! computes them. While containerd pulls an image, the image is not recorded yet:
+//! its manifests are found in the content store by the label containerd's fetch puts
+//! on every manifest (`containerd.io/gc.ref.content.config`), and a layer's blob may
+//! not be there yet ([`ChainLayer::present`]).
 
 // tonic's Status is what gRPC errors are; boxing it would only add conversions.
 #![allow(clippy::result_large_err)]
@@ -38,6 +41,21 @@ pub struct FoundLayer {
     /// Its file.
     pub path: PathBuf,
 }
+
+/// A layer found by its chain ID in a manifest: its blob (whose file may not be
+/// there yet, while containerd still fetches it) and the manifest's later layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLayer {
+    /// The blob's digest and where its file is (or will be).
+    pub layer: FoundLayer,
+    /// Whether the content store has the blob.
+    pub present: bool,
+    /// The digests of the layers above it in the manifest.
+    pub later: Vec<String>,
+}
+
+/// The label containerd's fetch puts on a manifest: its config's digest.
+const LABEL_CONFIG_REF: &str = "containerd.io/gc.ref.content.config";
 
 fn is_digest(d: &str) -> bool {
     d.strip_prefix("sha256:")
@@ -163,11 +181,51 @@ impl ContentStore {
             Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
             Err(s) => return Err(self.error(&format!("content {digest}"), s.message())),
         }
-        let path = self.root().await?.join("blobs/sha256").join(&digest[7..]);
+        let path = self.blob_path(digest).await?;
         Ok(path.is_file().then(|| FoundLayer {
             digest: digest.into(),
             path,
         }))
+    }
+
+    /// Where the content store keeps (or will keep) the blob of `digest`.
+    pub async fn blob_path(&self, digest: &str) -> Result<PathBuf> {
+        Ok(self.root().await?.join("blobs/sha256").join(&digest[7..]))
+    }
+
+    /// The digests of the manifests in the content store (containerd labels every
+    /// manifest it fetches or imports with its config).
+    async fn content_manifests(&self, ns: &str) -> Result<Vec<String>> {
+        let mut grpc = tonic::client::Grpc::new(self.channel.clone());
+        grpc.ready()
+            .await
+            .map_err(|e| self.error("cannot connect", e))?;
+        let mut req = tonic::Request::new(pb::ListContentRequest {
+            filters: vec![format!("labels.\"{LABEL_CONFIG_REF}\"")],
+        });
+        if let Ok(v) = ns.parse() {
+            req.metadata_mut().insert("containerd-namespace", v);
+        }
+        let mut stream = grpc
+            .server_streaming::<_, pb::ListContentResponse, _>(
+                req,
+                tonic::codegen::http::uri::PathAndQuery::from_static(
+                    "/containerd.services.content.v1.Content/List",
+                ),
+                ProstCodec::default(),
+            )
+            .await
+            .map_err(|e| self.error("cannot list content", e.message()))?
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(r) = stream
+            .message()
+            .await
+            .map_err(|e| self.error("cannot list content", e.message()))?
+        {
+            out.extend(r.info.into_iter().map(|i| i.digest));
+        }
+        Ok(out)
     }
 
     async fn read_json(&self, ns: &str, digest: &str) -> Result<serde_json::Value> {
@@ -208,8 +266,19 @@ impl ContentStore {
         serde_json::from_slice(&data).map_err(|e| self.error(&format!("content {digest}"), e))
     }
 
-    /// The layer blob whose chain ID is `chain_id`, through the images of `ns`.
+    /// The layer blob whose chain ID is `chain_id`, through the images of `ns`, if
+    /// the content store has it.
     pub async fn layer_by_chain(&self, ns: &str, chain_id: &str) -> Result<Option<FoundLayer>> {
+        Ok(self
+            .locate_by_chain(ns, chain_id)
+            .await?
+            .filter(|c| c.present)
+            .map(|c| c.layer))
+    }
+
+    /// The layer whose chain ID is `chain_id`: through the images of `ns`, then the
+    /// manifests of its content store (an image being pulled), present or not.
+    pub async fn locate_by_chain(&self, ns: &str, chain_id: &str) -> Result<Option<ChainLayer>> {
         if !is_digest(chain_id) {
             return Ok(None);
         }
@@ -221,6 +290,7 @@ impl ContentStore {
             )
             .await
             .map_err(|e| self.error("cannot list images", e.message()))?;
+        let mut seen: Vec<String> = Vec::new();
         for img in images.images {
             let Some(t) = img.target else { continue };
             let mut manifests = vec![t.digest.clone()];
@@ -246,9 +316,21 @@ impl ContentStore {
                         Err(_) => continue,
                     }
                 };
+                seen.push(m);
                 if let Some(found) = self.match_manifest(ns, &manifest, chain_id).await? {
                     return Ok(Some(found));
                 }
+            }
+        }
+        for m in self.content_manifests(ns).await? {
+            if seen.contains(&m) {
+                continue;
+            }
+            let Ok(manifest) = self.read_json(ns, &m).await else {
+                continue;
+            };
+            if let Some(found) = self.match_manifest(ns, &manifest, chain_id).await? {
+                return Ok(Some(found));
             }
         }
         Ok(None)
@@ -259,7 +341,7 @@ impl ContentStore {
         ns: &str,
         manifest: &serde_json::Value,
         chain_id: &str,
-    ) -> Result<Option<FoundLayer>> {
+    ) -> Result<Option<ChainLayer>> {
         let Some(config) = manifest
             .get("config")
             .and_then(|c| c.get("digest"))
@@ -294,7 +376,24 @@ impl ContentStore {
         }
         for (i, c) in chain_ids(&diff_ids).iter().enumerate() {
             if c == chain_id {
-                return self.blob(ns, &layers[i]).await;
+                let digest = layers[i].clone();
+                if !is_digest(&digest) {
+                    return Ok(None);
+                }
+                let found = self.blob(ns, &digest).await?;
+                let present = found.is_some();
+                let layer = match found {
+                    Some(f) => f,
+                    None => FoundLayer {
+                        path: self.blob_path(&digest).await?,
+                        digest,
+                    },
+                };
+                return Ok(Some(ChainLayer {
+                    layer,
+                    present,
+                    later: layers[i + 1..].to_vec(),
+                }));
             }
         }
         Ok(None)

@@ -9,12 +9,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use super::content::{ContentStore, FoundLayer};
+use super::content::{ChainLayer, ContentStore, FoundLayer};
 use super::proto::snapshots as pb;
 use super::proto::snapshots::snapshots_server::{Snapshots, SnapshotsServer};
 use super::proto::types;
@@ -26,7 +27,12 @@ use crate::service::snapshots::{Kind, Snapshot};
 struct Api {
     sn: Snapshotter,
     content: Arc<ContentStore>,
+    /// Layer blobs containerd's pull unpacker is fetching (by digest), since when.
+    fetching: Mutex<HashMap<String, Instant>>,
 }
+
+/// How long a Prepare waits for a layer blob containerd is fetching.
+const FETCH_WAIT: Duration = Duration::from_secs(600);
 
 fn status(e: Error) -> Status {
     let msg = e.to_string();
@@ -131,6 +137,79 @@ impl Api {
     }
 }
 
+/// Where the layer of a pull's Prepare is.
+enum Pulled {
+    /// Its blob is in the content store (it was, or containerd fetched it meanwhile).
+    Here(FoundLayer),
+    /// Not fetched yet, and containerd fetches it only after a Prepare it can unpack
+    /// into (1.6's unpacker starts fetching at the first layer it must unpack).
+    NotYet(FoundLayer),
+    /// Not a layer of a manifest in the content store.
+    Unknown,
+}
+
+impl Api {
+    /// The layer the unpacker's Prepare for chain `target` wants. A blob that an
+    /// earlier Prepare of the same pull set containerd fetching is waited for, so
+    /// that only the first layer missing from the content store goes through the
+    /// differ, and every later one is answered AlreadyExists.
+    async fn pulled(&self, key: &str, target: &str) -> Pulled {
+        let ns = namespace(key);
+        let c: ChainLayer = match self.content.locate_by_chain(ns, target).await {
+            Ok(Some(c)) => c,
+            Ok(None) => return Pulled::Unknown,
+            Err(e) => {
+                log::warn!("snapshot {key:?}: no layer blob found ({e}); containerd unpacks it");
+                return Pulled::Unknown;
+            }
+        };
+        if c.present {
+            return Pulled::Here(c.layer);
+        }
+        let since = {
+            let mut f = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            f.retain(|_, t| t.elapsed() < FETCH_WAIT);
+            f.get(&c.layer.digest).copied()
+        };
+        let Some(since) = since else {
+            // This Prepare starts containerd's fetch of this layer and the later ones.
+            let mut f = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+            for d in &c.later {
+                f.insert(d.clone(), Instant::now());
+            }
+            log::info!(
+                "snapshot {key:?}: layer {} not fetched yet; containerd unpacks it, and fetches {} more",
+                c.layer.digest,
+                c.later.len()
+            );
+            return Pulled::NotYet(c.layer);
+        };
+        let t = Instant::now();
+        while since.elapsed() < FETCH_WAIT {
+            match self.content.blob(ns, &c.layer.digest).await {
+                Ok(Some(f)) => {
+                    self.fetching
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&c.layer.digest);
+                    log::info!(
+                        "snapshot {key:?}: layer {} fetched after {:.2} s",
+                        f.digest,
+                        t.elapsed().as_secs_f64()
+                    );
+                    return Pulled::Here(f);
+                }
+                Ok(None) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => {
+                    log::warn!("snapshot {key:?}: {e}");
+                    break;
+                }
+            }
+        }
+        Pulled::NotYet(c.layer)
+    }
+}
+
 type ListStream =
     Pin<Box<dyn Stream<Item = std::result::Result<pb::ListSnapshotsResponse, Status>> + Send>>;
 
@@ -149,13 +228,29 @@ impl Snapshots for Api {
         );
         let parent = parent(&r.parent);
         let labels: BTreeMap<String, String> = r.labels.clone().into_iter().collect();
+        let mut pending: Option<FoundLayer> = None;
         if let Some(target) = r.labels.get(LABEL_REF) {
             if self.sn.has_target(target, parent.as_deref()) {
                 return Err(Status::already_exists(format!(
                     "target snapshot {target:?} exists"
                 )));
             }
-            if let Some(found) = self.find(&r.key, &r.labels).await {
+            let mut found = if r.labels.contains_key(LABEL_LAYER_DIGEST) {
+                self.find(&r.key, &r.labels).await
+            } else {
+                None
+            };
+            if found.is_none() {
+                found = match self.pulled(&r.key, target).await {
+                    Pulled::Here(f) => Some(f),
+                    Pulled::NotYet(f) => {
+                        pending = Some(f);
+                        None
+                    }
+                    Pulled::Unknown => None,
+                };
+            }
+            if let Some(found) = found {
                 let (sn, t) = (self.sn.clone(), target.clone());
                 let p = parent.clone();
                 blocking(move || sn.add_layer(&t, p.as_deref(), labels, &found)).await?;
@@ -164,7 +259,9 @@ impl Snapshots for Api {
                 )));
             }
         }
-        let scratch = if unpack_chain(&r.key).is_some() {
+        let scratch = if pending.is_some() {
+            pending
+        } else if unpack_chain(&r.key).is_some() {
             self.find(&r.key, &r.labels).await
         } else {
             None
@@ -331,7 +428,11 @@ impl Server {
             let _guard = runtime.enter();
             Arc::new(ContentStore::new(containerd.to_path_buf())?)
         };
-        let api = Api { sn, content };
+        let api = Api {
+            sn,
+            content,
+            fetching: Mutex::new(HashMap::new()),
+        };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         runtime.spawn(async move {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);

@@ -181,9 +181,14 @@ impl Snapshotter {
             created: now(),
             updated: now(),
             id,
-            content: Content::Layer { path, owned: true },
+            content: Content::Layer {
+                path: path.clone(),
+                owned: true,
+            },
         })?;
         model.save()?;
+        drop(model);
+        self.index_in_background(&path);
         log::info!(
             "snapshot {name:?}: layer {} served from its blob, not unpacked",
             blob.digest
@@ -252,6 +257,25 @@ impl Snapshotter {
         Ok(path)
     }
 
+    /// The blob link of a scratch snapshot's blob: `blob` itself, or, for a blob
+    /// that was still being fetched at Prepare (a content store path), a new link
+    /// (and its index built in the background).
+    fn linked(&self, blob: &Path) -> Result<PathBuf> {
+        if blob.starts_with(self.inner.dir.join("layers")) {
+            return Ok(blob.to_path_buf());
+        }
+        let hex = blob
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let path = self.link_blob(&FoundLayer {
+            digest: format!("sha256:{hex}"),
+            path: blob.to_path_buf(),
+        })?;
+        self.index_in_background(&path);
+        Ok(path)
+    }
+
     /// Prepare (writable) or View (read-only) `key` on `parent`. With `scratch`, an
     /// active snapshot that containerd's differ unpacks a known layer blob into.
     pub fn create(
@@ -271,8 +295,15 @@ impl Snapshotter {
                 Some(blob) => {
                     let dir = inner.dir.join("scratch").join(id.to_string());
                     std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
-                    let blob = self.link_blob(blob)?;
-                    self.index_in_background(&blob);
+                    // A blob containerd is still fetching (a pull) is linked at
+                    // Commit, once the differ has read it.
+                    let blob = if blob.path.is_file() {
+                        let b = self.link_blob(blob)?;
+                        self.index_in_background(&b);
+                        b
+                    } else {
+                        blob.path.clone()
+                    };
                     Content::Scratch { dir, blob }
                 }
                 None => {
@@ -379,7 +410,7 @@ impl Snapshotter {
             // The differ is done; the index may still be being built (a view of
             // the layer waits for it).
             Content::Scratch { blob, .. } => Content::Layer {
-                path: blob.clone(),
+                path: self.linked(blob)?,
                 owned: true,
             },
             Content::View {
