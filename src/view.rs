@@ -116,9 +116,6 @@ pub fn resolve(paths: &[PathBuf], select: &Select) -> Result<Vec<Input>> {
     paths
         .iter()
         .map(|p| {
-            if crate::source::is_remote(p) {
-                return Ok(Input::Archive(p.clone()));
-            }
             Ok(match Image::open(p, select)? {
                 Some(img) => Input::Image(Box::new(img)),
                 None => Input::Archive(p.clone()),
