@@ -1047,4 +1047,7 @@ fn s3_oci_archive_mounts_like_its_local_mount_by_ranges_and_verifies() {
         "{}",
         r.stdout_str()
     );
+    // index takes the image by URL as well (its layers' indexes are current).
+    let r = s3.snapfs(&["index", url.to_str().unwrap()]);
+    assert!(r.ok(), "{}", r.stderr_str());
 }

@@ -148,7 +148,7 @@ impl Store {
 
     /// Opens one file (local or remote) as an image archive if its content says it is
     /// one: a plain tar whose first member is image-like and whose files form a layout.
-    fn probe_tar(source: Arc<dyn Source>, path: &Path) -> Result<Option<(Store, Kind)>> {
+    pub fn probe_tar(source: Arc<dyn Source>, path: &Path) -> Result<Option<(Store, Kind)>> {
         let mut head = [0u8; crate::archive::DETECT_BYTES];
         let n = source
             .read_at(&mut head, 0)
