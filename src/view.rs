@@ -84,6 +84,8 @@ pub fn load_index(
 pub enum Input {
     /// A tar, tar.gz or tar.zst file.
     Archive(PathBuf),
+    /// An archive at a URL, its object already opened (by the image probe).
+    Remote(PathBuf, Arc<dyn crate::source::Source>),
     /// An image: its layers, bottom first.
     Image(Box<Image>),
 }
@@ -93,6 +95,7 @@ impl Input {
     pub fn archives(&self) -> Result<Vec<Archive>> {
         match self {
             Input::Archive(p) => Ok(vec![Archive::open(p)?]),
+            Input::Remote(_, s) => Ok(vec![Archive::from_source(s.clone())?]),
             Input::Image(img) => img
                 .layers
                 .iter()
@@ -104,7 +107,7 @@ impl Input {
     /// The input's path and, for an image, the reference chosen in it.
     pub fn name(&self) -> (&Path, Option<&str>) {
         match self {
-            Input::Archive(p) => (p, None),
+            Input::Archive(p) | Input::Remote(p, _) => (p, None),
             Input::Image(img) => (&img.path, Some(&img.reference)),
         }
     }
@@ -117,7 +120,12 @@ pub fn resolve(paths: &[PathBuf], select: &Select) -> Result<Vec<Input>> {
         .iter()
         .map(|p| {
             if crate::source::is_remote(p) {
-                return Ok(Input::Archive(p.clone()));
+                // Opened once: for the image probe, and as the archive if it is one.
+                let source = crate::source::open(p)?;
+                return Ok(match Image::open_source(p, source.clone(), select)? {
+                    Some(img) => Input::Image(Box::new(img)),
+                    None => Input::Remote(p.clone(), source),
+                });
             }
             Ok(match Image::open(p, select)? {
                 Some(img) => Input::Image(Box::new(img)),

@@ -38,12 +38,12 @@ fn s(p: &Path) -> String {
 
 /// A layer of a layout being written: the blob file, its media type, its diff_id.
 pub(crate) struct LayerBlob {
-    blob: PathBuf,
-    media_type: &'static str,
-    diff_id: String,
+    pub(crate) blob: PathBuf,
+    pub(crate) media_type: &'static str,
+    pub(crate) diff_id: String,
 }
 
-fn sha256_of(p: &Path) -> String {
+pub(crate) fn sha256_of(p: &Path) -> String {
     format!("sha256:{}", util::sha256_file(p).unwrap())
 }
 
@@ -117,7 +117,7 @@ fn new_layout(dir: &Path) {
 }
 
 /// An OCI layout at `dir` with one image tagged `tag`.
-fn write_layout(dir: &Path, layers: &[LayerBlob], tag: &str) {
+pub(crate) fn write_layout(dir: &Path, layers: &[LayerBlob], tag: &str) {
     new_layout(dir);
     let (d, n) = put_image(dir, layers, host_arch(), None);
     fs::write(

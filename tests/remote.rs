@@ -973,3 +973,81 @@ fn service_views_take_s3_urls() {
     assert!(r.ok(), "{}", r.stderr_str());
     serve.stop();
 }
+
+#[test]
+fn s3_oci_archive_mounts_like_its_local_mount_by_ranges_and_verifies() {
+    use crate::images::{sha256_of, write_layout, LayerBlob};
+    let td = TestDir::new("remote-image");
+    let s3 = S3::start(&td);
+    // Two layers: a small gzip one, and a plain one with 8 MiB of incompressible data
+    // that mounting and reading one small file must not fetch.
+    util::sh(
+        td.path(),
+        "mkdir -p a/etc b/etc b/data && echo one > a/etc/one && echo two > b/etc/two \
+         && chmod 0640 a/etc/one && find a b -exec touch -h -d @1600000000 {} + \
+         && tar --numeric-owner -C a -cf a.tar . && gzip -kn a.tar",
+    );
+    std::fs::write(td.join("b/data/big"), util::random_bytes(8 << 20, 7)).unwrap();
+    util::sh(
+        td.path(),
+        "touch -h -d @1600000000 b/data/big && tar --numeric-owner -C b -cf b.tar .",
+    );
+    let layers = [
+        LayerBlob {
+            blob: td.join("a.tar.gz"),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip",
+            diff_id: sha256_of(&td.join("a.tar")),
+        },
+        LayerBlob {
+            blob: td.join("b.tar"),
+            media_type: "application/vnd.oci.image.layer.v1.tar",
+            diff_id: sha256_of(&td.join("b.tar")),
+        },
+    ];
+    let layout = td.join("layout");
+    write_layout(&layout, &layers, "v");
+    util::sh(
+        td.path(),
+        "tar --numeric-owner -C layout -cf app.oci.tar oci-layout index.json blobs",
+    );
+    let archive = td.join("app.oci.tar");
+    let size = std::fs::metadata(&archive).unwrap().len();
+    let url = s3.put("img/app.oci.tar", &archive);
+
+    // First mount on this host: the outer tar's and the layers' indexes are built
+    // (plain tars by their headers), then one small file costs about one block.
+    let disk = td.mkdir("disk-cache");
+    let disk_s = disk.display().to_string();
+    let b0 = s3.proxy.bytes();
+    let m = s3.mount(&url, &td.join("m"), &["--disk-cache", disk_s.as_str()]);
+    assert_eq!(read(&m.join("etc/one")).unwrap(), b"one\n");
+    let fetched = s3.proxy.bytes() - b0;
+    let block = 256 << 10;
+    assert!(
+        fetched <= 6 * block,
+        "mount and one small file fetched {fetched} bytes of a {size}-byte image"
+    );
+    // Every file's bytes and metadata equal the local mount of the same archive.
+    let local = Mount::new(&archive, &td.join("local"));
+    let n = tree::assert_same_tree(local.path(), m.path(), &CmpOpts::default());
+    assert!(n >= 5, "compared {n} entries");
+    assert_eq!(
+        read(&m.join("data/big")).unwrap(),
+        util::random_bytes(8 << 20, 7)
+    );
+    m.unmount();
+    local.unmount();
+
+    // verify reads every blob of the remote image and checks its digest.
+    let r = s3.snapfs(&["verify", url.to_str().unwrap()]);
+    assert!(r.ok(), "{}", r.stderr_str());
+    assert_eq!(
+        r.stdout_str().matches("ok layer").count(),
+        2,
+        "{}",
+        r.stdout_str()
+    );
+    // index takes the image by URL as well (its layers' indexes are current).
+    let r = s3.snapfs(&["index", url.to_str().unwrap()]);
+    assert!(r.ok(), "{}", r.stderr_str());
+}

@@ -201,12 +201,25 @@ pub fn run(args: IndexArgs) -> Result<ExitCode> {
             args.archive.display()
         )));
     }
-    if !remote {
-        if let Some(img) = crate::image::Image::open(&args.archive, &args.select.select()?)? {
+    // A remote object is opened once, for the image probe and as the archive.
+    let source = match remote {
+        true => Some(crate::source::open(&args.archive)?),
+        false => None,
+    };
+    if !args.publish {
+        let select = args.select.select()?;
+        let img = match &source {
+            Some(s) => crate::image::Image::open_source(&args.archive, s.clone(), &select)?,
+            None => crate::image::Image::open(&args.archive, &select)?,
+        };
+        if let Some(img) = img {
             return run_image(&img, &args, &opts);
         }
     }
-    let archive = Archive::open(&args.archive)?;
+    let archive = match source {
+        Some(s) => Archive::from_source(s)?,
+        None => Archive::open(&args.archive)?,
+    };
     let start = Instant::now();
     let (index, origin) = obtain(&archive, &opts, Some(opts.span_bytes), args.force)?;
     let secs = start.elapsed().as_secs_f64();

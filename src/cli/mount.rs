@@ -121,8 +121,14 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
         std::fs::create_dir_all(u).map_err(|e| Error::io("cannot create upper dir", u, e))?;
     }
     // The image step (the daemon repeats it; it reads only small JSON).
+    // Remote inputs are opened once, by the daemon, unless --verify needs them here.
     let inputs = if args.ready_fd.is_none() {
-        view::resolve(archives, &select)?
+        let here: Vec<PathBuf> = archives
+            .iter()
+            .filter(|p| args.verify || !crate::source::is_remote(p))
+            .cloned()
+            .collect();
+        view::resolve(&here, &select)?
     } else {
         Vec::new()
     };
@@ -175,10 +181,8 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
     let mut todo: Vec<Archive> = Vec::new();
     let mut labels = Vec::new();
     for input in &inputs {
-        if let view::Input::Archive(p) = input {
-            if crate::source::is_remote(p) {
-                continue; // the daemon opens it once (its error line is relayed)
-            }
+        if let view::Input::Remote(..) = input {
+            continue; // the daemon opens it (its error line is relayed)
         }
         for archive in input.archives()? {
             if let Some(index) = store::find_current(&archive) {

@@ -105,6 +105,19 @@ impl Image {
         resolve::resolve(path, store, kind, select).map(Some)
     }
 
+    /// [`Image::open`] of one file already opened as `source` (local or remote): an
+    /// OCI archive or a `docker save` tar, told from its content.
+    pub fn open_source(
+        path: &Path,
+        source: Arc<dyn Source>,
+        select: &Select,
+    ) -> Result<Option<Image>> {
+        let Some((store, kind)) = store::Store::probe_tar(source, path)? else {
+            return Ok(None);
+        };
+        resolve::resolve(path, store, kind, select).map(Some)
+    }
+
     /// The name a mount shows for it: `input@reference`.
     pub fn display_name(&self) -> String {
         format!("{}@{}", self.path.display(), self.reference)

@@ -10,7 +10,6 @@
 //! are followed only within the image (a few hops), and in a layout directory the
 //! final file must still lie under the layout after symlinks are resolved.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -120,6 +119,11 @@ impl Store {
     /// Opens `path` as an image if its content says it is one: `Ok(None)` for an
     /// archive (or anything else the archive code should judge).
     pub fn probe(path: &Path) -> Result<Option<(Store, Kind)>> {
+        if crate::source::is_remote(path) {
+            // An object is one file: an OCI archive or docker save tar, read by ranges
+            // (a layout directory cannot be remote).
+            return Store::probe_tar(crate::source::open(path)?, path);
+        }
         let meta = std::fs::metadata(path).map_err(|e| Error::io("cannot open", path, e))?;
         if meta.is_dir() {
             let root =
@@ -139,7 +143,12 @@ impl Store {
         if !meta.is_file() {
             return Ok(None);
         }
-        let source: Arc<dyn Source> = Arc::new(FileSource::open(path)?);
+        Store::probe_tar(Arc::new(FileSource::open(path)?), path)
+    }
+
+    /// Opens one file (local or remote) as an image archive if its content says it is
+    /// one: a plain tar whose first member is image-like and whose files form a layout.
+    pub fn probe_tar(source: Arc<dyn Source>, path: &Path) -> Result<Option<(Store, Kind)>> {
         let mut head = [0u8; crate::archive::DETECT_BYTES];
         let n = source
             .read_at(&mut head, 0)
@@ -286,13 +295,17 @@ impl Store {
             ));
         }
         let source = self.open_found(image, rel, &found, None)?;
-        let mut out = Vec::new();
-        SourceReader::new(source)
-            .read_to_end(&mut out)
-            .map_err(|e| Error::io("reading", image.join(rel), e))?;
-        if out.len() as u64 != found.size {
-            return Err(Error::image(image, format!("{rel} is truncated")));
-        }
+        // One read of the whole file: a remote source then fetches its block(s), where
+        // a stream of small reads would look sequential and start a read-ahead.
+        let mut out = vec![0u8; found.size as usize];
+        source
+            .read_exact_at(&mut out, 0)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    Error::image(image, format!("{rel} is truncated"))
+                }
+                _ => Error::io("reading", image.join(rel), e),
+            })?;
         Ok(out)
     }
 
