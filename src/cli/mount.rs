@@ -547,6 +547,7 @@ fn serve(
     if let Some(mut r) = ready.take() {
         let _ = r.write_all(b"ok\n");
     }
+    crate::cache::trim_heap();
     let result = session.run();
     if let Some(f) = pid_file {
         let _ = std::fs::remove_file(f);

@@ -189,6 +189,15 @@ impl Index {
             .unwrap_or(&[])
     }
 
+    /// Unmaps the mapped index file's pages from this process after a pass over all
+    /// records (see [`Records::release_pages`]).
+    pub fn release_pages(&self) {
+        // One mapping holds all sections; any mapped one releases it whole.
+        self.inodes.release_pages();
+        self.dirents.release_pages();
+        self.names.release_pages();
+    }
+
     /// Bytes of the process's own memory the records and arena take (approximate;
     /// records read in place from the mapped index file count nothing).
     pub fn memory_bytes(&self) -> usize {

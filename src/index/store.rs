@@ -144,14 +144,7 @@ pub fn load(path: &Path, archive: &Archive, required_span: Option<u64>) -> Resul
         path: path.to_path_buf(),
         message,
     })?;
-    if let IndexBytes::Mapped(map) = &bytes {
-        // The checksum and `validate` touched every page; the mount needs few of them
-        // again (the root, what is looked up). Unmapping them from this process keeps
-        // its resident size to what it uses; they stay in the page cache.
-        // SAFETY: a read-only shared file mapping: dropped pages are read again from
-        // the (unchanged) file on the next access.
-        let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
-    }
+    index.release_pages();
     if index.id != archive.id {
         return Err(Error::Index {
             path: path.to_path_buf(),

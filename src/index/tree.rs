@@ -442,6 +442,8 @@ impl IndexTree {
             .iter()
             .map(|r| blocks_for(data_bytes(&index, r)))
             .fold(0, u64::saturating_add);
+        // Loading and this pass touched every record: let the pages go again.
+        index.release_pages();
         let stats = FsStats {
             blocks,
             files: index.inodes.len() as u64,
