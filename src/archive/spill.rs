@@ -135,6 +135,7 @@ fn default_budget(dir: &std::path::Path) -> u64 {
     if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
         return 0;
     }
+    #[allow(clippy::useless_conversion)] // the field types differ between targets
     let free = u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize));
     (free / 2).min(DEFAULT_BUDGET)
 }
