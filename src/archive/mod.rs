@@ -337,6 +337,9 @@ const PREFETCH_THREADS: usize = 2;
 const PREFETCH_SPANS: usize = 4;
 /// Reads that start this far into a span decode only the prefix they need.
 const PREFIX_MIN: usize = 64 << 10;
+/// Reads at least this large come from a sequential reader (kernel readahead) and
+/// are never spilled.
+const SEQUENTIAL_READ: usize = 128 << 10;
 /// Extra bytes decoded past a random read (kernel readahead usually follows).
 const PREFIX_SLACK: usize = 256 << 10;
 
@@ -537,11 +540,14 @@ impl Inner {
             // spilled, to its end): the kernel keeps what it read, and it will not
             // come back. (A random read that runs into the next span read a spilled
             // one.)
-            let sequential = insert == Insert::Recent
-                && match span.checked_sub(1) {
-                    Some(prev) => cache.read_to_end(prev) && !self.spilled(prev),
-                    None => within == 0,
-                };
+            // Large reads are the kernel's readahead of a streamed file (random
+            // readers ask for 4 KiB, small files for their size).
+            let sequential = buf.len() >= SEQUENTIAL_READ
+                || (insert == Insert::Recent
+                    && match span.checked_sub(1) {
+                        Some(prev) => cache.read_to_end(prev) && !self.spilled(prev),
+                        None => within == 0,
+                    });
             let spill = if sequential { None } else { self.spill() };
             if let Some(s) = spill.filter(|s| s.has(span)) {
                 if want > 0 && s.read(&mut buf[done..done + want], off).is_ok() {
