@@ -534,8 +534,9 @@ impl Inner {
             } else {
                 Insert::Probation
             };
-            // A random read: the span goes to the spill file whole, and later reads
-            // of it come from there (the page cache) instead of inflating it again.
+            // A random read: the decoded prefix of the span goes to the spill file,
+            // and later reads within it come from there (the page cache) instead of
+            // inflating it again.
             // Not a sequential reader's next span (it read the one before, not
             // spilled, to its end): the kernel keeps what it read, and it will not
             // come back. (A random read that runs into the next span read a spilled
@@ -549,7 +550,7 @@ impl Inner {
                         None => within == 0,
                     });
             let spill = if sequential { None } else { self.spill() };
-            if let Some(s) = spill.filter(|s| s.has(span)) {
+            if let Some(s) = spill.filter(|s| s.stored(span) >= need as u64) {
                 if want > 0 && s.read(&mut buf[done..done + want], off).is_ok() {
                     if within + want == span_len {
                         cache.retire(span);
@@ -564,13 +565,15 @@ impl Inner {
             // Spilled only if this read decoded it: a span already cached was decoded
             // ahead of a sequential reader, which will not come back to it.
             let mut decoded = false;
+            let spilled_len = spill.map_or(0, |s| s.stored(span)) as usize;
             let data = cache.get_or_insert(span, need, insert, |have, out| {
                 decoded = true;
                 // A read near the span's start (or a sequential one) wants all of it;
                 // a random read deep inside only the prefix up to it, grown
-                // geometrically so in-span sequential reads stay linear (unless the
-                // span is spilled: then all of it, once).
-                let limit = if within < PREFIX_MIN || spill.is_some() {
+                // geometrically (from what the cache or the spill file holds) so
+                // in-span sequential reads stay linear.
+                let have = have.max(spilled_len);
+                let limit = if within < PREFIX_MIN {
                     usize::MAX
                 } else {
                     (need + PREFIX_SLACK).max(have * 2)
@@ -584,9 +587,9 @@ impl Inner {
             let n = avail.min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&data[within..within + n]);
             let spilled = match spill {
-                Some(s) if decoded && data.len() == span_len => {
+                Some(s) if decoded && !sequential => {
                     s.store(span, start, &data);
-                    s.has(span)
+                    s.stored(span) >= data.len() as u64
                 }
                 _ => false,
             };

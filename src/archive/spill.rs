@@ -23,14 +23,17 @@ pub const SPILL_ENV: &str = "SNAPFS_SPILL";
 /// Default upper bound of one archive's spill file.
 const DEFAULT_BUDGET: u64 = 8 << 30;
 
-const EMPTY: u8 = 0;
+const IDLE: u8 = 0;
 const WRITING: u8 = 1;
-const DONE: u8 = 2;
 
-/// Decoded spans of one archive, in a sparse temporary file at their stream offsets.
+/// Decoded spans (or span prefixes) of one archive, in a sparse temporary file at
+/// their stream offsets.
 pub struct Spill {
     file: File,
+    /// Per span: whether a reader is writing to it.
     state: Box<[AtomicU8]>,
+    /// Per span: how many of its first bytes are in the file.
+    stored: Box<[AtomicU64]>,
     budget: u64,
     used: AtomicU64,
 }
@@ -61,17 +64,23 @@ impl Spill {
     pub fn in_file(file: File, spans: usize, budget: u64) -> Spill {
         Spill {
             file,
-            state: (0..spans).map(|_| AtomicU8::new(EMPTY)).collect(),
+            state: (0..spans).map(|_| AtomicU8::new(IDLE)).collect(),
+            stored: (0..spans).map(|_| AtomicU64::new(0)).collect(),
             budget,
             used: AtomicU64::new(0),
         }
     }
 
-    /// Whether span `span` is in the file.
-    pub fn has(&self, span: usize) -> bool {
-        self.state
+    /// How many of span `span`'s first bytes are in the file.
+    pub fn stored(&self, span: usize) -> u64 {
+        self.stored
             .get(span)
-            .is_some_and(|s| s.load(Ordering::Acquire) == DONE)
+            .map_or(0, |s| s.load(Ordering::Acquire))
+    }
+
+    /// Whether any of span `span` is in the file.
+    pub fn has(&self, span: usize) -> bool {
+        self.stored(span) > 0
     }
 
     /// Whether `len` more bytes fit the budget.
@@ -79,35 +88,41 @@ impl Spill {
         self.used.load(Ordering::Relaxed).saturating_add(len) <= self.budget
     }
 
-    /// Fills `buf` from stream offset `off` of a span that [`Spill::has`].
+    /// Fills `buf` from stream offset `off`, inside a span's stored prefix.
     pub fn read(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
         self.file.read_exact_at(buf, off)
     }
 
-    /// Writes the whole span `span`, which starts at stream offset `start`, unless it
-    /// is there, being written by another reader, or over the budget. A failed write
-    /// leaves it out for good (reads then decode it as before).
+    /// Stores `data`, a prefix of span `span` (which starts at stream offset
+    /// `start`): the bytes past what is stored already, unless another reader is
+    /// writing to that span or they would exceed the budget. A failed write leaves
+    /// the stored prefix as it was (reads past it decode as before).
     pub fn store(&self, span: usize, start: u64, data: &[u8]) {
-        let Some(state) = self.state.get(span) else {
+        let (Some(state), Some(stored)) = (self.state.get(span), self.stored.get(span)) else {
             return;
         };
         if state
-            .compare_exchange(EMPTY, WRITING, Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(IDLE, WRITING, Ordering::AcqRel, Ordering::Relaxed)
             .is_err()
         {
             return;
         }
-        let len = data.len() as u64;
-        let prev = self.used.fetch_add(len, Ordering::Relaxed);
-        if prev.saturating_add(len) > self.budget {
-            self.used.fetch_sub(len, Ordering::Relaxed);
-            state.store(EMPTY, Ordering::Release);
-            return;
+        let have = stored.load(Ordering::Acquire);
+        let new = data.len() as u64;
+        if new > have {
+            let len = new - have;
+            let prev = self.used.fetch_add(len, Ordering::Relaxed);
+            if prev.saturating_add(len) > self.budget {
+                self.used.fetch_sub(len, Ordering::Relaxed);
+            } else {
+                let from = have as usize;
+                match self.file.write_all_at(&data[from..], start + have) {
+                    Ok(()) => stored.store(new, Ordering::Release),
+                    Err(e) => log::debug!("spill of span {span} failed: {e}"),
+                }
+            }
         }
-        match self.file.write_all_at(data, start) {
-            Ok(()) => state.store(DONE, Ordering::Release),
-            Err(e) => log::debug!("spill of span {span} failed: {e}"),
-        }
+        state.store(IDLE, Ordering::Release);
     }
 }
 
@@ -145,18 +160,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spans_are_stored_once_within_the_budget_and_read_back() {
+    fn span_prefixes_are_stored_grown_within_the_budget_and_read_back() {
         let spill = Spill::in_file(tempfile::tempfile().unwrap(), 4, 10);
         assert!(!spill.has(1));
-        spill.store(1, 100, b"abcdef");
-        assert!(spill.has(1));
-        let mut got = [0u8; 3];
-        spill.read(&mut got, 102).unwrap();
-        assert_eq!(&got, b"cde");
-        // Stored again: ignored. Over the budget (6 + 6 > 10): left out.
-        spill.store(1, 100, b"zzzzzz");
-        spill.read(&mut got, 100).unwrap();
-        assert_eq!(&got, b"abc");
+        spill.store(1, 100, b"abc");
+        assert_eq!(spill.stored(1), 3);
+        spill.store(1, 100, b"zzzdef");
+        assert_eq!(spill.stored(1), 6);
+        let mut got = [0u8; 4];
+        spill.read(&mut got, 101).unwrap();
+        assert_eq!(&got, b"bcde", "stored bytes are never rewritten");
+        // Over the budget (6 + 6 > 10): left out.
         assert!(!spill.has_room(6));
         spill.store(2, 200, b"123456");
         assert!(!spill.has(2));
