@@ -34,6 +34,9 @@ struct State {
     /// The spans most recently read to their end (at most `RETIRED_KEPT`): a prefetch
     /// of one of them arrived too late and is dropped rather than decoded again.
     retired: VecDeque<Key>,
+    /// The spans most recently read to their end, in any pool (at most
+    /// `RETIRED_KEPT`): tells a sequential reader's next span from a random read.
+    ended: VecDeque<Key>,
     /// Reads answered from the cache, and decodes.
     hits: u64,
     misses: u64,
@@ -94,6 +97,7 @@ impl SpanPool {
                 probation_inserts: 0,
                 queued: HashSet::new(),
                 retired: VecDeque::new(),
+                ended: VecDeque::new(),
                 hits: 0,
                 misses: 0,
             }),
@@ -298,6 +302,12 @@ impl SpanCache {
     pub fn retire(&self, span: usize) {
         let key = (self.slot, span);
         let mut st = self.lock();
+        if !st.ended.contains(&key) {
+            if st.ended.len() == RETIRED_KEPT {
+                st.ended.pop_front();
+            }
+            st.ended.push_back(key);
+        }
         if self.shared {
             // Still cached, so a late prefetch of it is dropped anyway; once evicted,
             // another view's prefetch of it is welcome.
@@ -314,6 +324,11 @@ impl SpanCache {
             }
             st.retired.push_back(key);
         }
+    }
+
+    /// Whether a reader recently read span `span` to its end (see [`SpanCache::retire`]).
+    pub fn read_to_end(&self, span: usize) -> bool {
+        self.lock().ended.contains(&(self.slot, span))
     }
 
     /// Marks `span` as asked for ahead of a reader. False (nothing to do) if it is
@@ -369,6 +384,7 @@ impl Drop for SpanCache {
         }
         st.queued.retain(|k| k.0 != self.slot);
         st.retired.retain(|k| k.0 != self.slot);
+        st.ended.retain(|k| k.0 != self.slot);
     }
 }
 
@@ -402,6 +418,17 @@ pub fn return_freed_buffers_to_kernel() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, (1 << 20) + (64 << 10));
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Gives the heap's free pages back to the kernel (`malloc_trim`): what setting up a
+/// mount freed (archive head and tail, option parsing, a built index's scratch)
+/// would otherwise stay resident in an idle daemon (measured: 3 MiB of its 11).
+pub fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -7,6 +7,7 @@ mod ahead;
 pub mod bzip2;
 pub mod gzip;
 pub mod pipe;
+pub mod spill;
 pub mod tar;
 pub mod xz;
 pub mod zstd;
@@ -337,6 +338,9 @@ const PREFETCH_THREADS: usize = 2;
 const PREFETCH_SPANS: usize = 4;
 /// Reads that start this far into a span decode only the prefix they need.
 const PREFIX_MIN: usize = 64 << 10;
+/// Reads at least this large come from a sequential reader (kernel readahead) and
+/// are never spilled.
+const SEQUENTIAL_READ: usize = 128 << 10;
 /// Extra bytes decoded past a random read (kernel readahead usually follows).
 const PREFIX_SLACK: usize = 256 << 10;
 
@@ -355,6 +359,9 @@ struct Inner {
     backing: Backing,
     /// Set once a change was seen: from then on every read fails.
     changed: std::sync::OnceLock<String>,
+    /// Whole spans decoded for random reads, made on the first such read (compressed
+    /// streams only; see [`spill`]).
+    spill: std::sync::OnceLock<Option<spill::Spill>>,
 }
 
 impl StreamReader {
@@ -390,6 +397,7 @@ impl StreamReader {
                 table,
                 backing,
                 changed: std::sync::OnceLock::new(),
+                spill: std::sync::OnceLock::new(),
             }),
             prefetch: std::sync::OnceLock::new(),
         }
@@ -433,9 +441,10 @@ impl StreamReader {
             }
             Backing::Spans(cache) => {
                 let last = inner.read_spans(cache, buf, off)?;
-                if let Some((span, within, len)) = last {
-                    // Reading the second half of a span: get the next ones ready.
-                    if within * 2 >= len {
+                if let Some((span, within, len, random)) = last {
+                    // Reading the second half of a span: get the next ones ready
+                    // (unless a random reader read it: it will not go on from there).
+                    if within * 2 >= len && !random {
                         for next in span + 1..=span + PREFETCH_SPANS {
                             if next < inner.table.span_count() && cache.queue_prefetch(next) {
                                 self.prefetch(next);
@@ -461,7 +470,7 @@ impl StreamReader {
                     let Ok(Ok(span)) = next else { break };
                     let Some(inner) = inner.upgrade() else { break };
                     if let Backing::Spans(cache) = &inner.backing {
-                        if !cache.start_prefetch(span) {
+                        if !cache.start_prefetch(span) || inner.spilled(span) {
                             continue;
                         }
                         let full = |_, out: &mut Vec<u8>| inner.decode_span(span, usize::MAX, out);
@@ -504,29 +513,67 @@ impl Inner {
         Error::archive(&self.path, None, Some(off), format!("read failed: {e}"))
     }
 
-    /// Copies spans into `buf`; returns (last span, offset within it, its length).
+    /// Copies spans into `buf`; returns (last span, offset within it, its length,
+    /// whether a random reader got it: decoded by this read deep inside the span, or
+    /// from the spill file).
     fn read_spans(
         &self,
         cache: &SpanCache,
         buf: &mut [u8],
         mut off: u64,
-    ) -> Result<Option<(usize, usize, usize)>> {
+    ) -> Result<Option<(usize, usize, usize, bool)>> {
         let mut done = 0;
         let mut last = None;
         while done < buf.len() {
             let (span, (start, end)) = self.table.span_at(off).ok_or_else(|| self.eof(off))?;
             let span_len = (end - start) as usize;
             let within = (off - start) as usize;
-            let need = within + (buf.len() - done).min(span_len.saturating_sub(within));
+            let want = (buf.len() - done).min(span_len.saturating_sub(within));
+            let need = within + want;
             let insert = if within < PREFIX_MIN {
                 Insert::Recent
             } else {
                 Insert::Probation
             };
+            // A random read: the decoded prefix of the span goes to the spill file,
+            // and later reads within it come from there (the page cache) instead of
+            // inflating it again.
+            // Not a sequential reader's next span (it read the one before, not
+            // spilled, to its end): the kernel keeps what it read, and it will not
+            // come back. (A random read that runs into the next span read a spilled
+            // one.)
+            // Large reads are the kernel's readahead of a streamed file (random
+            // readers ask for 4 KiB, small files for their size).
+            let sequential = buf.len() >= SEQUENTIAL_READ
+                || (insert == Insert::Recent
+                    && match span.checked_sub(1) {
+                        Some(prev) => cache.read_to_end(prev) && !self.spilled(prev),
+                        None => within == 0,
+                    });
+            let spill = if sequential { None } else { self.spill() };
+            if let Some(s) = spill.filter(|s| s.stored(span) >= need as u64) {
+                if want > 0 && s.read(&mut buf[done..done + want], off).is_ok() {
+                    if within + want == span_len {
+                        cache.retire(span);
+                    }
+                    done += want;
+                    off += want as u64;
+                    last = Some((span, within + want, span_len, true));
+                    continue;
+                }
+            }
+            let spill = spill.filter(|s| s.has_room(span_len as u64));
+            // Spilled only if this read decoded it: a span already cached was decoded
+            // ahead of a sequential reader, which will not come back to it.
+            let mut decoded = false;
+            let spilled_len = spill.map_or(0, |s| s.stored(span)) as usize;
             let data = cache.get_or_insert(span, need, insert, |have, out| {
+                decoded = true;
                 // A read near the span's start (or a sequential one) wants all of it;
                 // a random read deep inside only the prefix up to it, grown
-                // geometrically so in-span sequential reads stay linear.
+                // geometrically (from what the cache or the spill file holds) so
+                // in-span sequential reads stay linear.
+                let have = have.max(spilled_len);
                 let limit = if within < PREFIX_MIN {
                     usize::MAX
                 } else {
@@ -540,16 +587,42 @@ impl Inner {
             }
             let n = avail.min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&data[within..within + n]);
+            let spilled = match spill {
+                Some(s) if decoded && !sequential => {
+                    s.store(span, start, &data);
+                    s.stored(span) >= data.len() as u64
+                }
+                _ => false,
+            };
             drop(data);
-            // Read to its end: the kernel keeps these bytes as the file's pages.
-            if within + n == span_len {
+            // Read to its end: the kernel keeps these bytes as the file's pages. In
+            // the spill file: the daemon need not keep them either.
+            if within + n == span_len || spilled {
                 cache.retire(span);
             }
             done += n;
             off += n as u64;
-            last = Some((span, within + n, span_len));
+            last = Some((span, within + n, span_len, decoded && !sequential));
         }
         Ok(last)
+    }
+
+    /// The spill file, made on first use (none for plain tar or cache-file streams).
+    fn spill(&self) -> Option<&spill::Spill> {
+        self.spill
+            .get_or_init(|| match self.backing {
+                Backing::Spans(_) => spill::Spill::create(self.table.span_count()),
+                _ => None,
+            })
+            .as_ref()
+    }
+
+    /// Whether span `span` is in the spill file (without making one).
+    fn spilled(&self, span: usize) -> bool {
+        self.spill
+            .get()
+            .and_then(|s| s.as_ref())
+            .is_some_and(|s| s.has(span))
     }
 
     /// Decodes span `span`, or at least its first `limit` bytes (gzip stops there, xz
@@ -611,9 +684,13 @@ mod tests {
             );
         }
         let reader = StreamReader::new(file, table, 64 << 20);
-        let mut got = vec![0u8; 700_000];
-        reader.read_exact_at(&mut got, 400_000).unwrap();
-        assert_eq!(got, data[400_000..1_100_000]);
+        // The span cache alone (the spill file is tested below).
+        let _ = reader.inner.spill.set(None);
+        // Read from the start (a read deep inside a first span is a random one and
+        // asks for nothing ahead).
+        let mut got = vec![0u8; 1_100_000];
+        reader.read_exact_at(&mut got, 0).unwrap();
+        assert_eq!(got, data[..1_100_000]);
         // The second half of span 0 was read, so span 1 gets decoded in the background.
         let Backing::Spans(cache) = &reader.inner.backing else {
             panic!("not spans")
@@ -635,6 +712,7 @@ mod tests {
             reader.inner.table.clone(),
             1 << 20,
         );
+        let _ = small.inner.spill.set(None);
         let mut x = 99u64;
         for _ in 0..300 {
             x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
@@ -644,5 +722,46 @@ mod tests {
             small.read_exact_at(&mut got, off as u64).unwrap();
             assert_eq!(got, data[off..off + len], "at {off}+{len}");
         }
+
+        // With a spill file: a random read deep in a span decodes it whole once and
+        // spills it; later reads of it come from the file, exact, and the cache lets
+        // go of it. Spans read from their start (sequentially) are not spilled.
+        let spilling = StreamReader::new(
+            reader.inner.archive.clone(),
+            reader.inner.table.clone(),
+            64 << 20,
+        );
+        let spans = spilling.inner.table.span_count();
+        let file = tempfile::tempfile().unwrap();
+        let _ = spilling
+            .inner
+            .spill
+            .set(Some(spill::Spill::in_file(file, spans, u64::MAX)));
+        let (_, (s1, e1)) = spilling.inner.table.span_at(1_500_000).unwrap();
+        let mut got = vec![0u8; 5000];
+        spilling.read_exact_at(&mut got, s1 + 300_000).unwrap();
+        assert_eq!(got, data[s1 as usize + 300_000..s1 as usize + 305_000]);
+        let span = spilling.inner.table.span_at(s1).unwrap().0;
+        assert!(spilling.inner.spilled(span));
+        let Backing::Spans(cache) = &spilling.inner.backing else {
+            panic!("not spans")
+        };
+        assert!(!cache.contains(span), "a spilled span leaves the cache");
+        for _ in 0..100 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let off = s1 as usize + 70_000 + (x >> 20) as usize % ((e1 - s1) as usize - 140_000);
+            let len = 1 + (x >> 50) as usize % 70_000;
+            let mut got = vec![0u8; len];
+            spilling.read_exact_at(&mut got, off as u64).unwrap();
+            assert_eq!(got, data[off..off + len], "spilled, at {off}+{len}");
+        }
+        assert!(!cache.contains(span), "served from the spill file");
+        let mut head = vec![0u8; 1000];
+        spilling.read_exact_at(&mut head, 0).unwrap();
+        assert_eq!(head, data[..1000]);
+        assert!(
+            !spilling.inner.spilled(0),
+            "read from its start: not spilled"
+        );
     }
 }

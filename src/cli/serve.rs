@@ -26,7 +26,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
     /// Memory for decompressed data of all views together: one span cache and the
-    /// service's buffers [default: 1/16 of RAM, at least 256M, at most 1G].
+    /// service's buffers [default: 256M].
     #[arg(long, value_parser = super::parse_size)]
     cache_size: Option<u64>,
     /// FUSE worker threads of each view (unless the view says).

@@ -446,9 +446,9 @@ impl<'a> TreeBuilder<'a> {
             span_bytes: 0,
             stream_size: 0,
             table: std::sync::Arc::new(SeekTable::Plain),
-            inodes: Vec::with_capacity(order.len()),
-            dirents: Vec::new(),
-            names: Vec::new(),
+            inodes: Vec::with_capacity(order.len()).into(),
+            dirents: Vec::new().into(),
+            names: Vec::new().into(),
             xattrs: Vec::new(),
             segments: Vec::new(),
             skipped: self.skipped,
@@ -487,7 +487,7 @@ impl<'a> TreeBuilder<'a> {
                         if self.nodes[child as usize].kind == MemberKind::Dir {
                             subdirs += 1;
                         }
-                        index.dirents.push(DirentRecord {
+                        index.dirents.to_mut().push(DirentRecord {
                             name_off,
                             name_len,
                             ino: ino_of[child as usize],
@@ -522,7 +522,7 @@ impl<'a> TreeBuilder<'a> {
                     value_len,
                 });
             }
-            index.inodes.push(rec);
+            index.inodes.to_mut().push(rec);
         }
         // Directory parents: each directory is the child of exactly one directory.
         for (pos, &id) in order.iter().enumerate() {
@@ -538,7 +538,7 @@ impl<'a> TreeBuilder<'a> {
             }
         }
         index.inodes[0].parent = 1;
-        index.names = arena.bytes;
+        index.names = arena.bytes.into();
         Ok(index)
     }
 }

@@ -24,6 +24,9 @@ use crate::archive::tar::Segment;
 use crate::archive::xz::XzSeekTable;
 use crate::archive::zstd::ZstdSeekTable;
 use crate::archive::{ArchiveId, Compression, SeekTable};
+use std::sync::Arc;
+
+use crate::index::records::Records;
 use crate::index::{DirentRecord, Index, InodeRecord, XattrRecord, FLAG_SPARSE};
 
 /// File magic.
@@ -238,6 +241,18 @@ fn header_fields(c: &mut Cursor<'_>) -> Result<Header, String> {
 
 /// Parses and validates an index file. Nothing in `bytes` is trusted.
 pub fn decode(bytes: &[u8]) -> Result<Index, String> {
+    decode_in(bytes, None)
+}
+
+/// Parses and validates a mapped index file, reading the inode and entry records and
+/// the name arena in place ([`Records`]) instead of copying them: the mount keeps in
+/// memory only what it touches. Nothing in the file is trusted.
+pub fn decode_mapped(map: &Arc<memmap2::Mmap>) -> Result<Index, String> {
+    decode_in(map, Some(map))
+}
+
+/// `bytes` is the whole file; `map`, when given, is the mapping they are.
+fn decode_in(bytes: &[u8], map: Option<&Arc<memmap2::Mmap>>) -> Result<Index, String> {
     let (Header { id, span_bytes }, mut c) = open_header(bytes)?;
     let body = c.bytes;
     let comp = Compression::from_code(c.take(8)?[0]).ok_or("unknown compression code")?;
@@ -250,41 +265,36 @@ pub fn decode(bytes: &[u8]) -> Result<Index, String> {
     let n_segments = c.count(SEGMENT_BYTES)?;
     let n_table = c.count(1)?;
     // Each section is one bounds-checked slice, then parsed record by record.
-    let inodes = c
-        .take(n_inodes * INODE_BYTES)?
-        .chunks_exact(INODE_BYTES)
-        .map(|r| InodeRecord {
-            mode: le32(r, 0),
-            nlink: le32(r, 4),
-            uid: le32(r, 8),
-            gid: le32(r, 12),
-            mtime: le64(r, 16) as i64,
-            mtime_nsec: le32(r, 24),
-            rdev: le32(r, 28),
-            size: le64(r, 32),
-            data: le64(r, 40),
-            first: le32(r, 48),
-            count: le32(r, 52),
-            xattr_first: le32(r, 56),
-            xattr_count: le32(r, 60),
-            parent: le32(r, 64),
-            flags: le32(r, 68),
-            atime: le64(r, 72) as i64,
-            ctime: le64(r, 80) as i64,
-            atime_nsec: le32(r, 88),
-            ctime_nsec: le32(r, 92),
-        })
-        .collect();
-    let dirents = c
-        .take(n_dirents * DIRENT_BYTES)?
-        .chunks_exact(DIRENT_BYTES)
-        .map(|r| DirentRecord {
-            name_off: le32(r, 0),
-            name_len: le32(r, 4),
-            ino: le32(r, 8),
-        })
-        .collect();
-    let names = c.take(n_names)?.to_vec();
+    let at = c.pos;
+    let raw = c.take(n_inodes * INODE_BYTES)?;
+    let inodes = match in_place(map, at, n_inodes) {
+        Some(r) => r,
+        None => raw
+            .chunks_exact(INODE_BYTES)
+            .map(parse_inode)
+            .collect::<Vec<_>>()
+            .into(),
+    };
+    let at = c.pos;
+    let raw = c.take(n_dirents * DIRENT_BYTES)?;
+    let dirents = match in_place(map, at, n_dirents) {
+        Some(r) => r,
+        None => raw
+            .chunks_exact(DIRENT_BYTES)
+            .map(|r| DirentRecord {
+                name_off: le32(r, 0),
+                name_len: le32(r, 4),
+                ino: le32(r, 8),
+            })
+            .collect::<Vec<_>>()
+            .into(),
+    };
+    let at = c.pos;
+    let raw = c.take(n_names)?;
+    let names = match in_place(map, at, n_names) {
+        Some(r) => r,
+        None => raw.to_vec().into(),
+    };
     let xattrs = c
         .take(n_xattrs * XATTR_BYTES)?
         .chunks_exact(XATTR_BYTES)
@@ -329,6 +339,41 @@ pub fn decode(bytes: &[u8]) -> Result<Index, String> {
     };
     validate(&index)?;
     Ok(index)
+}
+
+/// `n` records at byte `at` of the mapped file, read in place, if there is a mapping
+/// and they can be (see [`Records::mapped`]).
+fn in_place<T: crate::index::records::Record>(
+    map: Option<&Arc<memmap2::Mmap>>,
+    at: usize,
+    n: usize,
+) -> Option<Records<T>> {
+    map.and_then(|m| Records::mapped(m, at, n))
+}
+
+/// One inode record from its 96 file bytes.
+fn parse_inode(r: &[u8]) -> InodeRecord {
+    InodeRecord {
+        mode: le32(r, 0),
+        nlink: le32(r, 4),
+        uid: le32(r, 8),
+        gid: le32(r, 12),
+        mtime: le64(r, 16) as i64,
+        mtime_nsec: le32(r, 24),
+        rdev: le32(r, 28),
+        size: le64(r, 32),
+        data: le64(r, 40),
+        first: le32(r, 48),
+        count: le32(r, 52),
+        xattr_first: le32(r, 56),
+        xattr_count: le32(r, 60),
+        parent: le32(r, 64),
+        flags: le32(r, 68),
+        atime: le64(r, 72) as i64,
+        ctime: le64(r, 80) as i64,
+        atime_nsec: le32(r, 88),
+        ctime_nsec: le32(r, 92),
+    }
 }
 
 /// Little-endian u32 at `at` of a record slice (callers pass fixed-size records).
@@ -539,7 +584,7 @@ mod tests {
     fn fuzz_validate_rejects_bad_or_repeated_xattr_names() {
         let (_d, bytes) = sample_index();
         let mut idx = decode(&bytes).unwrap();
-        idx.names.extend_from_slice(b"user.a\0b");
+        idx.names.to_mut().extend_from_slice(b"user.a\0b");
         let name_off = (idx.names.len() - 8) as u32;
         idx.xattrs.push(XattrRecord {
             name_off,

@@ -4,12 +4,14 @@
 
 pub mod build;
 pub mod format;
+pub mod records;
 pub mod store;
 pub mod tree;
 pub mod verify;
 
 use crate::archive::tar::Segment;
 use crate::archive::{ArchiveId, SeekTable};
+use records::Records;
 
 /// Inode number of the root directory (FUSE's root).
 pub const ROOT_INO: u64 = 1;
@@ -20,6 +22,10 @@ pub const FLAG_SPARSE: u32 = 1;
 pub const FLAG_IMPLICIT: u32 = 2;
 
 /// One inode. Inode number = position in `Index::inodes` + 1.
+///
+/// The fields are in the index file's order (`format`), so a mapped file's records
+/// are read in place ([`records::Record`]).
+#[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InodeRecord {
     /// `S_IFMT` type bits | permission bits.
@@ -34,14 +40,6 @@ pub struct InodeRecord {
     pub mtime: i64,
     /// Modification time (nanoseconds).
     pub mtime_nsec: u32,
-    /// Access time (seconds); the mtime when the archive has none.
-    pub atime: i64,
-    /// Access time (nanoseconds).
-    pub atime_nsec: u32,
-    /// Status change time (seconds); the mtime when the archive has none.
-    pub ctime: i64,
-    /// Status change time (nanoseconds).
-    pub ctime_nsec: u32,
     /// Device number (`makedev(major, minor)`) for devices.
     pub rdev: u32,
     /// Apparent size (symlinks: target length).
@@ -60,7 +58,22 @@ pub struct InodeRecord {
     pub parent: u32,
     /// `FLAG_*` bits.
     pub flags: u32,
+    /// Access time (seconds); the mtime when the archive has none.
+    pub atime: i64,
+    /// Status change time (seconds); the mtime when the archive has none.
+    pub ctime: i64,
+    /// Access time (nanoseconds).
+    pub atime_nsec: u32,
+    /// Status change time (nanoseconds).
+    pub ctime_nsec: u32,
 }
+
+// SAFETY: repr(C), integer fields only, each at its natural alignment with no gaps
+// (checked below), in the file's field order.
+unsafe impl records::Record for InodeRecord {}
+const _: () = assert!(std::mem::size_of::<InodeRecord>() == 96);
+const _: () = assert!(std::mem::offset_of!(InodeRecord, flags) == 68);
+const _: () = assert!(std::mem::offset_of!(InodeRecord, ctime_nsec) == 92);
 
 impl InodeRecord {
     /// The file type bits.
@@ -75,6 +88,7 @@ impl InodeRecord {
 }
 
 /// One name in a directory; a directory's entries are contiguous and sorted by name.
+#[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DirentRecord {
     /// Arena offset of the name.
@@ -84,6 +98,10 @@ pub struct DirentRecord {
     /// Inode number the name refers to.
     pub ino: u32,
 }
+
+// SAFETY: repr(C), three u32 fields, the file's order.
+unsafe impl records::Record for DirentRecord {}
+const _: () = assert!(std::mem::size_of::<DirentRecord>() == 12);
 
 /// One extended attribute; name and value live in the arena.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -109,11 +127,11 @@ pub struct Index {
     /// How to seek in the compressed stream.
     pub table: std::sync::Arc<SeekTable>,
     /// Inodes; `inodes[0]` is the root.
-    pub inodes: Vec<InodeRecord>,
+    pub inodes: Records<InodeRecord>,
     /// Directory entries.
-    pub dirents: Vec<DirentRecord>,
+    pub dirents: Records<DirentRecord>,
     /// Names, link targets, xattr names and values.
-    pub names: Vec<u8>,
+    pub names: Records<u8>,
     /// Extended attributes.
     pub xattrs: Vec<XattrRecord>,
     /// Sparse file segments.
@@ -171,11 +189,21 @@ impl Index {
             .unwrap_or(&[])
     }
 
-    /// Bytes of memory the loaded records and arena take (approximate).
+    /// Unmaps the mapped index file's pages from this process after a pass over all
+    /// records (see [`Records::release_pages`]).
+    pub fn release_pages(&self) {
+        // One mapping holds all sections; any mapped one releases it whole.
+        self.inodes.release_pages();
+        self.dirents.release_pages();
+        self.names.release_pages();
+    }
+
+    /// Bytes of the process's own memory the records and arena take (approximate;
+    /// records read in place from the mapped index file count nothing).
     pub fn memory_bytes(&self) -> usize {
-        self.inodes.len() * std::mem::size_of::<InodeRecord>()
-            + self.dirents.len() * std::mem::size_of::<DirentRecord>()
-            + self.names.len()
+        self.inodes.owned_bytes()
+            + self.dirents.owned_bytes()
+            + self.names.owned_bytes()
             + self.xattrs.len() * std::mem::size_of::<XattrRecord>()
             + self.segments.len() * std::mem::size_of::<Segment>()
     }

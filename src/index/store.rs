@@ -136,10 +136,15 @@ pub fn untrusted(path: &Path) -> Option<String> {
 /// `required_span`, when given).
 pub fn load(path: &Path, archive: &Archive, required_span: Option<u64>) -> Result<Index> {
     let bytes = IndexBytes::open(path).map_err(|e| Error::io("cannot read index", path, e))?;
-    let index = format::decode(&bytes).map_err(|message| Error::Index {
+    let index = match &bytes {
+        IndexBytes::Mapped(map) => format::decode_mapped(map),
+        IndexBytes::Read(v) => format::decode(v),
+    }
+    .map_err(|message| Error::Index {
         path: path.to_path_buf(),
         message,
     })?;
+    index.release_pages();
     if index.id != archive.id {
         return Err(Error::Index {
             path: path.to_path_buf(),
@@ -155,15 +160,16 @@ pub fn load(path: &Path, archive: &Archive, required_span: Option<u64>) -> Resul
     Ok(index)
 }
 
-/// The bytes of an index file while it is decoded: mapped when nobody but this user
-/// (or root) can write the file, read into memory otherwise.
+/// The bytes of an index file: mapped when nobody but this user (or root) can write
+/// the file, read into memory otherwise.
 ///
-/// Mapping saves copying 10 MiB on every mount, but a mapped file that another
-/// process truncates kills the reader with SIGBUS. snapfs itself only ever replaces
-/// index files by rename, which leaves a mapping intact; so a file only this user
-/// and root can write is safe to map, and any other is read.
+/// A mapped index is served in place for as long as the mount lives (its records are
+/// not copied, see `records`), but a mapped file that another process truncates
+/// kills the reader with SIGBUS. snapfs itself only ever replaces index files by
+/// rename, which leaves a mapping intact; so a file only this user and root can
+/// write is safe to map, and any other is read.
 enum IndexBytes {
-    Mapped(memmap2::Mmap),
+    Mapped(std::sync::Arc<memmap2::Mmap>),
     Read(Vec<u8>),
 }
 
@@ -176,12 +182,12 @@ impl IndexBytes {
         let euid = unsafe { libc::geteuid() };
         let private = (meta.uid() == euid || meta.uid() == 0) && meta.mode() & 0o022 == 0;
         if private && meta.is_file() && meta.len() > 0 {
-            // SAFETY: only this user and root can change the file (see the type's doc),
-            // and the mapping lives only while it is decoded into owned records.
+            // SAFETY: only this user and root can change the file, and snapfs replaces
+            // it only by rename (see the type's doc).
             let map = unsafe { memmap2::Mmap::map(&file) }?;
             // All of it is read at once (checksum first): start the disk on all of it.
             let _ = map.advise(memmap2::Advice::WillNeed);
-            return Ok(IndexBytes::Mapped(map));
+            return Ok(IndexBytes::Mapped(std::sync::Arc::new(map)));
         }
         let mut v = Vec::new();
         std::io::Read::read_to_end(&mut file, &mut v)?;
@@ -266,7 +272,16 @@ pub fn load_or_build(
     let mut reasons = Vec::new();
     for p in &places {
         match write_atomic(p, &bytes) {
-            Ok(()) => return Ok((index, Origin::Built(p.clone()))),
+            Ok(()) => {
+                // Served from the saved file in place: the built records leave the
+                // heap (a mounted daemon keeps only the index pages it touches).
+                drop(bytes);
+                let index = match load(p, archive, None) {
+                    Ok(mapped) if mapped.inodes.is_mapped() => mapped,
+                    _ => index,
+                };
+                return Ok((index, Origin::Built(p.clone())));
+            }
             Err(e) => reasons.push(format!("{}: {e}", p.display())),
         }
     }
@@ -459,5 +474,47 @@ mod tests {
         let changed = Archive::open(&tar).unwrap();
         assert_ne!(changed.id, archive.id);
         assert_eq!(find_current(&changed), None);
+    }
+
+    #[test]
+    fn a_private_index_is_served_in_place_and_equals_the_decoded_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let tar = dir.path().join("a.tar");
+        let mut b = tar::Builder::new(Vec::new());
+        for i in 0..50 {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(3);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, format!("d{}/f{i}", i % 7), &b"abc"[..])
+                .unwrap();
+        }
+        fs::write(&tar, b.into_inner().unwrap()).unwrap();
+        let archive = Archive::open(&tar).unwrap();
+        let (built, origin) = load_or_build(
+            &archive,
+            &BuildOptions::default(),
+            None,
+            false,
+            &Progress::default(),
+        )
+        .unwrap();
+        let Origin::Built(idx) = origin else {
+            panic!("not saved: {origin:?}")
+        };
+        fs::set_permissions(&idx, fs::Permissions::from_mode(0o644)).unwrap();
+        let mapped = load(&idx, &archive, None).unwrap();
+        assert!(mapped.inodes.is_mapped() && mapped.dirents.is_mapped());
+        assert!(mapped.names.is_mapped());
+        assert_eq!(mapped.memory_bytes(), 0);
+        assert_eq!(mapped.inodes, built.inodes);
+        assert_eq!(mapped.dirents, built.dirents);
+        assert_eq!(mapped.names, built.names);
+        // One that others may write is read and parsed instead; same records.
+        fs::set_permissions(&idx, fs::Permissions::from_mode(0o666)).unwrap();
+        let read = load(&idx, &archive, None).unwrap();
+        assert!(!read.inodes.is_mapped());
+        assert_eq!(read.inodes, built.inodes);
+        assert_eq!(read.names, built.names);
     }
 }

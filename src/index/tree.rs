@@ -442,6 +442,8 @@ impl IndexTree {
             .iter()
             .map(|r| blocks_for(data_bytes(&index, r)))
             .fold(0, u64::saturating_add);
+        // Loading and this pass touched every record: let the pages go again.
+        index.release_pages();
         let stats = FsStats {
             blocks,
             files: index.inodes.len() as u64,
@@ -774,9 +776,9 @@ pub(crate) fn huge_files_tree(files: usize) -> IndexTree {
         span_bytes: 0,
         stream_size: u64::MAX,
         table: Arc::new(SeekTable::Plain),
-        inodes,
-        dirents: Vec::new(),
-        names: Vec::new(),
+        inodes: inodes.into(),
+        dirents: Vec::new().into(),
+        names: Vec::new().into(),
         xattrs: Vec::new(),
         segments: Vec::new(),
         skipped: 0,
