@@ -743,12 +743,15 @@ fn s3_moto_killed_mid_mount_then_restarted_on_the_same_port() {
     let td = TestDir::new("remote-restart");
     let mut s3 = S3::start(&td);
     let src = td.mkdir("src");
+    // f1 is 24 MiB of zeros: f2 lies beyond the read-ahead window (16 MiB at most)
+    // that reading f0 opens, so its read needs the server.
     for i in 0..4 {
-        std::fs::write(
-            src.join(format!("f{i}")),
-            util::random_bytes(1 << 20, i as u64),
-        )
-        .unwrap();
+        let bytes = if i == 1 {
+            vec![0; 24 << 20]
+        } else {
+            util::random_bytes(1 << 20, i as u64)
+        };
+        std::fs::write(src.join(format!("f{i}")), bytes).unwrap();
     }
     let tar = td.join("f.tar");
     corpus::gnu_tar(&src, &tar, "posix", &[]);
