@@ -8,9 +8,6 @@
 //! what an active one holds.
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -160,7 +157,6 @@ impl Snapshots {
 
     /// Writes the model, atomically.
     pub fn save(&self) -> Result<()> {
-        let path = self.dir.join(SNAPSHOTS_FILE);
         let f = File1 {
             version: SNAPSHOTS_VERSION,
             next_id: self.next_id,
@@ -169,23 +165,12 @@ impl Snapshots {
         let mut text = serde_json::to_vec_pretty(&f)
             .map_err(|e| Error::Internal(format!("cannot encode snapshot state: {e}")))?;
         text.push(b'\n');
-        let err = |e| Error::io("cannot write snapshot state", &path, e);
-        let tmp = self.dir.join(format!(".{SNAPSHOTS_FILE}.tmp"));
-        let mut out = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
-        out.write_all(&text)
-            .and_then(|_| out.sync_all())
-            .map_err(err)?;
-        drop(out);
-        std::fs::rename(&tmp, &path).map_err(err)?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| Error::io("cannot sync", &self.dir, e))
+        super::state::write_atomic(
+            &self.dir,
+            SNAPSHOTS_FILE,
+            &text,
+            "cannot write snapshot state",
+        )
     }
 
     /// A fresh id (for the directories of a new snapshot).

@@ -125,7 +125,6 @@ pub fn load(root: &Path) -> Result<Vec<ViewConfig>> {
 
 /// Records `views` in `root`, atomically.
 pub fn save(root: &Path, views: &[ViewConfig]) -> Result<()> {
-    let path = root.join(STATE_FILE);
     let state = StateFile {
         version: STATE_VERSION,
         views: views.to_vec(),
@@ -133,8 +132,15 @@ pub fn save(root: &Path, views: &[ViewConfig]) -> Result<()> {
     let mut text = serde_json::to_vec_pretty(&state)
         .map_err(|e| Error::Internal(format!("cannot encode service state: {e}")))?;
     text.push(b'\n');
-    let err = |e| Error::io("cannot write service state", &path, e);
-    let tmp = root.join(format!(".{STATE_FILE}.tmp"));
+    write_atomic(root, STATE_FILE, &text, "cannot write service state")
+}
+
+/// Writes `name` in `dir` atomically: a temporary file, fsync, rename, fsync of the
+/// directory. `what` starts the error line ("cannot write service state").
+pub(crate) fn write_atomic(dir: &Path, name: &str, bytes: &[u8], what: &'static str) -> Result<()> {
+    let path = dir.join(name);
+    let err = |e| Error::io(what, &path, e);
+    let tmp = dir.join(format!(".{name}.tmp"));
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -142,12 +148,12 @@ pub fn save(root: &Path, views: &[ViewConfig]) -> Result<()> {
         .mode(0o600)
         .open(&tmp)
         .map_err(err)?;
-    f.write_all(&text).and_then(|_| f.sync_all()).map_err(err)?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(err)?;
     drop(f);
     std::fs::rename(&tmp, &path).map_err(err)?;
-    File::open(root)
+    File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("cannot sync", root, e))
+        .map_err(|e| Error::io("cannot sync", dir, e))
 }
 
 #[cfg(test)]

@@ -15,10 +15,8 @@
 //! drops it ([`Service::volume_drop`]), then points the volume at the new snapshot with an empty upper dir.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -174,7 +172,7 @@ impl Volumes {
         let mut text = serde_json::to_vec_pretty(&f)
             .map_err(|e| Error::Internal(format!("cannot encode volumes: {e}")))?;
         text.push(b'\n');
-        write_atomic(&self.root, VOLUMES_FILE, &text)
+        super::state::write_atomic(&self.root, VOLUMES_FILE, &text, "cannot write")
     }
 
     fn dir(&self, name: &str) -> PathBuf {
@@ -209,26 +207,6 @@ impl Volumes {
         }
         Ok(new)
     }
-}
-
-/// Writes `name` in `dir` atomically: a temporary file, fsync, rename, fsync of dir.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
-    let path = dir.join(name);
-    let err = |e| Error::io("cannot write", &path, e);
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(err)?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).map_err(err)?;
-    drop(f);
-    std::fs::rename(&tmp, &path).map_err(err)?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io("cannot sync", dir, e))
 }
 
 fn no_volume(name: &str) -> Error {
