@@ -32,10 +32,15 @@
 use std::ffi::{c_int, c_uint, CStr};
 use std::io::{self, Read};
 use std::mem::MaybeUninit;
+use std::sync::mpsc;
 
 use crate::source::Source;
 
 use libz_rs_sys as z;
+
+mod window;
+pub use window::Window;
+use window::{WindowProbe, PROBE_LEN};
 
 /// Size of the deflate window (the maximum back-reference distance).
 const WINDOW_SIZE: usize = 32 * 1024;
@@ -80,7 +85,8 @@ const MAX_STALLS: u32 = 4;
 /// offset `uncompressed`, the next compressed input byte is at file offset
 /// `compressed`, preceded by `bits` (0..8) not yet consumed high bits of the
 /// byte at `compressed - 1`, and the back-reference history is `window` (the
-/// last up to 32 KiB of output of the current gzip member).
+/// last up to 32 KiB of output of the current gzip member, with the bytes the span
+/// never reads zeroed).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GzipCheckpoint {
     /// Uncompressed offset (from the start of the whole file's output).
@@ -94,8 +100,8 @@ pub struct GzipCheckpoint {
     /// gzip mode.
     pub member_start: bool,
     /// Last up to 32 KiB of uncompressed output of the current member
-    /// (empty for member starts).
-    pub window: Vec<u8>,
+    /// (empty for member starts), deflated; see [`Window`].
+    pub window: Window,
     /// CRC-32 of each [`CRC_BLOCK`] of this checkpoint's span, checked by
     /// [`decode_span_prefix`]. Empty while the span is not closed yet.
     pub crcs: Vec<u32>,
@@ -221,15 +227,14 @@ impl GzipSeekTable {
     /// `count: u64`, then per checkpoint `uncompressed: u64`, `compressed: u64`,
     /// `bits: u8`, `flags: u8` (bit 0 = member start), `window_len: u32`,
     /// `deflated_len: u32` and `deflated_len` bytes of raw deflate data that
-    /// inflate to the window (nothing when the window is empty), `crc_count: u32`
+    /// inflate to the window (nothing when the window is empty; inflated only when
+    /// the span is decoded, so a corrupt window fails that span), `crc_count: u32`
     /// and that many CRC-32s, one per [`CRC_BLOCK`] of the span.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(TABLE_MAGIC);
         out.push(TABLE_VERSION);
         out.extend_from_slice(&self.uncompressed_size.to_le_bytes());
         out.extend_from_slice(&(self.checkpoints.len() as u64).to_le_bytes());
-        let mut compressor = flate2::Compress::new(flate2::Compression::new(3), false);
-        let mut deflated = Vec::new();
         for cp in &self.checkpoints {
             out.extend_from_slice(&cp.uncompressed.to_le_bytes());
             out.extend_from_slice(&cp.compressed.to_le_bytes());
@@ -239,19 +244,13 @@ impl GzipSeekTable {
             } else {
                 0
             });
-            // Windows are at most 32 KiB in any table this module produces;
-            // a (nonsensical) longer window is truncated to its last u32::MAX
-            // bytes here and rejected by `decode`.
+            // Windows are at most 32 KiB in any table this module produces.
             let window_len = u32::try_from(cp.window.len()).unwrap_or(u32::MAX);
             out.extend_from_slice(&window_len.to_le_bytes());
-            deflated.clear();
-            if !cp.window.is_empty() {
-                compressor.reset();
-                deflate_all(&mut compressor, &cp.window, &mut deflated);
-            }
+            let deflated = cp.window.deflated();
             let deflated_len = u32::try_from(deflated.len()).unwrap_or(u32::MAX);
             out.extend_from_slice(&deflated_len.to_le_bytes());
-            out.extend_from_slice(&deflated);
+            out.extend_from_slice(deflated);
             let crc_count = u32::try_from(cp.crcs.len()).unwrap_or(u32::MAX);
             out.extend_from_slice(&crc_count.to_le_bytes());
             for c in &cp.crcs {
@@ -294,9 +293,6 @@ impl GzipSeekTable {
             return Err("gzip seek table: no checkpoints".into());
         }
         let mut checkpoints: Vec<GzipCheckpoint> = Vec::with_capacity(count);
-        // Windows are inflated after the walk, on all cores (they are most of the
-        // work of loading a gzip index: 150 windows for a 600 MB archive).
-        let mut deflated_windows: Vec<(&[u8], usize)> = Vec::with_capacity(count);
         for i in 0..count {
             let uncompressed = r.u64()?;
             let compressed = r.u64()?;
@@ -351,31 +347,18 @@ impl GzipSeekTable {
             if window_len == 0 && deflated_len != 0 {
                 return Err(bad("data for an empty window"));
             }
-            deflated_windows.push((deflated, window_len));
+            if window_len != 0 && deflated_len == 0 {
+                return Err(bad("no data for a window"));
+            }
             checkpoints.push(GzipCheckpoint {
                 uncompressed,
                 compressed,
                 bits,
                 member_start,
-                window: Vec::new(),
+                // At most 32 KiB, checked above.
+                window: Window::from_parts(window_len as u32, deflated),
                 crcs,
             });
-        }
-        let windows: Vec<Result<Vec<u8>, String>> = {
-            use rayon::prelude::*;
-            deflated_windows
-                .par_iter()
-                .map_init(
-                    || flate2::Decompress::new(false),
-                    |d, &(deflated, len)| match len {
-                        0 => Ok(Vec::new()),
-                        _ => inflate_window(d, deflated, len),
-                    },
-                )
-                .collect()
-        };
-        for (i, (cp, window)) in checkpoints.iter_mut().zip(windows).enumerate() {
-            cp.window = window.map_err(|e| format!("gzip seek table: checkpoint {i}: {e}"))?;
         }
         if !r.rest.is_empty() {
             return Err(format!("gzip seek table: {} trailing bytes", r.rest.len()));
@@ -741,6 +724,12 @@ pub struct GzipIndexer<R: Read> {
     checkpoints: Vec<GzipCheckpoint>,
     /// Block CRCs of the current span.
     crcs: BlockCrcs,
+    /// The start of the current span, while its window's used bytes are being found.
+    probe: Option<WindowProbe>,
+    /// Windows being made sparse and deflated on the thread pool, by checkpoint.
+    pending: Vec<(usize, mpsc::Receiver<Window>)>,
+    /// Deflates the windows that are not probed.
+    compressor: flate2::Compress,
     /// Container state.
     state: IndexState,
     /// Sticky error: once the stream failed, every later call fails the same way.
@@ -776,10 +765,13 @@ impl<R: Read> GzipIndexer<R> {
                 compressed: 0,
                 bits: 0,
                 member_start: true,
-                window: Vec::new(),
+                window: Window::default(),
                 crcs: Vec::new(),
             }],
             crcs: BlockCrcs::default(),
+            probe: None,
+            pending: Vec::new(),
+            compressor: flate2::Compress::new(flate2::Compression::new(3), false),
             state: IndexState::Member,
             error,
         }
@@ -797,9 +789,18 @@ impl<R: Read> GzipIndexer<R> {
         let mut scratch = std::mem::take(&mut self.outbuf);
         scratch.resize(OUT_CHUNK, 0);
         while self.fill(&mut scratch)? > 0 {}
+        self.finish_probe();
         let size = self.total_out;
         let last_crcs = self.crcs.close();
         let mut checkpoints = self.checkpoints;
+        for (at, window) in self.pending {
+            let window = window
+                .recv()
+                .map_err(|_| io::Error::other("a window probe did not finish"))?;
+            if let Some(cp) = checkpoints.get_mut(at) {
+                cp.window = window;
+            }
+        }
         if let Some(last) = checkpoints.last_mut() {
             last.crcs = last_crcs;
         }
@@ -909,7 +910,7 @@ impl<R: Read> GzipIndexer<R> {
                                 compressed,
                                 bits: 0,
                                 member_start: true,
-                                window: Vec::new(),
+                                window: Window::default(),
                                 crcs: Vec::new(),
                             });
                             self.last_cp = self.total_out;
@@ -938,9 +939,21 @@ impl<R: Read> GzipIndexer<R> {
                         &mut dst[produced..],
                         z::Z_BLOCK,
                     );
-                    self.in_pos = in_pos + step.consumed.min(in_end - in_pos);
+                    let consumed = step.consumed.min(in_end - in_pos);
+                    self.in_pos = in_pos + consumed;
                     if let Some(out) = dst.get(produced..produced + step.produced) {
                         self.crcs.feed(out);
+                        if let Some(probe) = self.probe.as_mut() {
+                            probe
+                                .input
+                                .extend_from_slice(&self.inbuf[in_pos..in_pos + consumed]);
+                            probe
+                                .output
+                                .extend_from_slice(&out[..out.len().min(probe.wants())]);
+                            if probe.wants() == 0 {
+                                self.finish_probe();
+                            }
+                        }
                     }
                     produced += step.produced;
                     let n = step.produced as u64;
@@ -970,6 +983,8 @@ impl<R: Read> GzipIndexer<R> {
                             }
                         }
                         z::Z_STREAM_END => {
+                            // Later members never read this member's windows.
+                            self.finish_probe();
                             // Give back whole bytes still held in the bit
                             // buffer (normally none after the trailer).
                             let held = (self.inflater()?.data_type() & 63) as usize / 8;
@@ -1047,20 +1062,54 @@ impl<R: Read> GzipIndexer<R> {
         let mut window = Vec::new();
         self.inflater()?.get_dictionary(&mut window)?;
         self.close_span();
+        // The compressed bytes from the checkpoint's (partial) byte up to `in_pos`
+        // sit in inflate's bit buffer; the probe needs them, unless a refill has
+        // already dropped them from `inbuf` (rare: then the whole window is kept).
+        let behind = self.in_offset()? - compressed;
+        let partial = usize::from(bits > 0);
+        let start = usize::try_from(behind)
+            .ok()
+            .and_then(|b| self.in_pos.checked_sub(b.checked_add(partial)?));
+        let mut stored = Window::default();
+        match start {
+            Some(start) => {
+                self.probe = Some(WindowProbe {
+                    checkpoint: self.checkpoints.len(),
+                    window,
+                    prime: (bits > 0).then(|| (bits, self.inbuf[start] >> (8 - bits))),
+                    input: self.inbuf[start + partial..self.in_pos].to_vec(),
+                    output: Vec::with_capacity(PROBE_LEN),
+                })
+            }
+            None => stored = Window::deflate(&mut self.compressor, &window),
+        }
         self.checkpoints.push(GzipCheckpoint {
             uncompressed: self.total_out,
             compressed,
             bits,
             member_start: false,
-            window,
+            window: stored,
             crcs: Vec::new(),
         });
         self.last_cp = self.total_out;
         Ok(())
     }
 
+    /// Has the window of the probed checkpoint made sparse (where the probe shows
+    /// it) and deflated on the thread pool, beside the inflating thread.
+    fn finish_probe(&mut self) {
+        if let Some(probe) = self.probe.take() {
+            let (tx, rx) = mpsc::channel();
+            self.pending.push((probe.checkpoint, rx));
+            rayon::spawn(move || {
+                let _ = tx.send(probe.finish());
+            });
+        }
+    }
+
     /// Gives the last checkpoint the CRCs of its (now complete) span.
     fn close_span(&mut self) {
+        self.finish_probe();
         let crcs = self.crcs.close();
         if let Some(last) = self.checkpoints.last_mut() {
             last.crcs = crcs;
@@ -1272,7 +1321,13 @@ pub fn decode_span_prefix(
             inf.prime(cp.bits, byte[0] >> (8 - cp.bits))?;
         }
         if !cp.window.is_empty() {
-            inf.set_dictionary(&cp.window)?;
+            let window = cp.window.inflate().map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("gzip seek table: window of span {i}: {e}"),
+                )
+            })?;
+            inf.set_dictionary(&window)?;
         }
     }
     let mut raw = !cp.member_start;
@@ -1540,6 +1595,34 @@ mod tests {
         assert!((15..=21).contains(&n), "span count {n}");
         assert!(t.max_span_len() < 2 * MIB);
         check_all_spans(single(), &t, data());
+    }
+
+    #[test]
+    fn windows_keep_only_the_bytes_their_span_reads() {
+        let (_, t) = index(single(), MIB, 1 << 20).unwrap();
+        let d = data();
+        let mut compressor = flate2::Compress::new(Compression::new(3), false);
+        let (mut kept, mut total, mut stored, mut whole) = (0, 0, 0, 0);
+        for cp in t.checkpoints.iter().filter(|c| !c.member_start) {
+            let sparse = cp.window.inflate().unwrap();
+            let at = cp.uncompressed as usize;
+            let real = &d[at - sparse.len()..at];
+            // Every kept byte is the real one; the rest are zero.
+            assert!(sparse.iter().zip(real).all(|(&s, &r)| s == 0 || s == r));
+            kept += sparse.iter().zip(real).filter(|(&s, _)| s != 0).count();
+            total += sparse.len();
+            stored += cp.window.deflated().len();
+            whole += Window::deflate(&mut compressor, real).deflated().len();
+        }
+        assert!(total > 0);
+        // Text of 33 words: a span reads few of the window's bytes.
+        assert!(kept * 4 < total, "kept {kept} of {total} window bytes");
+        assert!(
+            stored * 2 < whole,
+            "sparse windows {stored} bytes, whole {whole}"
+        );
+        // And every span still decodes exactly (each byte is CRC-checked too).
+        check_all_spans(single(), &t, d);
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub struct CreateArgs {
     #[arg(long)]
     level: Option<i32>,
     /// Uncompressed bytes per independently compressed chunk (seek point spacing).
-    #[arg(long, default_value = "4M", value_parser = crate::cli::parse_size)]
+    #[arg(long, default_value = "1M", value_parser = crate::cli::parse_size)]
     chunk: u64,
 }
 

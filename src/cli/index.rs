@@ -24,7 +24,7 @@ pub struct IndexArgs {
     #[command(flatten)]
     select: super::ImageArgs,
     /// Uncompressed bytes between seek points of compressed archives.
-    #[arg(long, value_parser = super::parse_size, default_value = "4M")]
+    #[arg(long, value_parser = super::parse_size, default_value = "1M")]
     span: u64,
     /// Rebuild even if a valid index exists.
     #[arg(long)]

@@ -61,7 +61,7 @@ pub struct MountArgs {
     #[arg(long, value_parser = super::parse_size)]
     cache_size: Option<u64>,
     /// Uncompressed bytes between seek points when an index has to be built.
-    #[arg(long, value_parser = super::parse_size, default_value = "4M")]
+    #[arg(long, value_parser = super::parse_size, default_value = "1M")]
     span: u64,
     /// FUSE worker threads.
     #[arg(long, default_value_t = 8)]

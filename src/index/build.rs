@@ -16,6 +16,11 @@ use crate::error::{Error, Result};
 use crate::index::{DirentRecord, Index, InodeRecord, XattrRecord, FLAG_IMPLICIT, FLAG_SPARSE};
 use crate::source::SourceReader;
 
+/// Uncompressed bytes between seek points unless told otherwise: 1 MiB, so that a cold
+/// random read inflates half a MiB on average (sparse windows keep the index as small
+/// as it was with 4 MiB spans and whole windows).
+pub const DEFAULT_SPAN: u64 = 1 << 20;
+
 /// Options that shape an index (stored in it; a change means a rebuild).
 #[derive(Debug, Clone, Copy)]
 pub struct BuildOptions {
@@ -26,7 +31,7 @@ pub struct BuildOptions {
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
-            span_bytes: 4 << 20,
+            span_bytes: DEFAULT_SPAN,
         }
     }
 }

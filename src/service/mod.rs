@@ -43,8 +43,6 @@ use gate::{Gate, GatedTree};
 pub use protocol::{CacheInfo, Request, Response, SourceInfo, Status, ViewInfo, ViewState};
 pub use state::ViewConfig;
 
-/// Default uncompressed bytes between seek points when an index must be built.
-const DEFAULT_SPAN: u64 = 4 << 20;
 /// How long shutdown waits for the views' sessions to end after detaching them.
 const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
 
@@ -437,7 +435,10 @@ impl Inner {
     /// threads.
     fn mount(&self, v: &ViewConfig) -> Result<(Served, u64)> {
         let opts = BuildOptions {
-            span_bytes: v.span.unwrap_or(DEFAULT_SPAN).max(64 << 10),
+            span_bytes: v
+                .span
+                .unwrap_or(crate::index::build::DEFAULT_SPAN)
+                .max(64 << 10),
         };
         let idmap = IdMap::from_args(&v.uid_map, &v.gid_map, v.owner.as_deref())?;
         let gate = Gate::new(self.open_tree(v, &opts)?);

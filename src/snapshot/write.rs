@@ -85,7 +85,7 @@ impl Default for WriterOptions {
     fn default() -> Self {
         WriterOptions {
             compression: OutputCompression::Gzip { level: 6 },
-            chunk_bytes: 4 << 20,
+            chunk_bytes: crate::index::build::DEFAULT_SPAN,
             progress: false,
             expected_bytes: None,
         }
@@ -673,7 +673,7 @@ impl SnapshotWriter {
                 compressed: self.written,
                 bits: 0,
                 member_start: true,
-                window: Vec::new(),
+                window: Default::default(),
                 crcs: crate::archive::gzip::span_crcs(chunk),
             }),
             OutputCompression::Zstd { .. } => self.zs_points.push(ZstdCheckpoint {
