@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Single-core inflate speed (output MB/s, best of REPS full decodes of one gzip file)
+# of zlib-rs (snapfs's inflate, examples/inflate.rs), the system zlib, zlib-ng and
+# ISA-L (the PyPI packages zlib-ng and isal, which bundle those libraries; installed
+# if missing). One core each, the same bytes: the table in docs/BENCHMARKS.md.
+#
+#   bash scripts/inflate-bench.sh FILE.gz [REPS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+f=$1 reps=${2:-3}
+python3 -c 'import isal, zlib_ng' 2>/dev/null || python3 -m pip install --quiet isal zlib-ng
+cargo build --release --quiet --example inflate
+echo "library	MB/s"
+taskset -c 0 target/release/examples/inflate "$f" "$reps"
+taskset -c 0 python3 - "$f" "$reps" <<'PY'
+import sys, time, zlib
+from isal import isal_zlib
+from zlib_ng import zlib_ng
+path, reps = sys.argv[1], int(sys.argv[2])
+gz = open(path, "rb").read()
+def run(mod):
+    best, n = 1e9, 0
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        n, rest = 0, gz
+        while rest:  # every member (pigz writes one, snapfs one per chunk)
+            d = mod.decompressobj(31)
+            n += len(d.decompress(rest))
+            rest = d.unused_data
+            rest = rest.lstrip(b"\0") if rest[:1] == b"\0" else rest
+        best = min(best, time.perf_counter() - t0)
+    return n / 1e6 / best
+for name, mod in (("zlib (system)", zlib), ("zlib-ng", zlib_ng), ("ISA-L", isal_zlib)):
+    print(f"{name}\t{run(mod):.1f}")
+PY
