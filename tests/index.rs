@@ -145,6 +145,10 @@ fn warm_mount_does_not_read_archive_body() {
     );
 }
 
+/// A damaged index file: a mount either rebuilds it at once (damage found at open:
+/// header, lengths, the root, the small sections) or serves it, each entry right or
+/// EIO (damage found where a record is first read; the daemon then removes the file).
+/// The next mount serves the whole tree right.
 fn corrupt_index_case(name: &str, corrupt: impl FnOnce(&Path, &TestDir)) {
     let td = TestDir::new(name);
     let tar = corpus::small_tar(td.path(), "a.tar", 3);
@@ -154,8 +158,116 @@ fn corrupt_index_case(name: &str, corrupt: impl FnOnce(&Path, &TestDir)) {
     corrupt(&idx, &td);
     let exp = td.join("x");
     corpus::extract(&tar, &exp);
-    let m = Mount::new(&tar, &td.join("mnt"));
+    let log_file = td.join("daemon.log");
+    let m = Mount::with_args(
+        &tar,
+        &td.join("mnt"),
+        &["--log-file", log_file.to_str().unwrap()],
+    );
+    let failed = read_all_or_eio(&exp, m.path());
+    let log = fs::read_to_string(&log_file).unwrap_or_default();
+    m.unmount();
+    if failed > 0 {
+        assert!(
+            log.contains(&format!("index {}", idx.display())) && log.contains("inode"),
+            "a log line names the index and the record:\n{log}"
+        );
+    }
+    let m = Mount::new(&tar, &td.join("mnt2"));
     tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
+}
+
+/// Walks `root` (a mount of what `exp` holds): every entry listed exists in `exp`
+/// with the same type and bytes, or fails with EIO. Returns how many failed.
+fn read_all_or_eio(exp: &Path, root: &Path) -> usize {
+    const EIO: i32 = 5;
+    let mut failed = 0;
+    let mut check = |r: std::io::Result<()>, rel: &Path| match r {
+        Ok(()) => {}
+        Err(e) if util::errno(&e) == EIO => failed += 1,
+        Err(e) => panic!("{}: {e} (only EIO may fail)", rel.display()),
+    };
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let (got, want) = (root.join(&rel), exp.join(&rel));
+        let r = fs::symlink_metadata(&got).and_then(|md| {
+            let wmd = fs::symlink_metadata(&want)
+                .unwrap_or_else(|e| panic!("{} is not in the archive: {e}", rel.display()));
+            assert_eq!(md.file_type(), wmd.file_type(), "{}", rel.display());
+            if md.is_dir() {
+                for e in fs::read_dir(&got)? {
+                    stack.push(rel.join(e?.file_name()));
+                }
+            } else if md.is_file() {
+                assert!(
+                    fs::read(&got)? == fs::read(&want).unwrap(),
+                    "{}",
+                    rel.display()
+                );
+            } else if md.file_type().is_symlink() {
+                assert_eq!(fs::read_link(&got)?, fs::read_link(&want).unwrap());
+            }
+            Ok(())
+        });
+        check(r, &rel);
+    }
+    failed
+}
+
+#[test]
+fn a_corrupt_record_fails_alone_and_the_index_is_rebuilt_next_time() {
+    let td = TestDir::new("idx-lazy");
+    let src = td.mkdir("src");
+    for i in 0..400u32 {
+        let p = src.join(format!("d{}/f{i:03}", i / 100));
+        fs::create_dir_all(p.parent().unwrap()).unwrap();
+        fs::write(&p, format!("content of file {i}\n")).unwrap();
+    }
+    let tar = td.join("a.tar");
+    corpus::gnu_tar(&src, &tar, "posix", &[]);
+    index(&tar);
+    let idx = idx_of(&tar);
+    // Inodes are numbered breadth first: root, d0..d3, then d0's files (6..105), d1's
+    // (106..205)... Damage the record of d1/f150 (inode 156, in the 4th block).
+    let b = fs::read(&idx).unwrap();
+    let count = |i: usize| u64::from_le_bytes(b[72 + 8 * i..80 + 8 * i].try_into().unwrap());
+    let blocks = (count(0) * 96 + count(1) * 12 + count(2)).div_ceil(4096);
+    let body = (136 + 4 * blocks).next_multiple_of(8);
+    assert_eq!(count(0), 405, "root, 4 dirs, 400 files");
+    flip(&idx, |_| vec![body + 155 * 96 + 32]);
+
+    let log_file = td.join("daemon.log");
+    let m = Mount::with_args(
+        &tar,
+        &td.join("mnt"),
+        &["--log-file", log_file.to_str().unwrap()],
+    );
+    assert_eq!(
+        fs::read(m.join("d0/f000")).unwrap(),
+        b"content of file 0\n",
+        "a record in another block is served"
+    );
+    assert_eq!(fs::read_dir(m.join("d2")).unwrap().count(), 100);
+    let e = fs::metadata(m.join("d1/f150")).unwrap_err();
+    assert_eq!(util::errno(&e), 5, "EIO for the damaged record: {e}");
+    let e = fs::read(m.join("d1/f150")).unwrap_err();
+    assert_eq!(util::errno(&e), 5, "EIO again: {e}");
+    let log = fs::read_to_string(&log_file).unwrap();
+    assert!(
+        log.contains(&format!("index {}: inode 156", idx.display())) && log.contains("checksum"),
+        "one log line names the index and the record:\n{log}"
+    );
+    // Found once (then each failed request has its line from the FUSE adapter).
+    let found = log.matches("index::lazy] index").count();
+    assert_eq!(found, 1, "the damage is logged when found, once:\n{log}");
+    assert!(!idx.exists(), "the damaged index is removed");
+    m.unmount();
+    let m = Mount::new(&tar, &td.join("mnt2"));
+    assert_eq!(
+        fs::read(m.join("d3/f399")).unwrap(),
+        b"content of file 399\n"
+    );
+    assert!(idx.exists(), "rebuilt");
 }
 
 fn flip(idx: &Path, at: impl Fn(u64) -> Vec<u64>) {
@@ -318,18 +430,25 @@ fn changed_gzip_archive_is_reindexed() {
     tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
 }
 
-/// Rewrites a byte of an index file and fixes its trailing CRC-32, so that only the
+/// Rewrites a byte of an index file and fixes its checksums, so that only the
 /// version check can reject it.
 fn patch_with_valid_crc(idx: &Path, find: &[u8], skip: usize, value: u8) {
     util::python(
         r#"
-import sys, zlib
+import struct, sys, zlib
 p, find, skip, value = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 b = bytearray(open(p, "rb").read())
 at = b.index(find) + skip
 b[at] = value
-body = bytes(b[:-4])
-b[-4:] = zlib.crc32(body).to_bytes(4, "little")
+# Format 3: a CRC per block of the body, then one over the header.
+counts = struct.unpack_from("<6Q", b, 72)
+body_len = sum(c * s for c, s in zip(counts, [96, 12, 1, 16, 24, 1]))
+bb = struct.unpack_from("<I", b, 128)[0]
+n = (body_len + bb - 1) // bb
+body = (136 + 4 * n + 7) // 8 * 8
+for i in range(n):
+    struct.pack_into("<I", b, 136 + 4 * i, zlib.crc32(bytes(b[body + i * bb:body + (i + 1) * bb])))
+struct.pack_into("<I", b, 132, zlib.crc32(bytes(b[:132]) + bytes(b[136:body])))
 open(p, "wb").write(bytes(b))
 "#,
         [

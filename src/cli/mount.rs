@@ -185,8 +185,8 @@ pub fn run(mut args: MountArgs) -> Result<ExitCode> {
             continue; // the daemon opens it (its error line is relayed)
         }
         for archive in input.archives()? {
-            if let Some(index) = store::find_current(&archive) {
-                store::prefetch(&index);
+            // The daemon reads what it serves of a current index: nothing to do here.
+            if store::find_current(&archive).is_some() {
                 continue;
             }
             if crate::snapshot::read_embedded(&archive)?.is_some() {

@@ -368,18 +368,18 @@ enum Lookup<'a> {
 
 /// Walks `parts` through the outer tar's index.
 fn tar_lookup<'a>(index: &'a Index, parts: &[Vec<u8>]) -> Lookup<'a> {
-    let Some(mut rec) = index.inode(ROOT_INO) else {
-        return Lookup::Missing;
-    };
+    let mut ino = ROOT_INO;
     for (depth, name) in parts.iter().enumerate() {
-        let kids = index.children(rec);
+        let Ok(kids) = index.entries(ino) else {
+            return Lookup::Missing;
+        };
         let Ok(i) = kids.binary_search_by(|d| index.dirent_name(d).cmp(name.as_slice())) else {
             return Lookup::Missing;
         };
-        let Some(next) = kids.get(i).and_then(|d| index.inode(u64::from(d.ino))) else {
+        let Some(rec) = kids.get(i).and_then(|d| index.inode(u64::from(d.ino))) else {
             return Lookup::Missing;
         };
-        rec = next;
+        ino = u64::from(kids[i].ino);
         match rec.file_type() {
             libc::S_IFLNK => {
                 return Lookup::Link(depth, index.arena(rec.data, rec.size).to_vec());

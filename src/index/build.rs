@@ -457,6 +457,8 @@ impl<'a> TreeBuilder<'a> {
             xattrs: Vec::new(),
             segments: Vec::new(),
             skipped: self.skipped,
+            stat_blocks: None,
+            lazy: None,
         };
         let mut arena = Arena { bytes: Vec::new() };
         for &id in &order {

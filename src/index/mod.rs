@@ -1,9 +1,11 @@
 //! The index of one archive: fixed-size inode and directory-entry records, one name
 //! arena, xattrs and sparse segments, plus the seek table of the compressed stream.
-//! Built in one pass ([`build`]), persisted ([`format`]), served as a tree ([`tree`]).
+//! Built in one pass ([`build`]), persisted ([`format`]), checked where a mapped one is
+//! read ([`lazy`]), served as a tree ([`tree`]).
 
 pub mod build;
 pub mod format;
+pub mod lazy;
 pub mod records;
 pub mod store;
 pub mod tree;
@@ -11,6 +13,7 @@ pub mod verify;
 
 use crate::archive::tar::Segment;
 use crate::archive::{ArchiveId, SeekTable};
+use crate::error::{Error, Result};
 use records::Records;
 
 /// Inode number of the root directory (FUSE's root).
@@ -138,20 +141,79 @@ pub struct Index {
     pub segments: Vec<Segment>,
     /// Members skipped while indexing (with a warning each).
     pub skipped: u64,
+    /// The 512-byte blocks of file data `statfs` reports, as the index file's header
+    /// says (`None`: not read from a file; [`Index::total_blocks`] sums them).
+    pub stat_blocks: Option<u64>,
+    /// For an index served in place from its mapped file: what has been checked of it
+    /// (`None`: all of it was, or it was built here).
+    pub lazy: Option<lazy::Lazy>,
+}
+
+/// Blocks of 512 bytes for `bytes` of data, in whole 4 KiB pages as local disks show.
+/// Sizes come from the index (hostile input): sums of these saturate.
+pub fn blocks_for(bytes: u64) -> u64 {
+    bytes.div_ceil(4096) * 8
 }
 
 impl Index {
-    /// The record of inode `ino`, if it exists.
+    /// The record of inode `ino`, if it exists and (in a mapped index) passes its
+    /// checks; [`Index::record`] tells the two apart.
     pub fn inode(&self, ino: u64) -> Option<&InodeRecord> {
-        let i = usize::try_from(ino.checked_sub(1)?).ok()?;
-        self.inodes.get(i)
+        self.record(ino).ok()
     }
 
-    /// Arena bytes `[off, off+len)` (validated at load time, so in range).
+    /// The record of inode `ino`: ENOENT if there is none; in a mapped index, checked
+    /// on first use ([`lazy::check_record`]), an [`Error::Index`] (EIO) if corrupt.
+    pub fn record(&self, ino: u64) -> Result<&InodeRecord> {
+        let r = usize::try_from(ino.wrapping_sub(1))
+            .ok()
+            .and_then(|i| self.inodes.get(i))
+            .ok_or(Error::Errno(libc::ENOENT))?;
+        if let Some(l) = &self.lazy {
+            l.once(ino, lazy::RECORD_OK, "record", || {
+                l.record_bytes_ok(ino)?;
+                lazy::check_record(self, ino, r)
+            })?;
+        }
+        Ok(r)
+    }
+
+    /// The entries of directory `ino` (ENOTDIR for another type); in a mapped index,
+    /// checked on first use ([`lazy::check_entries`]). Their names are then in bounds
+    /// and checked, their inode numbers in range.
+    pub fn entries(&self, ino: u64) -> Result<&[DirentRecord]> {
+        let r = self.record(ino)?;
+        if !r.is_dir() {
+            return Err(Error::Errno(libc::ENOTDIR));
+        }
+        if let Some(l) = &self.lazy {
+            l.once(ino, lazy::ENTRIES_OK, "entries", || {
+                lazy::check_entries(self, ino, r, None)
+            })?;
+        }
+        Ok(self.children(r))
+    }
+
+    /// Arena bytes `[off, off+len)`, or empty if out of range. Only ranges of checked
+    /// records ([`Index::record`], [`Index::entries`]) are known to be right.
     pub fn arena(&self, off: u64, len: u64) -> &[u8] {
-        let start = off as usize;
-        let end = start.saturating_add(len as usize);
-        self.names.get(start..end).unwrap_or(&[])
+        self.arena_checked(off, len).unwrap_or(&[])
+    }
+
+    /// Arena bytes `[off, off+len)`: an error if out of range or (in a mapped index)
+    /// their blocks fail their checksums.
+    pub fn arena_checked(&self, off: u64, len: u64) -> std::result::Result<&[u8], String> {
+        let range = usize::try_from(off)
+            .ok()
+            .zip(usize::try_from(len).ok())
+            .and_then(|(o, l)| Some(o..o.checked_add(l)?));
+        let bytes = range
+            .and_then(|r| self.names.get(r))
+            .ok_or("arena range out of bounds")?;
+        if let Some(l) = &self.lazy {
+            l.names_ok(off, len)?;
+        }
+        Ok(bytes)
     }
 
     /// The name of a directory entry.
@@ -159,7 +221,8 @@ impl Index {
         self.arena(u64::from(d.name_off), u64::from(d.name_len))
     }
 
-    /// The entries of directory `ino` (empty for non-directories).
+    /// The entries of directory record `ino` (empty for non-directories), unchecked:
+    /// serving uses [`Index::entries`].
     pub fn children(&self, ino: &InodeRecord) -> &[DirentRecord] {
         if !ino.is_dir() {
             return &[];
@@ -189,13 +252,28 @@ impl Index {
             .unwrap_or(&[])
     }
 
-    /// Unmaps the mapped index file's pages from this process after a pass over all
-    /// records (see [`Records::release_pages`]).
-    pub fn release_pages(&self) {
-        // One mapping holds all sections; any mapped one releases it whole.
-        self.inodes.release_pages();
-        self.dirents.release_pages();
-        self.names.release_pages();
+    /// Bytes of a regular file that hold data (the sum of its segments if sparse).
+    pub fn data_bytes(&self, r: &InodeRecord) -> u64 {
+        if r.file_type() != libc::S_IFREG {
+            return 0;
+        }
+        if r.flags & FLAG_SPARSE == 0 {
+            return r.size;
+        }
+        self.file_segments(r)
+            .iter()
+            .map(|s| s.len)
+            .fold(0, u64::saturating_add)
+    }
+
+    /// The 512-byte blocks of file data: from the index file's header, or summed.
+    pub fn total_blocks(&self) -> u64 {
+        self.stat_blocks.unwrap_or_else(|| {
+            self.inodes
+                .iter()
+                .map(|r| blocks_for(self.data_bytes(r)))
+                .fold(0, u64::saturating_add)
+        })
     }
 
     /// Bytes of the process's own memory the records and arena take (approximate;

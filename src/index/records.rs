@@ -80,17 +80,6 @@ impl<T: Record> Records<T> {
         }
     }
 
-    /// Unmaps the pages of the mapped index file from this process (they stay in the
-    /// page cache and fault back in on the next access), after a pass over all
-    /// records: the mount's resident size is then what it touches, not the file.
-    pub fn release_pages(&self) {
-        if let Inner::Mapped { map, .. } = &self.inner {
-            // SAFETY: a read-only shared file mapping that snapfs never writes and
-            // replaces only by rename: dropped pages read back the same bytes.
-            let _ = unsafe { map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
-        }
-    }
-
     /// Bytes of the process's own memory the records take (0 when mapped: those
     /// pages belong to the page cache and are dropped under memory pressure).
     pub fn owned_bytes(&self) -> usize {

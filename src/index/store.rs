@@ -14,7 +14,6 @@
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::archive::{Archive, Progress, SeekTable};
@@ -137,14 +136,18 @@ pub fn untrusted(path: &Path) -> Option<String> {
 pub fn load(path: &Path, archive: &Archive, required_span: Option<u64>) -> Result<Index> {
     let bytes = IndexBytes::open(path).map_err(|e| Error::io("cannot read index", path, e))?;
     let index = match &bytes {
-        IndexBytes::Mapped(map) => format::decode_mapped(map),
+        IndexBytes::Mapped(map, dev, ino) => format::decode_mapped(map, path).map(|mut i| {
+            if let Some(l) = &mut i.lazy {
+                l.set_file_id(*dev, *ino);
+            }
+            i
+        }),
         IndexBytes::Read(v) => format::decode(v),
     }
     .map_err(|message| Error::Index {
         path: path.to_path_buf(),
         message,
     })?;
-    index.release_pages();
     if index.id != archive.id {
         return Err(Error::Index {
             path: path.to_path_buf(),
@@ -169,7 +172,8 @@ pub fn load(path: &Path, archive: &Archive, required_span: Option<u64>) -> Resul
 /// rename, which leaves a mapping intact; so a file only this user and root can
 /// write is safe to map, and any other is read.
 enum IndexBytes {
-    Mapped(std::sync::Arc<memmap2::Mmap>),
+    /// The mapping, and the file's `st_dev` and `st_ino`.
+    Mapped(std::sync::Arc<memmap2::Mmap>, u64, u64),
     Read(Vec<u8>),
 }
 
@@ -184,10 +188,10 @@ impl IndexBytes {
         if private && meta.is_file() && meta.len() > 0 {
             // SAFETY: only this user and root can change the file, and snapfs replaces
             // it only by rename (see the type's doc).
+            // Not read ahead: a mount reads the header and the records it serves.
             let map = unsafe { memmap2::Mmap::map(&file) }?;
-            // All of it is read at once (checksum first): start the disk on all of it.
-            let _ = map.advise(memmap2::Advice::WillNeed);
-            return Ok(IndexBytes::Mapped(std::sync::Arc::new(map)));
+            let map = std::sync::Arc::new(map);
+            return Ok(IndexBytes::Mapped(map, meta.dev(), meta.ino()));
         }
         let mut v = Vec::new();
         std::io::Read::read_to_end(&mut file, &mut v)?;
@@ -199,7 +203,7 @@ impl std::ops::Deref for IndexBytes {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
         match self {
-            IndexBytes::Mapped(m) => m,
+            IndexBytes::Mapped(m, ..) => m,
             IndexBytes::Read(v) => v,
         }
     }
@@ -217,15 +221,6 @@ pub fn find_current(archive: &Archive) -> Option<PathBuf> {
             .and_then(|()| format::peek_prefix(&prefix).ok())
             .is_some_and(|h| h.id == archive.id)
     })
-}
-
-/// Asks the kernel to start reading all of `path` into the page cache, so that the
-/// daemon about to start finds its index there (best effort).
-pub fn prefetch(path: &Path) {
-    if let Ok(f) = File::open(path) {
-        // SAFETY: advisory call on an fd we own; offset 0, length 0 = the whole file.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
-    }
 }
 
 /// Writes `bytes` to `path` atomically (temporary file, fsync, rename).
@@ -415,7 +410,7 @@ mod tests {
         fs::write(&p, &data).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
         let b = IndexBytes::open(&p).unwrap();
-        assert!(matches!(b, IndexBytes::Mapped(_)));
+        assert!(matches!(b, IndexBytes::Mapped(..)));
         assert_eq!(&*b, &data[..]);
         // Group-writable: another user could truncate it under a mapping.
         fs::set_permissions(&p, fs::Permissions::from_mode(0o664)).unwrap();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::archive::StreamReader;
 use crate::error::{Error, Result};
 use crate::index::verify::HeaderCheck;
-use crate::index::{Index, InodeRecord, ROOT_INO};
+use crate::index::{blocks_for, Index, InodeRecord, ROOT_INO};
 
 /// Attributes of one inode, as `stat` shows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -428,24 +428,12 @@ fn enoent() -> Error {
     Error::Errno(libc::ENOENT)
 }
 
-/// Blocks of 512 bytes for `bytes` of data, in whole 4 KiB pages as local disks show.
-/// Sizes come from the index (hostile input): sums of these saturate.
-fn blocks_for(bytes: u64) -> u64 {
-    bytes.div_ceil(4096) * 8
-}
-
 impl IndexTree {
     /// A tree serving `index` with data from `stream`.
     pub fn new(index: Arc<Index>, stream: StreamReader) -> Self {
-        let blocks = index
-            .inodes
-            .iter()
-            .map(|r| blocks_for(data_bytes(&index, r)))
-            .fold(0, u64::saturating_add);
-        // Loading and this pass touched every record: let the pages go again.
-        index.release_pages();
+        // From the index file's header: no pass over the records at mount time.
         let stats = FsStats {
-            blocks,
+            blocks: index.total_blocks(),
             files: index.inodes.len() as u64,
         };
         IndexTree {
@@ -468,8 +456,9 @@ impl IndexTree {
         &self.index
     }
 
+    /// Inode `ino`'s record: ENOENT if there is none, EIO if the index has it corrupt.
     fn rec(&self, ino: u64) -> Result<&InodeRecord> {
-        self.index.inode(ino).ok_or_else(enoent)
+        self.index.record(ino)
     }
 
     /// A path of `ino` for messages (its first name if it has several). Scans the
@@ -570,7 +559,7 @@ impl Tree for IndexTree {
             uid: r.uid,
             gid: r.gid,
             size: r.size,
-            blocks: blocks_for(data_bytes(&self.index, r)),
+            blocks: blocks_for(self.index.data_bytes(r)),
             mtime: r.mtime,
             mtime_nsec: r.mtime_nsec,
             atime: r.atime,
@@ -583,11 +572,7 @@ impl Tree for IndexTree {
     }
 
     fn lookup(&self, parent: u64, name: &[u8]) -> Result<u64> {
-        let dir = self.rec(parent)?;
-        if !dir.is_dir() {
-            return Err(Error::Errno(libc::ENOTDIR));
-        }
-        let kids = self.index.children(dir);
+        let kids = self.index.entries(parent)?;
         let i = kids
             .binary_search_by(|d| self.index.dirent_name(d).cmp(name))
             .map_err(|_| enoent())?;
@@ -599,7 +584,7 @@ impl Tree for IndexTree {
         if !dir.is_dir() {
             return Err(Error::Errno(libc::ENOTDIR));
         }
-        let kids = self.index.children(dir);
+        let kids = self.index.entries(ino)?;
         let mut off = offset;
         if off == 0 {
             if sink(1, b".", ino, libc::S_IFDIR) {
@@ -621,7 +606,10 @@ impl Tree for IndexTree {
         let start = usize::try_from(off - 2).unwrap_or(usize::MAX);
         for (i, d) in kids.iter().enumerate().skip(start) {
             let child = u64::from(d.ino);
-            let kind = self.rec(child)?.file_type();
+            // A corrupt entry (logged once) is left out; the others are listed.
+            let Ok(kind) = self.rec(child).map(|r| r.file_type()) else {
+                continue;
+            };
             if sink(i as u64 + 3, self.index.dirent_name(d), child, kind) {
                 break;
             }
@@ -731,21 +719,6 @@ impl Tree for IndexTree {
     }
 }
 
-/// Bytes of a regular file that hold data (the sum of its segments if sparse).
-fn data_bytes(index: &Index, r: &InodeRecord) -> u64 {
-    if r.file_type() != libc::S_IFREG {
-        return 0;
-    }
-    if r.flags & crate::index::FLAG_SPARSE == 0 {
-        return r.size;
-    }
-    index
-        .file_segments(r)
-        .iter()
-        .map(|s| s.len)
-        .fold(0, u64::saturating_add)
-}
-
 /// A tree over an index the loader accepts: `files` regular files of `u64::MAX` bytes
 /// each in a stream of that size (a hostile index; reads of them fail).
 #[cfg(test)]
@@ -782,6 +755,8 @@ pub(crate) fn huge_files_tree(files: usize) -> IndexTree {
         xattrs: Vec::new(),
         segments: Vec::new(),
         skipped: 0,
+        stat_blocks: None,
+        lazy: None,
     };
     // The loader accepts it, so it must be served without panicking.
     let index = format::decode(&format::encode(&index)).expect("the loader accepts it");
