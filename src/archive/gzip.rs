@@ -39,7 +39,7 @@ use crate::source::Source;
 use libz_rs_sys as z;
 
 mod window;
-pub use window::Window;
+pub use window::{SharedBytes, Window};
 use window::{WindowProbe, PROBE_LEN};
 
 /// Size of the deflate window (the maximum back-reference distance).
@@ -269,6 +269,16 @@ impl GzipSeekTable {
     /// `bytes` must be exactly what `encode` appended; trailing bytes are an
     /// error. The error string describes the problem.
     pub fn decode(bytes: &[u8]) -> Result<GzipSeekTable, String> {
+        Self::decode_in(bytes, None)
+    }
+
+    /// Like [`GzipSeekTable::decode`], for `bytes` that lie at offset `at` of `shared`
+    /// (an index file's mapping): the windows point into `shared` instead of being
+    /// copied.
+    pub fn decode_in(
+        bytes: &[u8],
+        shared: Option<(&SharedBytes, usize)>,
+    ) -> Result<GzipSeekTable, String> {
         let mut r = ByteReader { rest: bytes };
         if r.take(TABLE_MAGIC.len())? != TABLE_MAGIC {
             return Err("gzip seek table: bad magic".into());
@@ -350,13 +360,21 @@ impl GzipSeekTable {
             if window_len != 0 && deflated_len == 0 {
                 return Err(bad("no data for a window"));
             }
+            // At most 32 KiB, checked above.
+            let window = match shared {
+                Some((all, at)) => {
+                    let off = at + (deflated.as_ptr() as usize - bytes.as_ptr() as usize);
+                    Window::shared(window_len as u32, all, off, deflated.len())
+                        .ok_or_else(|| bad("window outside the shared bytes"))?
+                }
+                None => Window::from_parts(window_len as u32, deflated),
+            };
             checkpoints.push(GzipCheckpoint {
                 uncompressed,
                 compressed,
                 bits,
                 member_start,
-                // At most 32 KiB, checked above.
-                window: Window::from_parts(window_len as u32, deflated),
+                window,
                 crcs,
             });
         }

@@ -29,7 +29,7 @@
 //! unknown and rebuilds it, which it could not do for that archive anyway).
 
 use crate::archive::bzip2::Bz2SeekTable;
-use crate::archive::gzip::GzipSeekTable;
+use crate::archive::gzip::{GzipSeekTable, SharedBytes};
 use crate::archive::tar::Segment;
 use crate::archive::xz::XzSeekTable;
 use crate::archive::zstd::ZstdSeekTable;
@@ -387,7 +387,7 @@ pub fn decode(bytes: &[u8]) -> Result<Index, String> {
         .collect::<Vec<_>>()
         .into();
     let names = l.bytes(bytes, 2).to_vec().into();
-    let index = assemble(&l, bytes, inodes, dirents, names, None)?;
+    let index = assemble(&l, bytes, None, inodes, dirents, names, None)?;
     validate(&index)?;
     Ok(index)
 }
@@ -423,7 +423,20 @@ pub fn decode_mapped(map: &Arc<memmap2::Mmap>, path: &Path) -> Result<Index, Str
         // Not readable in place (a big-endian machine): check and parse all of it.
         return decode(map);
     };
-    let index = assemble(&l, map, inodes, dirents, names, Some(lazy))?;
+    let shared: SharedBytes = map.clone();
+    let index = assemble(&l, map, Some(&shared), inodes, dirents, names, Some(lazy))?;
+    // The small sections are in memory now (the seek table's windows are read from
+    // the mapping when their span is decoded): their pages need not stay mapped.
+    let page = 4096;
+    let from = (l.body + tail).div_ceil(page) * page;
+    if from < map.len() {
+        // SAFETY: a read-only private file mapping: dropped pages are read from the
+        // file again when touched, and nothing holds references that could observe
+        // anything but the file's bytes.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, from, map.len() - from)
+        };
+    }
     // The root is needed by every mount: a bad one is an unusable index (rebuilt).
     index
         .record(ROOT_INO)
@@ -441,6 +454,7 @@ pub fn decode_mapped(map: &Arc<memmap2::Mmap>, path: &Path) -> Result<Index, Str
 fn assemble(
     l: &Layout,
     bytes: &[u8],
+    shared: Option<&SharedBytes>,
     inodes: Records<InodeRecord>,
     dirents: Records<DirentRecord>,
     names: Records<u8>,
@@ -468,7 +482,14 @@ fn assemble(
     let table_bytes = l.bytes(bytes, 5);
     let table = match l.comp {
         Compression::None => SeekTable::Plain,
-        Compression::Gzip => SeekTable::Gzip(GzipSeekTable::decode(table_bytes)?),
+        Compression::Gzip => {
+            // Where the table lies in `bytes` (which `shared`, if given, holds).
+            let at = table_bytes.as_ptr() as usize - bytes.as_ptr() as usize;
+            SeekTable::Gzip(GzipSeekTable::decode_in(
+                table_bytes,
+                shared.map(|s| (s, at)),
+            )?)
+        }
         Compression::Zstd => SeekTable::Zstd(ZstdSeekTable::decode(table_bytes)?),
         Compression::Xz => SeekTable::Xz(XzSeekTable::decode(table_bytes)?),
         Compression::Bzip2 => SeekTable::Bzip2(Bz2SeekTable::decode(table_bytes)?),

@@ -15,7 +15,7 @@
 //! size. The span CRCs still check every decoded byte.
 
 use std::cell::RefCell;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use super::{Inflater, WBITS_RAW, WINDOW_SIZE};
 use libz_rs_sys as z;
@@ -24,14 +24,52 @@ use libz_rs_sys as z;
 /// size plus the longest deflate match.
 pub(super) const PROBE_LEN: usize = WINDOW_SIZE + 258;
 
+/// Bytes that a decoded table's windows may point into instead of copying them: the
+/// mapped index file (its pages stay in the page cache, not in the daemon's heap).
+pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+
 /// A checkpoint's window as stored: raw deflate of `len` bytes (sparse windows have
 /// the bytes their span never reads zeroed). Inflated only when its span is decoded.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default)]
 pub struct Window {
     /// Length of the window once inflated (at most 32 KiB).
     len: u32,
     /// Raw deflate data that inflates to the window (empty for an empty window).
-    deflated: Box<[u8]>,
+    deflated: Deflated,
+}
+
+/// Where a window's deflated bytes are.
+#[derive(Clone)]
+enum Deflated {
+    /// A copy of its own.
+    Owned(Box<[u8]>),
+    /// `len` bytes at `at` of shared bytes (checked to lie within them).
+    Shared(SharedBytes, usize, usize),
+}
+
+impl Default for Deflated {
+    fn default() -> Self {
+        Deflated::Owned(Box::default())
+    }
+}
+
+impl PartialEq for Window {
+    fn eq(&self, other: &Window) -> bool {
+        self.len == other.len && self.deflated() == other.deflated()
+    }
+}
+
+impl Eq for Window {}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Window({} bytes, {} deflated)",
+            self.len,
+            self.deflated().len()
+        )
+    }
 }
 
 impl Window {
@@ -46,7 +84,7 @@ impl Window {
         super::deflate_all(compressor, bytes, &mut out);
         Window {
             len,
-            deflated: out.into_boxed_slice(),
+            deflated: Deflated::Owned(out.into_boxed_slice()),
         }
     }
 
@@ -54,8 +92,17 @@ impl Window {
     pub(super) fn from_parts(len: u32, deflated: &[u8]) -> Window {
         Window {
             len,
-            deflated: deflated.into(),
+            deflated: Deflated::Owned(deflated.into()),
         }
+    }
+
+    /// A window whose deflated bytes are `bytes[at..at + n]` (None if out of range).
+    pub(super) fn shared(len: u32, bytes: &SharedBytes, at: usize, n: usize) -> Option<Window> {
+        let end = at.checked_add(n)?;
+        ((*bytes).as_ref().as_ref().len() >= end).then(|| Window {
+            len,
+            deflated: Deflated::Shared(bytes.clone(), at, n),
+        })
     }
 
     /// Length of the inflated window.
@@ -70,7 +117,13 @@ impl Window {
 
     /// The deflated bytes as stored.
     pub(super) fn deflated(&self) -> &[u8] {
-        &self.deflated
+        match &self.deflated {
+            Deflated::Owned(b) => b,
+            Deflated::Shared(bytes, at, n) => {
+                let all: &[u8] = (**bytes).as_ref();
+                all.get(*at..at + n).unwrap_or_default()
+            }
+        }
     }
 
     /// The window bytes; an error names what is wrong with a corrupt window.
@@ -80,7 +133,7 @@ impl Window {
         }
         super::inflate_window(
             &mut flate2::Decompress::new(false),
-            &self.deflated,
+            self.deflated(),
             self.len(),
         )
     }
