@@ -415,6 +415,9 @@ impl Tree for MappedTree {
     fn remove_xattr(&self, ino: u64, name: &[u8]) -> Result<()> {
         self.inner.remove_xattr(ino, name)
     }
+    fn backing_file(&self, ino: u64) -> Option<std::sync::Arc<std::fs::File>> {
+        self.inner.backing_file(ino)
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ mod index;
 mod layers;
 mod lifecycle;
 mod load;
+mod passthrough;
 mod posix;
 mod random_ops;
 mod regression;

@@ -49,7 +49,7 @@ pub struct MountArgs {
     #[arg(short, long)]
     foreground: bool,
     /// Mount options, comma separated: allow_other, allow_root, ro, suid, dev, exec,
-    /// noexec, ...; snapfs options upper=DIR, uid_map=C:H:N, gid_map=C:H:N,
+    /// noexec, no_passthrough, ...; snapfs options upper=DIR, uid_map=C:H:N, gid_map=C:H:N,
     /// owner=UID:GID, cache_size=, span=, threads=, log_file=, pid_file=, image=REF,
     /// platform=OS/ARCH; mount(8)
     /// bookkeeping (defaults, noauto, nofail, _netdev, x-*) is ignored. Mounts are
@@ -70,6 +70,11 @@ pub struct MountArgs {
     /// mount with the same DIR again to get the same view back).
     #[arg(long, value_name = "DIR")]
     upper: Option<PathBuf>,
+    /// Serve every file of a writable view through the daemon. By default the
+    /// kernel reads and writes whole upper files itself (FUSE passthrough, where it
+    /// can: Linux 6.9+, and root in the initial user namespace).
+    #[arg(long)]
+    no_passthrough: bool,
     /// Present archive ids through a user-namespace style map, `container:host:count`
     /// (archive id `container` is shown as `host`; repeat or comma-separate ranges).
     /// Unmapped ids show as 65534.
@@ -240,7 +245,13 @@ fn via_service(
         uid_map: args.uid_map.clone(),
         gid_map: args.gid_map.clone(),
         owner: args.owner.clone(),
-        options: args.options.clone(),
+        options: {
+            let mut o = args.options.clone();
+            if args.no_passthrough {
+                o.push("no_passthrough".into());
+            }
+            o
+        },
         threads: Some(args.threads),
         span: Some(args.span),
         ..Default::default()
@@ -403,6 +414,9 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
     for o in &args.options {
         cmd.arg("-o").arg(o);
     }
+    if args.no_passthrough {
+        cmd.arg("--no-passthrough");
+    }
     for m in &args.uid_map {
         cmd.arg("--uid-map").arg(m);
     }
@@ -493,12 +507,14 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
 
 fn mount_options(args: &MountArgs, inputs: &[view::Input]) -> MountOptions {
     let names: Vec<(&Path, Option<&str>)> = inputs.iter().map(view::Input::name).collect();
-    MountOptions::parse(
+    let mut m = MountOptions::parse(
         super::list::source_name(&names),
         &args.options,
         args.upper.is_some(),
         args.threads,
-    )
+    );
+    m.passthrough &= !args.no_passthrough;
+    m
 }
 
 /// Mounts and serves until unmounted or signalled. Reports readiness on `ready`.

@@ -1,21 +1,25 @@
 //! The FUSE adapter: turns kernel requests into [`Tree`] calls and replies. Sets the cache policy: an immutable tree gets long TTLs,
 //! keep-cache, cached dirs and negative entries; a writable tree ([`Tree::writable`],
 //! the upper view) gets short TTLs and no page or dir caching across opens. Modifying
-//! calls go to the tree, which answers EROFS unless it is writable.
+//! calls go to the tree, which answers EROFS unless it is writable. Opens of a
+//! writable tree's whole upper files are passed through to the kernel where it can
+//! (see [`super::passthrough`]).
 
 use std::ffi::OsStr;
+use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use super::passthrough::{Answer, Passthrough};
 use crate::error::Error;
 use crate::index::tree::{Attr, Owner, SetAttr, SetTime, Tree};
 
@@ -45,6 +49,10 @@ pub struct SnapFs<T> {
     ttl: Duration,
     /// The name whose lookup panics (see [`PANIC_HOOK_ENV`]).
     panic_on: Option<Vec<u8>>,
+    /// Whether to ask the kernel for passthrough at init (a writable tree, unless
+    /// the mount says no).
+    want_passthrough: bool,
+    passthrough: Passthrough,
 }
 
 impl<T: Tree> SnapFs<T> {
@@ -52,11 +60,21 @@ impl<T: Tree> SnapFs<T> {
     pub fn new(tree: T) -> Self {
         let ttl = if tree.writable() { WRITABLE_TTL } else { TTL };
         let panic_on = std::env::var_os(PANIC_HOOK_ENV).map(|v| v.as_bytes().to_vec());
+        let want_passthrough = tree.writable();
         SnapFs {
             tree,
             ttl,
             panic_on,
+            want_passthrough,
+            passthrough: Passthrough::off(),
         }
+    }
+
+    /// Turns FUSE passthrough off (`on = false`) or leaves it as the tree allows
+    /// (writable trees only).
+    pub fn with_passthrough(mut self, on: bool) -> Self {
+        self.want_passthrough &= on;
+        self
     }
 
     /// Flags for an open file or directory: keep caches only if nothing can change.
@@ -230,6 +248,23 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         let _ = config
             .set_max_write(MAX_READ)
             .or_else(|max| config.set_max_write(max));
+        if self.want_passthrough {
+            // Depth 1: backing files on a plain file system, and the mount itself
+            // may still be a lower layer of an overlayfs.
+            let offered = config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH);
+            if offered
+                && config.set_max_stack_depth(1).is_ok()
+                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            {
+                self.passthrough = Passthrough::on();
+                log::debug!("FUSE passthrough on: whole upper files bypass the daemon");
+            } else {
+                log::debug!(
+                    "FUSE passthrough unavailable: the kernel does not offer it (Linux 6.9+); \
+                     files are served through the daemon"
+                );
+            }
+        }
         Ok(())
     }
 
@@ -295,7 +330,14 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
             return reply.error(Errno::ENOSYS);
         }
         match self.run("open", ino.0, || self.tree.open(ino.0, flags.0)) {
-            Ok(fh) => reply.opened(FileHandle(fh), self.open_flags(false)),
+            Ok(fh) => {
+                let a = OpenAnswer {
+                    reply,
+                    fh: FileHandle(fh),
+                    flags: self.open_flags(false),
+                };
+                self.passthrough.answer(&self.tree, ino.0, a)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -387,10 +429,9 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        empty(
-            self.run("release", ino.0, || self.tree.release(ino.0, fh.0)),
-            reply,
-        );
+        let r = self.run("release", ino.0, || self.tree.release(ino.0, fh.0));
+        self.passthrough.released(ino.0);
+        empty(r, reply);
     }
 
     fn fsync(
@@ -730,13 +771,17 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
                 .and_then(|(ino, fh)| Ok((self.tree.attr(ino)?, fh)))
         });
         match r {
-            Ok((a, fh)) => reply.created(
-                &self.ttl,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(fh),
-                self.open_flags(false),
-            ),
+            Ok((a, fh)) => {
+                let a = CreateAnswer {
+                    reply,
+                    ttl: self.ttl,
+                    attr: file_attr(&a),
+                    fh: FileHandle(fh),
+                    flags: self.open_flags(false),
+                };
+                let ino = a.attr.ino.0;
+                self.passthrough.answer(&self.tree, ino, a)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -755,6 +800,50 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
             self.tree.fallocate(ino.0, fh.0, offset, length, mode)
         });
         empty(r, reply);
+    }
+}
+
+/// The answer to an `open`.
+struct OpenAnswer {
+    reply: ReplyOpen,
+    fh: FileHandle,
+    flags: FopenFlags,
+}
+
+impl Answer for OpenAnswer {
+    fn register(&self, f: &File) -> std::io::Result<BackingId> {
+        self.reply.open_backing(f)
+    }
+    fn through(self, id: &BackingId) {
+        self.reply.opened_passthrough(self.fh, self.flags, id)
+    }
+    fn served(self) {
+        self.reply.opened(self.fh, self.flags)
+    }
+}
+
+/// The answer to a `create`: the new entry and its open handle.
+struct CreateAnswer {
+    reply: ReplyCreate,
+    ttl: Duration,
+    attr: FileAttr,
+    fh: FileHandle,
+    flags: FopenFlags,
+}
+
+impl Answer for CreateAnswer {
+    fn register(&self, f: &File) -> std::io::Result<BackingId> {
+        self.reply.open_backing(f)
+    }
+    fn through(self, id: &BackingId) {
+        let (ttl, attr) = (self.ttl, self.attr);
+        self.reply
+            .created_passthrough(&ttl, &attr, Generation(0), self.fh, self.flags, id)
+    }
+    fn served(self) {
+        let (ttl, attr) = (self.ttl, self.attr);
+        self.reply
+            .created(&ttl, &attr, Generation(0), self.fh, self.flags)
     }
 }
 

@@ -52,12 +52,16 @@ pub struct MountOptions {
     pub other: Vec<String>,
     /// Worker threads serving requests.
     pub threads: usize,
+    /// FUSE passthrough of whole upper files where the kernel allows it (writable
+    /// views; `no_passthrough` turns it off).
+    pub passthrough: bool,
 }
 
 impl MountOptions {
     /// Options for a view named `fsname` from the comma-separated `-o` strings
     /// (`allow_other`, `allow_root`, `ro`, `rw`, `suid`, `nosuid`, `dev`, `nodev`,
-    /// `exec`, `noexec`, `auto_unmount`, others passed on). A view is read-only unless
+    /// `exec`, `noexec`, `auto_unmount`, `passthrough`, `no_passthrough`, others passed
+    /// on). A view is read-only unless
     /// `writable`; `ro` makes a writable view read-only too.
     pub fn parse(fsname: String, options: &[String], writable: bool, threads: usize) -> Self {
         let mut m = MountOptions {
@@ -70,6 +74,7 @@ impl MountOptions {
             auto_unmount: false,
             other: Vec::new(),
             threads: threads.clamp(1, 64),
+            passthrough: true,
         };
         for opt in options
             .iter()
@@ -91,6 +96,8 @@ impl MountOptions {
                 "nosuid" => m.suid = false,
                 "exec" => m.noexec = false,
                 "noexec" => m.noexec = true,
+                "passthrough" => m.passthrough = true,
+                "no_passthrough" | "nopassthrough" => m.passthrough = false,
                 other => m.other.push(other.to_string()),
             }
         }
@@ -249,7 +256,7 @@ impl Session {
     /// Mounts `tree` on `mountpoint`.
     pub fn mount(tree: Box<dyn Tree>, mountpoint: &Path, options: &MountOptions) -> Result<Self> {
         let inner = mount(
-            SnapFs::new(DynTree(tree)),
+            SnapFs::new(DynTree(tree)).with_passthrough(options.passthrough),
             mountpoint,
             &options.fuser_config(),
         )?;

@@ -232,6 +232,14 @@ pub trait Tree: Send + Sync {
     fn fallocate(&self, _ino: u64, _fh: u64, _offset: u64, _length: u64, _mode: i32) -> Result<()> {
         Err(erofs())
     }
+    /// The local file that holds every byte of open regular file `ino` at the offset
+    /// the view shows it at, and takes its writes (a whole upper file), if there is
+    /// one. The FUSE adapter hands it to the kernel (passthrough), whose reads and
+    /// writes of `ino` then skip the tree until the last handle is released; so the
+    /// tree must keep nothing about it that such writes could make stale.
+    fn backing_file(&self, _ino: u64) -> Option<Arc<std::fs::File>> {
+        None
+    }
 }
 
 fn erofs() -> Error {
@@ -412,6 +420,9 @@ impl Tree for DynTree {
     }
     fn remove_xattr(&self, ino: u64, name: &[u8]) -> Result<()> {
         (*self.0).remove_xattr(ino, name)
+    }
+    fn backing_file(&self, ino: u64) -> Option<Arc<std::fs::File>> {
+        (*self.0).backing_file(ino)
     }
 }
 

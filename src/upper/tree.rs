@@ -2147,6 +2147,22 @@ impl Tree for UpperTree {
         self.change_xattr(ino, name, Some(value), flags)
     }
 
+    fn backing_file(&self, ino: u64) -> Option<Arc<File>> {
+        // Only a whole file: a partial one's missing bytes come from the lower tree.
+        // Not while its ctime is frozen either: the kernel's writes would move the
+        // real one without the view's being let go of (see `touched`).
+        let st = self.read_state();
+        let n = st.nodes.get(&ino)?;
+        if !n.upper || n.kind != libc::S_IFREG || n.frozen.is_some() {
+            return None;
+        }
+        let g = lock(n.file.as_ref()?);
+        match g.part {
+            None => g.fd.clone(),
+            Some(_) => None,
+        }
+    }
+
     fn remove_xattr(&self, ino: u64, name: &[u8]) -> Result<()> {
         self.change_xattr(ino, name, None, 0)
     }
