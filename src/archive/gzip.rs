@@ -310,6 +310,7 @@ impl GzipSeekTable {
             let flags = r.u8()?;
             let window_len = r.u32()? as usize;
             let deflated_len = r.u32()? as usize;
+            let deflated_at = bytes.len() - r.rest.len();
             let deflated = r.take(deflated_len)?;
             let crc_count = r.u32()? as usize;
             let crc_bytes = r.take(
@@ -363,8 +364,7 @@ impl GzipSeekTable {
             // At most 32 KiB, checked above.
             let window = match shared {
                 Some((all, at)) => {
-                    let off = at + (deflated.as_ptr() as usize - bytes.as_ptr() as usize);
-                    Window::shared(window_len as u32, all, off, deflated.len())
+                    Window::shared(window_len as u32, all, at + deflated_at, deflated.len())
                         .ok_or_else(|| bad("window outside the shared bytes"))?
                 }
                 None => Window::from_parts(window_len as u32, deflated),

@@ -427,7 +427,8 @@ pub fn decode_mapped(map: &Arc<memmap2::Mmap>, path: &Path) -> Result<Index, Str
     let index = assemble(&l, map, Some(&shared), inodes, dirents, names, Some(lazy))?;
     // The small sections are in memory now (the seek table's windows are read from
     // the mapping when their span is decoded): their pages need not stay mapped.
-    let page = 4096;
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
     let from = (l.body + tail).div_ceil(page) * page;
     if from < map.len() {
         // SAFETY: a read-only private file mapping: dropped pages are read from the
@@ -484,7 +485,7 @@ fn assemble(
         Compression::None => SeekTable::Plain,
         Compression::Gzip => {
             // Where the table lies in `bytes` (which `shared`, if given, holds).
-            let at = table_bytes.as_ptr() as usize - bytes.as_ptr() as usize;
+            let at = l.body + l.section(5).0;
             SeekTable::Gzip(GzipSeekTable::decode_in(
                 table_bytes,
                 shared.map(|s| (s, at)),

@@ -99,7 +99,8 @@ impl Window {
     /// A window whose deflated bytes are `bytes[at..at + n]` (None if out of range).
     pub(super) fn shared(len: u32, bytes: &SharedBytes, at: usize, n: usize) -> Option<Window> {
         let end = at.checked_add(n)?;
-        ((*bytes).as_ref().as_ref().len() >= end).then(|| Window {
+        let all: &[u8] = (**bytes).as_ref();
+        (all.len() >= end).then(|| Window {
             len,
             deflated: Deflated::Shared(bytes.clone(), at, n),
         })
