@@ -5,7 +5,8 @@
 //! moves. With `--no-passthrough`, and when the kernel refuses the backing file
 //! (a test hook, and a user namespace), every byte goes through the daemon, with
 //! one debug log line saying why. In every mode the bytes equal those of the same
-//! operations on a plain file.
+//! operations on a plain file. The daemon clears set-id bits on writes for the
+//! kernel (FUSE_HANDLE_KILLPRIV_V2), as a plain file system does.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -308,4 +309,57 @@ echo moved $(( $(io) - before ))
         "log:\n{log}"
     );
     assert!(log.contains("CAP_SYS_ADMIN"), "log:\n{log}");
+}
+
+/// Writes and truncations of set-id files by an unprivileged user and by root; prints
+/// the mode after each step. Run in a directory holding `old.bin` (in the view: from
+/// the archive, copied up by the first change) and `new.bin` (a whole upper file,
+/// passed through unless set-id).
+const SETID_STEPS: &str = r#"
+nobody() { setpriv --reuid=65534 --regid=65534 --clear-groups sh -c "$1"; }
+for f in old.bin new.bin; do
+  chmod 6777 $f; nobody "printf x >> $f"; echo "$f nobody-write $(stat -c %a $f)"
+  chmod 6777 $f; printf x >> $f; echo "$f root-write $(stat -c %a $f)"
+  chmod 6777 $f; nobody "truncate -s 100 $f"; echo "$f nobody-truncate $(stat -c %a $f)"
+  chmod 6777 $f; truncate -s 200 $f; echo "$f root-truncate $(stat -c %a $f)"
+  chmod 2767 $f; nobody "printf x >> $f"; echo "$f nobody-write-sgid-noexec $(stat -c %a $f)"
+  chmod 4777 $f; nobody "dd if=/dev/zero of=$f bs=1 count=1 seek=5 conv=notrunc 2>/dev/null"
+  echo "$f nobody-pwrite $(stat -c %a $f)"
+done
+"#;
+
+#[test]
+fn writes_clear_set_id_bits_as_on_a_plain_file_system() {
+    let d = TestDir::new("killpriv");
+    let (tar, reference) = fixture(&d);
+    std::fs::rename(reference.join("big.bin"), reference.join("old.bin")).expect("rename");
+    std::fs::write(reference.join("new.bin"), b"new").expect("write new.bin");
+    // allow_other: the unprivileged user may use the mount at all.
+    let m = mount(&d, &tar, &["-o", "allow_other"], &[]);
+    std::fs::rename(m.join("big.bin"), m.join("old.bin")).expect("rename in the view");
+    std::fs::write(m.join("new.bin"), b"new").expect("write new.bin in the view");
+    let steps = |dir: &Path| {
+        run_ok(
+            Command::new("sh")
+                .args(["-c", SETID_STEPS])
+                .current_dir(dir),
+        )
+        .stdout_str()
+    };
+    let want = steps(&reference);
+    assert!(
+        want.contains("old.bin nobody-write 777\n")
+            && want.contains("old.bin root-write 6777\n")
+            && want.contains("old.bin nobody-truncate 777\n")
+            && want.contains("old.bin nobody-write-sgid-noexec 767\n")
+            && want.contains("old.bin nobody-pwrite 777\n"),
+        "the plain file system behaved unexpectedly:\n{want}"
+    );
+    assert_eq!(steps(&m.join("")), want, "modes in the view");
+    let log = m.log_text();
+    assert!(log.contains("FUSE_HANDLE_KILLPRIV_V2 on"), "log:\n{log}");
+    assert_eq!(
+        sha256_file(&m.join("new.bin")).expect("hash view file"),
+        sha256_file(&reference.join("new.bin")).expect("hash reference"),
+    );
 }

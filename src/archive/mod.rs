@@ -5,6 +5,7 @@
 
 mod ahead;
 pub mod bzip2;
+mod fill;
 pub mod gzip;
 pub mod pipe;
 pub mod spill;
@@ -233,15 +234,20 @@ impl SeekTable {
         }
     }
 
-    /// Length of span `i`.
-    pub fn span_len(&self, i: usize) -> u64 {
-        let (start, end) = match self {
+    /// The `[start, end)` stream range of span `i`.
+    pub fn span_range(&self, i: usize) -> (u64, u64) {
+        match self {
             SeekTable::Plain => (0, 0),
             SeekTable::Gzip(t) => t.span_range(i),
             SeekTable::Zstd(t) => t.span_range(i),
             SeekTable::Xz(t) => t.span_range(i),
             SeekTable::Bzip2(t) => t.span_range(i),
-        };
+        }
+    }
+
+    /// Length of span `i`.
+    pub fn span_len(&self, i: usize) -> u64 {
+        let (start, end) = self.span_range(i);
         end - start
     }
 
@@ -362,6 +368,11 @@ struct Inner {
     /// Whole spans decoded for random reads, made on the first such read (compressed
     /// streams only; see [`spill`]).
     spill: std::sync::OnceLock<Option<spill::Spill>>,
+    /// Spans (plain tar: chunks) the filler may still decode or read ahead, the next
+    /// one it looks at, and whether it has this archive queued (see [`fill`]).
+    fill_credit: std::sync::atomic::AtomicUsize,
+    fill_next: std::sync::atomic::AtomicUsize,
+    fill_queued: std::sync::atomic::AtomicBool,
 }
 
 impl StreamReader {
@@ -398,6 +409,9 @@ impl StreamReader {
                 backing,
                 changed: std::sync::OnceLock::new(),
                 spill: std::sync::OnceLock::new(),
+                fill_credit: Default::default(),
+                fill_next: Default::default(),
+                fill_queued: Default::default(),
             }),
             prefetch: std::sync::OnceLock::new(),
         }
@@ -432,15 +446,22 @@ impl StreamReader {
     fn read_unchecked(&self, buf: &mut [u8], off: u64) -> Result<()> {
         let inner = &*self.inner;
         match &inner.backing {
-            Backing::Plain => inner
-                .archive
-                .read_exact_at(buf, off)
-                .map_err(|e| inner.read_error(off, e)),
+            Backing::Plain => {
+                if buf.len() < SEQUENTIAL_READ {
+                    // A random reader or a tree walk (of a local archive): the filler
+                    // reads the archive into the page cache ahead of it.
+                    fill::earned(&self.inner);
+                }
+                inner
+                    .archive
+                    .read_exact_at(buf, off)
+                    .map_err(|e| inner.read_error(off, e))
+            }
             Backing::CacheFile(f) => {
                 FileExt::read_exact_at(f, buf, off).map_err(|e| inner.read_error(off, e))
             }
             Backing::Spans(cache) => {
-                let last = inner.read_spans(cache, buf, off)?;
+                let last = self.inner.read_spans(cache, buf, off)?;
                 if let Some((span, within, len, random)) = last {
                     // Reading the second half of a span: get the next ones ready
                     // (unless a random reader read it: it will not go on from there).
@@ -517,7 +538,7 @@ impl Inner {
     /// whether a random reader got it: decoded by this read deep inside the span, or
     /// from the spill file).
     fn read_spans(
-        &self,
+        self: &Arc<Self>,
         cache: &SpanCache,
         buf: &mut [u8],
         mut off: u64,
@@ -590,7 +611,9 @@ impl Inner {
             let spilled = match spill {
                 Some(s) if decoded && !sequential => {
                     s.store(span, start, &data);
-                    s.stored(span) >= data.len() as u64
+                    fill::earned(self);
+                    // Or the filler is writing it right now: in the file soon too.
+                    s.stored(span) >= data.len() as u64 || s.writing(span)
                 }
                 _ => false,
             };
@@ -657,13 +680,13 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    #[test]
-    fn sequential_reads_prefetch_the_next_span_and_stay_exact() {
+    /// 6 MB of semi-compressible bytes, as a gzip file in `dir` (a local source) and
+    /// its seek table (1 MiB spans).
+    fn gzip_stream(dir: &Path) -> (Vec<u8>, Arc<dyn Source>, Arc<SeekTable>) {
         let data: Vec<u8> = (0..6_000_000u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 % 61)
             .collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("x.gz");
+        let path = dir.join("x.gz");
         let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         enc.write_all(&data).unwrap();
         std::fs::write(&path, enc.finish().unwrap()).unwrap();
@@ -674,6 +697,22 @@ mod tests {
         );
         io::copy(&mut indexer, &mut io::sink()).unwrap();
         let table = Arc::new(SeekTable::Gzip(indexer.finish().unwrap()));
+        (data, file, table)
+    }
+
+    /// Waits (up to 20 s) until `done` holds.
+    fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let t0 = std::time::Instant::now();
+        while !done() {
+            assert!(t0.elapsed().as_secs() < 20, "timed out waiting: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn sequential_reads_prefetch_the_next_span_and_stay_exact() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, file, table) = gzip_stream(dir.path());
         if let SeekTable::Gzip(t) = &*table {
             assert!(
                 t.span_count() >= 3,
@@ -759,9 +798,62 @@ mod tests {
         let mut head = vec![0u8; 1000];
         spilling.read_exact_at(&mut head, 0).unwrap();
         assert_eq!(head, data[..1000]);
+    }
+
+    #[test]
+    fn random_readers_get_every_span_filled_into_the_spill_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, file, table) = gzip_stream(dir.path());
+        let reader = StreamReader::new(file, table, 64 << 20);
+        let spans = reader.inner.table.span_count();
+        let spill = spill::Spill::in_file(tempfile::tempfile().unwrap(), spans, u64::MAX);
+        let _ = reader.inner.spill.set(Some(spill));
+        // One random read deep inside span 1 earns more spans than there are.
+        let (s1, _) = reader.inner.table.span_range(1);
+        let mut got = vec![0u8; 4096];
+        reader.read_exact_at(&mut got, s1 + 400_000).unwrap();
+        assert_eq!(got, data[s1 as usize + 400_000..][..4096]);
+        let inner = &reader.inner;
+        let stored = |i: usize| inner.spill().map_or(0, |s| s.stored(i));
+        wait_for("every span spilled", || {
+            (0..spans).all(|i| stored(i) == inner.table.span_len(i))
+        });
+        // Reads now come from the file, exact, and leave nothing in the cache.
+        let Backing::Spans(cache) = &inner.backing else {
+            panic!("not spans")
+        };
+        let mut x = 7u64;
+        for _ in 0..200 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let off = (x >> 20) as usize % (data.len() - 70_000);
+            let len = 1 + (x >> 50) as usize % 70_000;
+            let mut got = vec![0u8; len];
+            reader.read_exact_at(&mut got, off as u64).unwrap();
+            assert_eq!(got, data[off..off + len], "at {off}+{len}");
+        }
         assert!(
-            !spilling.inner.spilled(0),
-            "read from its start: not spilled"
+            (0..spans).all(|i| !cache.contains(i)),
+            "served from the spill file"
         );
+    }
+
+    #[test]
+    fn small_reads_of_a_local_plain_tar_get_it_read_ahead() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 251) as u8).collect();
+        let path = dir.path().join("x.tar");
+        std::fs::write(&path, &data).unwrap();
+        let file: Arc<dyn Source> = Arc::new(crate::source::FileSource::open(&path).unwrap());
+        let reader = StreamReader::new(file, Arc::new(SeekTable::Plain), 1 << 20);
+        let mut got = vec![0u8; 512];
+        reader.read_exact_at(&mut got, 2_000_000).unwrap();
+        assert_eq!(got, data[2_000_000..2_000_512]);
+        let inner = &reader.inner;
+        wait_for("the filler went through the archive", || {
+            inner.fill_next.load(std::sync::atomic::Ordering::Relaxed) >= 4
+                && inner.fill_credit.load(std::sync::atomic::Ordering::Relaxed) == 0
+        });
+        reader.read_exact_at(&mut got, 3_000_000).unwrap();
+        assert_eq!(got, data[3_000_000..3_000_512]);
     }
 }

@@ -83,6 +83,13 @@ impl Spill {
         self.stored(span) > 0
     }
 
+    /// Whether a reader (or the filler) is writing to span `span` right now.
+    pub fn writing(&self, span: usize) -> bool {
+        self.state
+            .get(span)
+            .is_some_and(|s| s.load(Ordering::Acquire) == WRITING)
+    }
+
     /// Whether `len` more bytes fit the budget.
     pub fn has_room(&self, len: u64) -> bool {
         self.used.load(Ordering::Relaxed).saturating_add(len) <= self.budget

@@ -3,22 +3,25 @@
 //! the upper view) gets short TTLs and no page or dir caching across opens. Modifying
 //! calls go to the tree, which answers EROFS unless it is writable. Opens of a
 //! writable tree's whole upper files are passed through to the kernel where it can
-//! (see [`super::passthrough`]).
+//! (see [`super::passthrough`]). A writable tree also takes over clearing set-id bits
+//! on writes from the kernel (see [`super::killpriv`]).
 
 use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, Notifier, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use super::killpriv::Caller;
 use super::passthrough::{Answer, Passthrough};
 use crate::error::Error;
 use crate::index::tree::{Attr, Owner, SetAttr, SetTime, Tree};
@@ -53,6 +56,11 @@ pub struct SnapFs<T> {
     /// the mount says no).
     want_passthrough: bool,
     passthrough: Passthrough,
+    /// The kernel left clearing set-id bits on writes and truncations to us
+    /// (FUSE_HANDLE_KILLPRIV_V2, writable trees).
+    kill_priv: bool,
+    /// Tells the kernel about changes it did not ask for (set once mounted).
+    notifier: Arc<OnceLock<Notifier>>,
 }
 
 impl<T: Tree> SnapFs<T> {
@@ -67,6 +75,8 @@ impl<T: Tree> SnapFs<T> {
             panic_on,
             want_passthrough,
             passthrough: Passthrough::off(),
+            kill_priv: false,
+            notifier: Arc::default(),
         }
     }
 
@@ -75,6 +85,11 @@ impl<T: Tree> SnapFs<T> {
     pub fn with_passthrough(mut self, on: bool) -> Self {
         self.want_passthrough &= on;
         self
+    }
+
+    /// Where the session's notifier goes once the session exists.
+    pub fn notifier_slot(&self) -> Arc<OnceLock<Notifier>> {
+        self.notifier.clone()
     }
 
     /// Flags for an open file or directory: keep caches only if nothing can change.
@@ -90,6 +105,14 @@ impl<T: Tree> SnapFs<T> {
     /// with EIO, so a bug reachable from archive bytes or a request costs one reply, not
     /// the daemon (or one of its worker threads). Every lock a tree holds recovers from
     /// poisoning, so later requests still work.
+    /// The mode `ino` gets when `caller` (who lacks CAP_FSETID) writes to it or
+    /// truncates it, if that clears set-id bits (see [`super::killpriv`]).
+    fn mode_without_setid(&self, ino: u64, caller: &Caller) -> crate::Result<Option<u32>> {
+        let a = self.tree.attr(ino)?;
+        let bits = caller.bits_to_clear(a.mode, a.gid);
+        Ok((bits != 0).then_some(a.mode & 0o7777 & !bits))
+    }
+
     fn run<R>(
         &self,
         op: &'static str,
@@ -140,6 +163,14 @@ impl<T: Tree> SnapFs<T> {
 
 fn owner(req: &Request) -> Owner {
     Owner {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller {
+        pid: req.pid(),
         uid: req.uid(),
         gid: req.gid(),
     }
@@ -248,6 +279,18 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         let _ = config
             .set_max_write(MAX_READ)
             .or_else(|max| config.set_max_write(max));
+        if self.tree.writable()
+            && config
+                .capabilities()
+                .contains(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+        {
+            self.kill_priv = config
+                .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+                .is_ok();
+            if self.kill_priv {
+                log::debug!("FUSE_HANDLE_KILLPRIV_V2 on: the daemon clears set-id bits on writes");
+            }
+        }
         if self.want_passthrough {
             // Depth 1: backing files on a plain file system, and the mount itself
             // may still be a lower layer of an overlayfs.
@@ -256,7 +299,7 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
                 && config.set_max_stack_depth(1).is_ok()
                 && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             {
-                self.passthrough = Passthrough::on();
+                self.passthrough = Passthrough::on(self.kill_priv);
                 log::debug!("FUSE passthrough on: whole upper files bypass the daemon");
             } else {
                 log::debug!(
@@ -579,7 +622,7 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -595,7 +638,7 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let set = SetAttr {
+        let mut set = SetAttr {
             mode,
             uid,
             gid,
@@ -603,7 +646,19 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        match self.run("setattr", ino.0, || self.tree.set_attr(ino.0, &set)) {
+        let r = self.run("setattr", ino.0, || {
+            if self.kill_priv && size.is_some() && mode.is_none() {
+                // A truncation by a caller without CAP_FSETID drops the set-id bits.
+                let caller = caller(req);
+                if let Some(m) = self.mode_without_setid(ino.0, &caller)? {
+                    if !caller.has_fsetid() {
+                        set.mode = Some(m);
+                    }
+                }
+            }
+            self.tree.set_attr(ino.0, &set)
+        });
+        match r {
             Ok(a) => reply.attr(&self.ttl, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
         }
@@ -712,17 +767,32 @@ impl<T: Tree + 'static> Filesystem for SnapFs<T> {
 
     fn write(
         &self,
-        _r: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _wf: WriteFlags,
+        wf: WriteFlags,
         _f: OpenFlags,
         _l: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         match self.run("write", ino.0, || {
+            // The kernel found the writer without CAP_FSETID and the file with a bit
+            // to clear.
+            if self.kill_priv && wf.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+                if let Some(m) = self.mode_without_setid(ino.0, &caller(req))? {
+                    let set = SetAttr {
+                        mode: Some(m),
+                        ..SetAttr::default()
+                    };
+                    self.tree.set_attr(ino.0, &set)?;
+                    // The kernel's cached mode still has the bits (attributes only).
+                    if let Some(n) = self.notifier.get() {
+                        let _ = n.inval_inode(ino, -1, 0);
+                    }
+                }
+            }
             self.tree.write(ino.0, fh.0, offset, data)
         }) {
             Ok(n) => reply.written(n),

@@ -1,9 +1,11 @@
 //! FUSE at the edge, and the only `fuser` import of snapfs: [`adapter`] turns kernel
 //! requests into [`Tree`](crate::index::tree::Tree) calls, [`session`] mounts a tree
 //! (options, the mount itself, serving threads, unmounting), [`passthrough`] hands
-//! whole upper files to the kernel. Nothing below this module knows FUSE exists.
+//! whole upper files to the kernel, [`killpriv`] clears set-id bits on writes for it.
+//! Nothing below this module knows FUSE exists.
 
 pub mod adapter;
+mod killpriv;
 pub mod passthrough;
 pub mod session;
 

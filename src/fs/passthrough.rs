@@ -15,6 +15,9 @@
 //! a backing file system that is not stacked too deep; the first refusal turns
 //! passthrough off for the session with one debug log line, and every open is then
 //! served through the daemon as without it.
+//!
+//! When the daemon clears set-id bits for the kernel (see [`super::killpriv`]), a
+//! file with one of them is served through the daemon: its writes must reach it.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -23,6 +26,7 @@ use std::sync::Mutex;
 
 use fuser::BackingId;
 
+use super::killpriv::has_setid;
 use crate::index::tree::Tree;
 
 /// Test hook: when this environment variable is set when the daemon starts, every
@@ -59,6 +63,9 @@ pub(super) struct Passthrough {
     on: AtomicBool,
     /// [`NO_BACKING_HOOK_ENV`] was set.
     refuse: bool,
+    /// Files with set-id bits are served through the daemon (it clears the bits on
+    /// writes, FUSE_HANDLE_KILLPRIV_V2).
+    setid_served: bool,
     inodes: Mutex<HashMap<u64, Io>>,
 }
 
@@ -69,16 +76,19 @@ impl Passthrough {
             tracking: false,
             on: AtomicBool::new(false),
             refuse: false,
+            setid_served: false,
             inodes: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Passthrough on: the kernel agreed to it at init.
-    pub(super) fn on() -> Self {
+    /// Passthrough on: the kernel agreed to it at init. `setid_served`: the daemon
+    /// clears set-id bits on writes, so files with them are not passed through.
+    pub(super) fn on(setid_served: bool) -> Self {
         Passthrough {
             tracking: true,
             on: AtomicBool::new(true),
             refuse: std::env::var_os(NO_BACKING_HOOK_ENV).is_some(),
+            setid_served,
             inodes: Mutex::new(HashMap::new()),
         }
     }
@@ -92,7 +102,7 @@ impl Passthrough {
         let mut inodes = self.inodes.lock().unwrap_or_else(|e| e.into_inner());
         let io = inodes.entry(ino).or_default();
         if io.served == 0 {
-            if io.backing.is_none() && self.on.load(Ordering::Relaxed) {
+            if io.backing.is_none() && self.on.load(Ordering::Relaxed) && !self.setid(tree, ino) {
                 if let Some(f) = tree.backing_file(ino) {
                     match self.register(&a, &f) {
                         Ok(id) => io.backing = Some(id),
@@ -128,6 +138,11 @@ impl Passthrough {
             // Drops the backing id (closing it in the kernel).
             inodes.remove(&ino);
         }
+    }
+
+    /// Whether `ino` must be served because the daemon clears its set-id bits.
+    fn setid(&self, tree: &impl Tree, ino: u64) -> bool {
+        self.setid_served && tree.attr(ino).map_or(true, |a| has_setid(a.mode))
     }
 
     fn register(&self, a: &impl Answer, f: &File) -> std::io::Result<BackingId> {

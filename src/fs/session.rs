@@ -255,11 +255,10 @@ impl Session {
 
     /// Mounts `tree` on `mountpoint`.
     pub fn mount(tree: Box<dyn Tree>, mountpoint: &Path, options: &MountOptions) -> Result<Self> {
-        let inner = mount(
-            SnapFs::new(DynTree(tree)).with_passthrough(options.passthrough),
-            mountpoint,
-            &options.fuser_config(),
-        )?;
+        let fs = SnapFs::new(DynTree(tree)).with_passthrough(options.passthrough);
+        let notifier = fs.notifier_slot();
+        let inner = mount(fs, mountpoint, &options.fuser_config())?;
+        let _ = notifier.set(inner.notifier());
         Ok(Session {
             inner,
             mountpoint: mountpoint.to_path_buf(),

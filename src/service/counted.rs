@@ -37,6 +37,10 @@ impl Source for CountedSource {
         Ok(n)
     }
 
+    fn local(&self) -> bool {
+        self.inner.local()
+    }
+
     fn identity(&self) -> Identity {
         self.inner.identity()
     }

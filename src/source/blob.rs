@@ -37,6 +37,10 @@ impl Source for BlobSource {
         self.inner.read_at(buf, off)
     }
 
+    fn local(&self) -> bool {
+        self.inner.local()
+    }
+
     fn identity(&self) -> Identity {
         Identity {
             size: self.inner.identity().size,

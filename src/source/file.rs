@@ -97,6 +97,10 @@ impl Source for FileSource {
         FileExt::read_at(&self.file, buf, off)
     }
 
+    fn local(&self) -> bool {
+        true
+    }
+
     fn identity(&self) -> Identity {
         Identity {
             size: self.stamp.size,
@@ -134,6 +138,10 @@ impl Source for FileSource {
 impl Source for File {
     fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
         FileExt::read_at(self, buf, off)
+    }
+
+    fn local(&self) -> bool {
+        true
     }
 
     fn identity(&self) -> Identity {

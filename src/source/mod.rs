@@ -119,6 +119,12 @@ pub trait Source: Send + Sync {
         ))
     }
 
+    /// Whether its bytes are on a local disk: reading ahead of a reader costs disk
+    /// time, not a transfer (see `archive`'s filler).
+    fn local(&self) -> bool {
+        false
+    }
+
     /// Fills `buf` from `off`; an early end is an `UnexpectedEof` error.
     fn read_exact_at(&self, mut buf: &mut [u8], mut off: u64) -> io::Result<()> {
         while !buf.is_empty() {

@@ -68,6 +68,10 @@ impl Source for RangeSource {
         self.outer.read_at(&mut buf[..n], at)
     }
 
+    fn local(&self) -> bool {
+        self.outer.local()
+    }
+
     fn identity(&self) -> Identity {
         match &self.digest {
             Some(d) => Identity {
