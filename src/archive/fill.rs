@@ -113,12 +113,14 @@ fn run() {
     }
 }
 
-/// Fills `inner` in stream order while it has credit (and room).
-fn fill(inner: &Inner, buf: &mut Vec<u8>) {
+/// Fills `inner` in stream order while it has credit (and room), and readers: once
+/// the filler holds the last reference (the view is gone), it stops.
+fn fill(inner: &std::sync::Arc<Inner>, buf: &mut Vec<u8>) {
     let count = units(inner);
     while inner.fill_credit.load(Ordering::Relaxed) > 0 {
         let unit = inner.fill_next.fetch_add(1, Ordering::Relaxed);
         let go_on = unit < count
+            && std::sync::Arc::strong_count(inner) > 1
             && inner.changed.get().is_none()
             && match inner.backing {
                 Backing::Plain => read_chunk(inner, unit, buf),

@@ -700,6 +700,21 @@ mod tests {
         (data, file, table)
     }
 
+    /// `n` reads of up to 70,000 bytes at pseudo-random offsets (from `seed`) equal
+    /// `data`; returns the generator's state.
+    fn random_reads_are_exact(reader: &StreamReader, data: &[u8], seed: u64, n: usize) -> u64 {
+        let mut x = seed;
+        for _ in 0..n {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            let off = (x >> 20) as usize % (data.len() - 70_000);
+            let len = 1 + (x >> 50) as usize % 70_000;
+            let mut got = vec![0u8; len];
+            reader.read_exact_at(&mut got, off as u64).unwrap();
+            assert_eq!(got, data[off..off + len], "at {off}+{len}");
+        }
+        x
+    }
+
     /// Waits (up to 20 s) until `done` holds.
     fn wait_for(what: &str, done: impl Fn() -> bool) {
         let t0 = std::time::Instant::now();
@@ -752,15 +767,7 @@ mod tests {
             1 << 20,
         );
         let _ = small.inner.spill.set(None);
-        let mut x = 99u64;
-        for _ in 0..300 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-            let off = (x >> 20) as usize % (data.len() - 70_000);
-            let len = 1 + (x >> 50) as usize % 70_000;
-            let mut got = vec![0u8; len];
-            small.read_exact_at(&mut got, off as u64).unwrap();
-            assert_eq!(got, data[off..off + len], "at {off}+{len}");
-        }
+        let mut x = random_reads_are_exact(&small, &data, 99, 300);
 
         // With a spill file: a random read deep in a span decodes it whole once and
         // spills it; later reads of it come from the file, exact, and the cache lets
@@ -822,15 +829,7 @@ mod tests {
         let Backing::Spans(cache) = &inner.backing else {
             panic!("not spans")
         };
-        let mut x = 7u64;
-        for _ in 0..200 {
-            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
-            let off = (x >> 20) as usize % (data.len() - 70_000);
-            let len = 1 + (x >> 50) as usize % 70_000;
-            let mut got = vec![0u8; len];
-            reader.read_exact_at(&mut got, off as u64).unwrap();
-            assert_eq!(got, data[off..off + len], "at {off}+{len}");
-        }
+        random_reads_are_exact(&reader, &data, 7, 200);
         assert!(
             (0..spans).all(|i| !cache.contains(i)),
             "served from the spill file"

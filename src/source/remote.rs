@@ -889,6 +889,17 @@ mod tests {
             requests < 12,
             "{requests} requests for 23 blocks read in sequence"
         );
+        // A reader gets a block once it is in memory; the fetching task stores it
+        // on disk just after (under load, after the loop above has ended).
+        let blocks = (data.len() as u64).div_ceil(BLOCK);
+        let t0 = std::time::Instant::now();
+        while disk.summary().blocks < blocks {
+            assert!(
+                t0.elapsed().as_secs() < 20,
+                "blocks never reached the disk cache"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         // A second source of the same object: every block from disk.
         let (_store2, loc2) = memory_object(&data);
         let src2 = RemoteSource::open_at(loc2, Some(disk)).unwrap();
