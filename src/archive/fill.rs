@@ -6,7 +6,8 @@
 //! in [`PLAIN_CHUNK`]s (they stop waiting for the disk head).
 //!
 //! Each span a random reader had to decode and spill, and each small read of a plain
-//! tar, earns its archive [`FILL_CREDIT`] units of filling: a walk over the whole
+//! tar, earns its archive more filling, up to [`FILL_CREDIT`] units each (the n-th
+//! earns n, so a single read costs one unit): a walk over the whole
 //! tree fills the whole archive on the second core, while a few random reads into a
 //! huge archive cost at most a few dozen MiB of work. The spill budget bounds the
 //! spill files. Remote sources are never filled: that would be a download.
@@ -15,7 +16,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, Weak};
 
-use super::{Backing, Inner};
+use super::{Backing, Inner, SeekTable};
+use crate::source::Source;
 
 /// Units (spans, plain chunks) filled ahead for each one a random reader paid for.
 pub(super) const FILL_CREDIT: usize = 16;
@@ -32,28 +34,35 @@ static QUEUE: Mutex<(VecDeque<Weak<Inner>>, bool)> = Mutex::new((VecDeque::new()
 /// A random reader of `inner` decoded and spilled a span, or read a little of a plain
 /// tar: grants it more filling and queues it for the filler (started on first use).
 pub(super) fn earned(inner: &std::sync::Arc<Inner>) {
-    if units(inner) == 0 || inner.fill_next.load(Ordering::Relaxed) >= units(inner) {
+    if inner.fill_next.load(Ordering::Relaxed) >= inner.fill_units {
         return;
     }
-    inner.fill_credit.fetch_add(FILL_CREDIT, Ordering::Relaxed);
+    // The n-th paid-for unit earns n (at most FILL_CREDIT): one small read of a huge
+    // layer (a lazily pulled image) costs one unit, a walk soon gets the full rate.
+    let n = inner.fill_earned.fetch_add(1, Ordering::Relaxed) + 1;
+    inner
+        .fill_credit
+        .fetch_add(n.min(FILL_CREDIT), Ordering::Relaxed);
     queue(inner);
 }
 
-/// How many units the filler works through for `inner` (0: none).
-fn units(inner: &Inner) -> usize {
-    if !inner.archive.local() {
+/// How many units the filler works through for a reader of `archive` through
+/// `backing` and `table` (0: none).
+pub(super) fn units(archive: &dyn Source, backing: &Backing, table: &SeekTable) -> usize {
+    if !archive.local() {
         return 0;
     }
-    match inner.backing {
-        Backing::Spans(_) => inner.table.span_count(),
-        Backing::Plain => usize::try_from(inner.archive.identity().size.div_ceil(PLAIN_CHUNK))
-            .unwrap_or(usize::MAX),
+    match backing {
+        Backing::Spans(_) => table.span_count(),
+        Backing::Plain => {
+            usize::try_from(archive.identity().size.div_ceil(PLAIN_CHUNK)).unwrap_or(usize::MAX)
+        }
         Backing::CacheFile(_) => 0,
     }
 }
 
 fn queue(inner: &std::sync::Arc<Inner>) {
-    if inner.fill_next.load(Ordering::Relaxed) >= units(inner)
+    if inner.fill_next.load(Ordering::Relaxed) >= inner.fill_units
         || inner
             .fill_queued
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
@@ -102,8 +111,11 @@ fn run() {
         log::debug!(
             "filler: {} units {from}..{} of {} in {:.3} s",
             inner.path.display(),
-            inner.fill_next.load(Ordering::Relaxed).min(units(&inner)),
-            units(&inner),
+            inner
+                .fill_next
+                .load(Ordering::Relaxed)
+                .min(inner.fill_units),
+            inner.fill_units,
             t0.elapsed().as_secs_f64()
         );
         inner.fill_queued.store(false, Ordering::Release);
@@ -116,7 +128,7 @@ fn run() {
 /// Fills `inner` in stream order while it has credit (and room), and readers: once
 /// the filler holds the last reference (the view is gone), it stops.
 fn fill(inner: &std::sync::Arc<Inner>, buf: &mut Vec<u8>) {
-    let count = units(inner);
+    let count = inner.fill_units;
     while inner.fill_credit.load(Ordering::Relaxed) > 0 {
         let unit = inner.fill_next.fetch_add(1, Ordering::Relaxed);
         let go_on = unit < count

@@ -371,6 +371,10 @@ struct Inner {
     /// Spans (plain tar: chunks) the filler may still decode or read ahead, the next
     /// one it looks at, and whether it has this archive queued (see [`fill`]).
     fill_credit: std::sync::atomic::AtomicUsize,
+    /// How many units the filler works through (0: none; fixed at open).
+    fill_units: usize,
+    /// How many units readers paid for themselves so far.
+    fill_earned: std::sync::atomic::AtomicUsize,
     fill_next: std::sync::atomic::AtomicUsize,
     fill_queued: std::sync::atomic::AtomicBool,
 }
@@ -401,8 +405,10 @@ impl StreamReader {
     }
 
     fn with_backing(archive: Arc<dyn Source>, table: Arc<SeekTable>, backing: Backing) -> Self {
+        let fill_units = fill::units(&*archive, &backing, &table);
         StreamReader {
             inner: Arc::new(Inner {
+                fill_units,
                 path: archive.name(),
                 archive,
                 table,
@@ -410,6 +416,7 @@ impl StreamReader {
                 changed: std::sync::OnceLock::new(),
                 spill: std::sync::OnceLock::new(),
                 fill_credit: Default::default(),
+                fill_earned: Default::default(),
                 fill_next: Default::default(),
                 fill_queued: Default::default(),
             }),
@@ -815,11 +822,15 @@ mod tests {
         let spans = reader.inner.table.span_count();
         let spill = spill::Spill::in_file(tempfile::tempfile().unwrap(), spans, u64::MAX);
         let _ = reader.inner.spill.set(Some(spill));
-        // One random read deep inside span 1 earns more spans than there are.
-        let (s1, _) = reader.inner.table.span_range(1);
-        let mut got = vec![0u8; 4096];
-        reader.read_exact_at(&mut got, s1 + 400_000).unwrap();
-        assert_eq!(got, data[s1 as usize + 400_000..][..4096]);
+        // Random reads deep inside the last spans (where the filler, starting at the
+        // front, is not yet) earn more spans than there are: 1 + 2 + ... each.
+        for span in (1..spans).rev() {
+            let (start, end) = reader.inner.table.span_range(span);
+            let at = start + (end - start) / 2;
+            let mut got = vec![0u8; 4096];
+            reader.read_exact_at(&mut got, at).unwrap();
+            assert_eq!(got, data[at as usize..][..4096]);
+        }
         let inner = &reader.inner;
         let stored = |i: usize| inner.spill().map_or(0, |s| s.stored(i));
         wait_for("every span spilled", || {
@@ -844,9 +855,12 @@ mod tests {
         std::fs::write(&path, &data).unwrap();
         let file: Arc<dyn Source> = Arc::new(crate::source::FileSource::open(&path).unwrap());
         let reader = StreamReader::new(file, Arc::new(SeekTable::Plain), 1 << 20);
+        // Four small reads earn 1 + 2 + 3 + 4 units, more than its 4 chunks.
         let mut got = vec![0u8; 512];
-        reader.read_exact_at(&mut got, 2_000_000).unwrap();
-        assert_eq!(got, data[2_000_000..2_000_512]);
+        for off in [2_000_000, 500_000, 3_400_000, 1_200_000] {
+            reader.read_exact_at(&mut got, off).unwrap();
+            assert_eq!(got, data[off as usize..off as usize + 512]);
+        }
         let inner = &reader.inner;
         wait_for("the filler went through the archive", || {
             inner.fill_next.load(std::sync::atomic::Ordering::Relaxed) >= 4
