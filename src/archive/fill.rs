@@ -163,7 +163,13 @@ fn spill_span(inner: &Inner, span: usize, buf: &mut Vec<u8>) -> bool {
     match inner.decode_span(span, usize::MAX, buf) {
         // A span that does not decode is left to its readers (their EIO).
         Err(e) => log::debug!("filler: span {span}: {e}"),
-        Ok(()) if buf.len() as u64 == len => spill.store(span, start, buf),
+        Ok(()) if buf.len() as u64 == len => {
+            // A reader storing a prefix of this span right now makes the store a
+            // no-op: store again once it is done (only the bytes past its prefix).
+            while !spill.store(span, start, buf) {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
         Ok(()) => log::debug!("filler: span {span} decoded short"),
     }
     inner.fill_credit.fetch_sub(1, Ordering::Relaxed);

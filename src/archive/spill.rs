@@ -103,16 +103,17 @@ impl Spill {
     /// Stores `data`, a prefix of span `span` (which starts at stream offset
     /// `start`): the bytes past what is stored already, unless another reader is
     /// writing to that span or they would exceed the budget. A failed write leaves
-    /// the stored prefix as it was (reads past it decode as before).
-    pub fn store(&self, span: usize, start: u64, data: &[u8]) {
+    /// the stored prefix as it was (reads past it decode as before). False only when
+    /// another reader was writing to the span (nothing was stored).
+    pub fn store(&self, span: usize, start: u64, data: &[u8]) -> bool {
         let (Some(state), Some(stored)) = (self.state.get(span), self.stored.get(span)) else {
-            return;
+            return true;
         };
         if state
             .compare_exchange(IDLE, WRITING, Ordering::AcqRel, Ordering::Relaxed)
             .is_err()
         {
-            return;
+            return false;
         }
         let have = stored.load(Ordering::Acquire);
         let new = data.len() as u64;
@@ -130,6 +131,7 @@ impl Spill {
             }
         }
         state.store(IDLE, Ordering::Release);
+        true
     }
 }
 
