@@ -479,7 +479,7 @@ fn index_of_another_version_is_rebuilt() {
     tree::assert_same_tree(&exp, m.path(), &CmpOpts::default());
     let b = fs::read(&idx).unwrap();
     let at = b.windows(4).position(|w| w == b"GZST").unwrap();
-    assert_eq!(b[at + 4], 2, "the index was not rebuilt");
+    assert_eq!(b[at + 4], 3, "the index was not rebuilt");
 }
 
 #[test]

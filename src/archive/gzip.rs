@@ -39,7 +39,7 @@ use crate::source::Source;
 use libz_rs_sys as z;
 
 mod window;
-pub use window::{SharedBytes, Window};
+pub use window::{SharedBytes, SharedStore, Window};
 use window::{WindowProbe, PROBE_LEN};
 
 /// Size of the deflate window (the maximum back-reference distance).
@@ -63,11 +63,14 @@ const WBITS_RAW: c_int = -15;
 /// Magic bytes at the start of an encoded [`GzipSeekTable`].
 const TABLE_MAGIC: &[u8; 4] = b"GZST";
 /// Version of the encoding written by [`GzipSeekTable::encode`]. Version 2 added the
-/// CRC-32 of every [`CRC_BLOCK`] of every span; version 1 tables are refused (the
-/// index is then rebuilt).
-const TABLE_VERSION: u8 = 2;
-/// Smallest possible encoded checkpoint: u64 + u64 + u8 + u8 + u32 + u32 + u32.
-const MIN_ENCODED_CHECKPOINT: usize = 8 + 8 + 1 + 1 + 4 + 4 + 4;
+/// CRC-32 of every [`CRC_BLOCK`] of every span (version 1 tables are refused: the
+/// index is then rebuilt); version 3 moved the windows behind all fixed-size records
+/// and CRCs, so an open reads no window (version 2 tables are still read).
+const TABLE_VERSION: u8 = 3;
+/// Smallest possible version 2 checkpoint: u64 + u64 + u8 + u8 + u32 + u32 + u32.
+const MIN_ENCODED_CHECKPOINT_V2: usize = 8 + 8 + 1 + 1 + 4 + 4 + 4;
+/// A version 3 checkpoint record (its CRCs and window come later).
+const CHECKPOINT_BYTES: usize = 8 + 8 + 1 + 1 + 2 + 4 + 4 + 4;
 /// Uncompressed bytes per CRC-32 in a seek table: each span is cut into blocks of this
 /// size from its start (the last one may be shorter). gzip's own CRC covers a whole
 /// member, so without these a damaged block in the middle of a member (in an archive
@@ -223,18 +226,26 @@ impl GzipSeekTable {
 
     /// Serialize (little-endian, windows deflate-compressed individually) appending to `out`.
     ///
-    /// Layout: magic `GZST`, version byte (1), `uncompressed_size: u64`,
-    /// `count: u64`, then per checkpoint `uncompressed: u64`, `compressed: u64`,
-    /// `bits: u8`, `flags: u8` (bit 0 = member start), `window_len: u32`,
-    /// `deflated_len: u32` and `deflated_len` bytes of raw deflate data that
-    /// inflate to the window (nothing when the window is empty; inflated only when
-    /// the span is decoded, so a corrupt window fails that span), `crc_count: u32`
-    /// and that many CRC-32s, one per [`CRC_BLOCK`] of the span.
+    /// Layout (version 3): magic `GZST`, version byte, `uncompressed_size: u64`,
+    /// `count: u64`; then `count` fixed records of [`CHECKPOINT_BYTES`]:
+    /// `uncompressed: u64`, `compressed: u64`, `bits: u8`, `flags: u8` (bit 0 =
+    /// member start), two zero bytes, `window_len: u32`, `deflated_len: u32`,
+    /// `crc_count: u32`; then every checkpoint's CRC-32s, one per [`CRC_BLOCK`] of its
+    /// span, in checkpoint order; then every window's `deflated_len` bytes of raw
+    /// deflate data that inflate to it (nothing for an empty window), in checkpoint
+    /// order. Everything before the windows is read at open; a window is read (from
+    /// the mapped index) and inflated only when its span is decoded, and the span's
+    /// CRCs check what it gives, so a damaged window fails that span.
+    ///
+    /// Version 2 had the same fields per checkpoint, each followed by its window and
+    /// its CRCs (so opening read every window); it is still read.
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(TABLE_MAGIC);
         out.push(TABLE_VERSION);
         out.extend_from_slice(&self.uncompressed_size.to_le_bytes());
         out.extend_from_slice(&(self.checkpoints.len() as u64).to_le_bytes());
+        // Windows are at most 32 KiB in any table this module produces.
+        let len32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         for cp in &self.checkpoints {
             out.extend_from_slice(&cp.uncompressed.to_le_bytes());
             out.extend_from_slice(&cp.compressed.to_le_bytes());
@@ -244,18 +255,16 @@ impl GzipSeekTable {
             } else {
                 0
             });
-            // Windows are at most 32 KiB in any table this module produces.
-            let window_len = u32::try_from(cp.window.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&window_len.to_le_bytes());
-            let deflated = cp.window.deflated();
-            let deflated_len = u32::try_from(deflated.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&deflated_len.to_le_bytes());
-            out.extend_from_slice(deflated);
-            let crc_count = u32::try_from(cp.crcs.len()).unwrap_or(u32::MAX);
-            out.extend_from_slice(&crc_count.to_le_bytes());
-            for c in &cp.crcs {
-                out.extend_from_slice(&c.to_le_bytes());
-            }
+            out.extend_from_slice(&[0, 0]);
+            out.extend_from_slice(&len32(cp.window.len()).to_le_bytes());
+            out.extend_from_slice(&len32(cp.window.deflated().len()).to_le_bytes());
+            out.extend_from_slice(&len32(cp.crcs.len()).to_le_bytes());
+        }
+        for c in self.checkpoints.iter().flat_map(|cp| &cp.crcs) {
+            out.extend_from_slice(&c.to_le_bytes());
+        }
+        for cp in &self.checkpoints {
+            out.extend_from_slice(cp.window.deflated());
         }
     }
 
@@ -272,6 +281,27 @@ impl GzipSeekTable {
         Self::decode_in(bytes, None)
     }
 
+    /// How many first bytes of an encoded table [`GzipSeekTable::decode_in`] reads
+    /// (all but the windows of a version 3 table); the whole length for anything it
+    /// cannot parse that far (the decode then reports the problem).
+    pub fn head_len(bytes: &[u8]) -> usize {
+        let head = || -> Option<usize> {
+            let fixed_at = TABLE_MAGIC.len() + 1 + 8 + 8;
+            if bytes.len() < fixed_at || bytes[TABLE_MAGIC.len()] != TABLE_VERSION {
+                return None;
+            }
+            let count = usize::try_from(le_u64(&bytes[fixed_at - 8..])).ok()?;
+            let crcs_at = fixed_at.checked_add(count.checked_mul(CHECKPOINT_BYTES)?)?;
+            let crcs = bytes
+                .get(fixed_at..crcs_at)?
+                .chunks_exact(CHECKPOINT_BYTES)
+                .try_fold(0usize, |n, c| n.checked_add(le_u32(&c[28..32]) as usize))?;
+            let end = crcs_at.checked_add(crcs.checked_mul(4)?)?;
+            (end <= bytes.len()).then_some(end)
+        };
+        head().unwrap_or(bytes.len())
+    }
+
     /// Like [`GzipSeekTable::decode`], for `bytes` that lie at offset `at` of `shared`
     /// (an index file's mapping): the windows point into `shared` instead of being
     /// copied.
@@ -284,12 +314,14 @@ impl GzipSeekTable {
             return Err("gzip seek table: bad magic".into());
         }
         let version = r.u8()?;
-        if version != TABLE_VERSION {
-            return Err(format!("gzip seek table: unsupported version {version}"));
-        }
+        let min_checkpoint = match version {
+            2 => MIN_ENCODED_CHECKPOINT_V2,
+            TABLE_VERSION => CHECKPOINT_BYTES,
+            _ => return Err(format!("gzip seek table: unsupported version {version}")),
+        };
         let uncompressed_size = r.u64()?;
         let count = r.u64()?;
-        let max_count = r.rest.len() / MIN_ENCODED_CHECKPOINT;
+        let max_count = r.rest.len() / min_checkpoint;
         let count = usize::try_from(count)
             .ok()
             .filter(|&c| c <= max_count)
@@ -302,26 +334,28 @@ impl GzipSeekTable {
         if count == 0 {
             return Err("gzip seek table: no checkpoints".into());
         }
+        let raw = if version == 2 {
+            raw_checkpoints_v2(bytes, &mut r, count)?
+        } else {
+            raw_checkpoints(bytes, &mut r, count)?
+        };
+        if !r.rest.is_empty() {
+            return Err(format!("gzip seek table: {} trailing bytes", r.rest.len()));
+        }
         let mut checkpoints: Vec<GzipCheckpoint> = Vec::with_capacity(count);
-        for i in 0..count {
-            let uncompressed = r.u64()?;
-            let compressed = r.u64()?;
-            let bits = r.u8()?;
-            let flags = r.u8()?;
-            let window_len = r.u32()? as usize;
-            let deflated_len = r.u32()? as usize;
-            let deflated_at = bytes.len() - r.rest.len();
-            let deflated = r.take(deflated_len)?;
-            let crc_count = r.u32()? as usize;
-            let crc_bytes = r.take(
-                crc_count
-                    .checked_mul(4)
-                    .ok_or("gzip seek table: CRC count overflows")?,
-            )?;
-            let crcs: Vec<u32> = crc_bytes
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
+        for (i, c) in raw.into_iter().enumerate() {
+            let RawCheckpoint {
+                uncompressed,
+                compressed,
+                bits,
+                flags,
+                window_len,
+                deflated_at,
+                deflated_len,
+                crcs,
+            } = c;
+            let window_len = window_len as usize;
+            let deflated = &bytes[deflated_at..deflated_at + deflated_len];
             let bad = |what: &str| format!("gzip seek table: checkpoint {i}: {what}");
             if flags & !FLAG_MEMBER_START != 0 {
                 return Err(bad(&format!("unknown flags {flags:#x}")));
@@ -364,7 +398,7 @@ impl GzipSeekTable {
             // At most 32 KiB, checked above.
             let window = match shared {
                 Some((all, at)) => {
-                    Window::shared(window_len as u32, all, at + deflated_at, deflated.len())
+                    Window::shared(window_len as u32, all, at + deflated_at, deflated_len)
                         .ok_or_else(|| bad("window outside the shared bytes"))?
                 }
                 None => Window::from_parts(window_len as u32, deflated),
@@ -377,9 +411,6 @@ impl GzipSeekTable {
                 window,
                 crcs,
             });
-        }
-        if !r.rest.is_empty() {
-            return Err(format!("gzip seek table: {} trailing bytes", r.rest.len()));
         }
         let table = GzipSeekTable {
             checkpoints,
@@ -397,6 +428,113 @@ impl GzipSeekTable {
         }
         Ok(table)
     }
+}
+
+/// One checkpoint's fields as encoded, before they are checked: its window's deflated
+/// bytes are `deflated_len` bytes at `deflated_at` of the encoded table.
+struct RawCheckpoint {
+    uncompressed: u64,
+    compressed: u64,
+    bits: u8,
+    flags: u8,
+    window_len: u32,
+    deflated_at: usize,
+    deflated_len: usize,
+    crcs: Vec<u32>,
+}
+
+/// The `count` checkpoints of a version 3 table (`r` is past its count), up to the
+/// end of its windows.
+fn raw_checkpoints(
+    bytes: &[u8],
+    r: &mut ByteReader<'_>,
+    count: usize,
+) -> Result<Vec<RawCheckpoint>, String> {
+    let records = r.take(count * CHECKPOINT_BYTES)?;
+    let mut raw = Vec::with_capacity(count);
+    let mut window_bytes = 0usize;
+    for (i, c) in records.chunks_exact(CHECKPOINT_BYTES).enumerate() {
+        if c[18] != 0 || c[19] != 0 {
+            return Err(format!("gzip seek table: checkpoint {i}: nonzero padding"));
+        }
+        let deflated_len = le_u32(&c[24..28]) as usize;
+        window_bytes = window_bytes
+            .checked_add(deflated_len)
+            .ok_or("gzip seek table: window lengths overflow")?;
+        raw.push(RawCheckpoint {
+            uncompressed: le_u64(&c[0..8]),
+            compressed: le_u64(&c[8..16]),
+            bits: c[16],
+            flags: c[17],
+            window_len: le_u32(&c[20..24]),
+            deflated_at: 0,
+            deflated_len,
+            crcs: Vec::new(),
+        });
+    }
+    for (c, record) in raw.iter_mut().zip(records.chunks_exact(CHECKPOINT_BYTES)) {
+        let crc_count = le_u32(&record[28..32]) as usize;
+        let crc_bytes = r.take(
+            crc_count
+                .checked_mul(4)
+                .ok_or("gzip seek table: CRC count overflows")?,
+        )?;
+        c.crcs = crc_bytes.chunks_exact(4).map(le_u32).collect();
+    }
+    let mut at = bytes.len() - r.rest.len();
+    r.take(window_bytes)?;
+    for c in &mut raw {
+        c.deflated_at = at;
+        at += c.deflated_len;
+    }
+    Ok(raw)
+}
+
+/// The `count` checkpoints of a version 2 table (each record followed by its window
+/// and its CRCs; `r` is past the count), up to their end.
+fn raw_checkpoints_v2(
+    bytes: &[u8],
+    r: &mut ByteReader<'_>,
+    count: usize,
+) -> Result<Vec<RawCheckpoint>, String> {
+    let mut raw = Vec::with_capacity(count);
+    for _ in 0..count {
+        let uncompressed = r.u64()?;
+        let compressed = r.u64()?;
+        let bits = r.u8()?;
+        let flags = r.u8()?;
+        let window_len = r.u32()?;
+        let deflated_len = r.u32()? as usize;
+        let deflated_at = bytes.len() - r.rest.len();
+        r.take(deflated_len)?;
+        let crc_count = r.u32()? as usize;
+        let crc_bytes = r.take(
+            crc_count
+                .checked_mul(4)
+                .ok_or("gzip seek table: CRC count overflows")?,
+        )?;
+        raw.push(RawCheckpoint {
+            uncompressed,
+            compressed,
+            bits,
+            flags,
+            window_len,
+            deflated_at,
+            deflated_len,
+            crcs: crc_bytes.chunks_exact(4).map(le_u32).collect(),
+        });
+    }
+    Ok(raw)
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
 }
 
 /// Compress `data` completely into `out` as one raw deflate stream.
@@ -2062,6 +2200,82 @@ mod tests {
         assert!(decode_span(f.as_file(), &bad, last, &mut out).is_err());
     }
 
+    /// `t` in the version 2 encoding (each checkpoint's window and CRCs after it).
+    fn encode_v2(t: &GzipSeekTable) -> Vec<u8> {
+        let mut out = TABLE_MAGIC.to_vec();
+        out.push(2);
+        out.extend_from_slice(&t.uncompressed_size.to_le_bytes());
+        out.extend_from_slice(&(t.checkpoints.len() as u64).to_le_bytes());
+        for cp in &t.checkpoints {
+            out.extend_from_slice(&cp.uncompressed.to_le_bytes());
+            out.extend_from_slice(&cp.compressed.to_le_bytes());
+            out.push(cp.bits);
+            out.push(u8::from(cp.member_start));
+            out.extend_from_slice(&(cp.window.len() as u32).to_le_bytes());
+            out.extend_from_slice(&(cp.window.deflated().len() as u32).to_le_bytes());
+            out.extend_from_slice(cp.window.deflated());
+            out.extend_from_slice(&(cp.crcs.len() as u32).to_le_bytes());
+            for c in &cp.crcs {
+                out.extend_from_slice(&c.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn windows_come_last_and_version_2_tables_still_decode() {
+        let (_, t) = index(single(), MIB, 1 << 20).unwrap();
+        let mut enc = Vec::new();
+        t.encode(&mut enc);
+        let windows: usize = t
+            .checkpoints
+            .iter()
+            .map(|c| c.window.deflated().len())
+            .sum();
+        assert!(windows > 0);
+        // What an open reads: everything but the windows.
+        assert_eq!(GzipSeekTable::head_len(&enc), enc.len() - windows);
+        assert_eq!(GzipSeekTable::head_len(&enc[..30]), 30);
+        let v2 = encode_v2(&t);
+        assert_eq!(
+            v2.len() + 2 * t.span_count(),
+            enc.len(),
+            "two padding bytes more"
+        );
+        assert_eq!(GzipSeekTable::decode(&v2).unwrap(), t);
+        assert_eq!(GzipSeekTable::head_len(&v2), v2.len());
+        // Windows shared from the encoding: a damaged one decodes (it is not read),
+        // and fails its span only, with an error, never with other bytes.
+        let mut bad = enc.clone();
+        let victim = t
+            .checkpoints
+            .iter()
+            .rposition(|c| !c.window.is_empty())
+            .unwrap();
+        let at = enc.len() - windows
+            + t.checkpoints[..victim]
+                .iter()
+                .map(|c| c.window.deflated().len())
+                .sum::<usize>();
+        for b in &mut bad[at..at + t.checkpoints[victim].window.deflated().len()] {
+            *b ^= 0x55;
+        }
+        let shared: SharedBytes = std::sync::Arc::new(bad.clone());
+        let damaged = GzipSeekTable::decode_in(&bad, Some((&shared, 0))).unwrap();
+        let f = write_tmp(single());
+        let mut out = Vec::new();
+        for i in 0..damaged.span_count() {
+            let r = decode_span(f.as_file(), &damaged, i, &mut out);
+            if i == victim {
+                assert!(r.is_err(), "span {i} of a damaged window decoded");
+            } else {
+                r.unwrap();
+                let (s, e) = damaged.span_range(i);
+                assert!(out == data()[s as usize..e as usize], "span {i}");
+            }
+        }
+    }
+
     #[test]
     fn decode_rejects_garbled_encodings() {
         let d = &data()[..3 * MIB as usize];
@@ -2100,7 +2314,7 @@ mod tests {
         assert!(GzipSeekTable::decode(&bad).is_err());
         let mut bad = enc.clone();
         // First checkpoint's window_len field.
-        bad[21 + 18..21 + 22].copy_from_slice(&u32::MAX.to_le_bytes());
+        bad[21 + 20..21 + 24].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(GzipSeekTable::decode(&bad).is_err());
         for bytes in [&b""[..], b"GZST", b"GZST\x01", b"XXXX\x01\0\0\0\0\0\0\0\0"] {
             assert!(GzipSeekTable::decode(bytes).is_err());

@@ -402,7 +402,7 @@ pub fn decode_mapped(map: &Arc<memmap2::Mmap>, path: &Path) -> Result<Index, Str
     let (at_inodes, _) = l.section(0);
     let (at_dirents, _) = l.section(1);
     let (at_names, _) = l.section(2);
-    let lazy = Lazy::new(
+    let lazy = Arc::new(Lazy::new(
         path.to_path_buf(),
         map.clone(),
         l.body,
@@ -410,10 +410,17 @@ pub fn decode_mapped(map: &Arc<memmap2::Mmap>, path: &Path) -> Result<Index, Str
         l.crcs.clone(),
         l.counts[0],
         [at_dirents, at_names],
-    );
-    // The sections parsed into memory: check their blocks now.
+    ));
+    // The sections parsed into memory: check their blocks now. A gzip table's
+    // windows are not read here: each is read from the mapping (its blocks checked
+    // then) when its span is decoded.
     let (tail, _) = l.section(3);
-    lazy.bytes_ok(tail, map.len() - l.body - tail)?;
+    let (at_table, table_len) = l.section(5);
+    let table_head = match l.comp {
+        Compression::Gzip => GzipSeekTable::head_len(l.bytes(map, 5)),
+        _ => table_len,
+    };
+    lazy.bytes_ok(tail, at_table + table_head - tail)?;
     let records = (
         Records::mapped(map, l.body + at_inodes, l.counts[0]),
         Records::mapped(map, l.body + at_dirents, l.counts[1]),
@@ -423,7 +430,7 @@ pub fn decode_mapped(map: &Arc<memmap2::Mmap>, path: &Path) -> Result<Index, Str
         // Not readable in place (a big-endian machine): check and parse all of it.
         return decode(map);
     };
-    let shared: SharedBytes = map.clone();
+    let shared: SharedBytes = lazy.clone();
     let index = assemble(&l, map, Some(&shared), inodes, dirents, names, Some(lazy))?;
     // The small sections are in memory now (the seek table's windows are read from
     // the mapping when their span is decoded): their pages need not stay mapped.
@@ -459,7 +466,7 @@ fn assemble(
     inodes: Records<InodeRecord>,
     dirents: Records<DirentRecord>,
     names: Records<u8>,
-    lazy: Option<Lazy>,
+    lazy: Option<Arc<Lazy>>,
 ) -> Result<Index, String> {
     let xattrs = l
         .bytes(bytes, 3)
@@ -777,6 +784,88 @@ mod tests {
         assert!(err.contains(&format!("inode {dir} entries")), "{err}");
         let other = full.entries(ROOT_INO).unwrap()[0].ino;
         assert_eq!(index.entries(u64::from(other)).unwrap().len(), 100);
+    }
+
+    #[test]
+    fn a_mapped_gzip_index_reads_a_window_when_its_span_is_decoded() {
+        let dir = tempfile::tempdir().unwrap();
+        // Words of a small vocabulary: back-references reach across the whole window.
+        let mut x = 1u64;
+        let mut data = Vec::new();
+        while data.len() < 6_000_000 {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+            data.extend_from_slice(format!("w{} ", (x >> 40) % 4000).as_bytes());
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, "big", &data[..]).unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &b.into_inner().unwrap()).unwrap();
+        let path = dir.path().join("a.tar.gz");
+        std::fs::write(&path, gz.finish().unwrap()).unwrap();
+        let archive = Archive::open(&path).unwrap();
+        let opts = BuildOptions {
+            span_bytes: 1 << 20,
+        };
+        let bytes = encode(&build_index(&archive, &opts, &Default::default()).unwrap());
+        let l = layout(&bytes).unwrap();
+        let (at_table, _) = l.section(5);
+        let table = l.bytes(&bytes, 5);
+        let SeekTable::Gzip(t) = &*decode(&bytes).unwrap().table else {
+            panic!("not a gzip table")
+        };
+        // Damage the last window (its block checksum now fails).
+        let victim = t
+            .checkpoints
+            .iter()
+            .rposition(|c| !c.window.is_empty())
+            .unwrap();
+        // Body offsets of every window's stored bytes.
+        let windows_at = at_table + GzipSeekTable::head_len(table);
+        let window_ranges: Vec<(usize, usize)> = t
+            .checkpoints
+            .iter()
+            .scan(windows_at, |at, c| {
+                let r = (*at, *at + c.window.stored_len());
+                *at = r.1;
+                Some(r)
+            })
+            .collect();
+        let damaged = window_ranges[victim].0;
+        assert!(
+            damaged >= windows_at.next_multiple_of(BLOCK_BYTES),
+            "the window shares a block with what an open reads"
+        );
+        let mut bad = bytes.clone();
+        bad[l.body + damaged] ^= 0x10;
+        let (_f, index) = mapped(&bad);
+        let index = index.expect("windows are not read at open");
+        let lazy = index.lazy.as_ref().unwrap();
+        assert!(
+            lazy.checked_blocks() * 4 < l.crcs.len(),
+            "{} of {} blocks read at open",
+            lazy.checked_blocks(),
+            l.crcs.len()
+        );
+        let SeekTable::Gzip(t) = &*index.table else {
+            panic!("not a gzip table")
+        };
+        // The spans whose windows lie in the damaged block fail, naming the index;
+        // the others decode.
+        let block = damaged / BLOCK_BYTES;
+        let file = std::fs::File::open(&path).unwrap();
+        let mut out = Vec::new();
+        for (i, &(from, to)) in window_ranges.iter().enumerate() {
+            let r = crate::archive::gzip::decode_span(&file, t, i, &mut out);
+            if from < to && from / BLOCK_BYTES <= block && block <= (to - 1) / BLOCK_BYTES {
+                let e = r.unwrap_err().to_string();
+                assert!(e.contains("checksum mismatch in index block"), "{e}");
+            } else {
+                r.unwrap();
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
 use crate::index::format::{DIRENT_BYTES, INODE_BYTES};
@@ -53,7 +53,7 @@ pub struct Lazy {
     names_at: usize,
     /// `(st_dev, st_ino)` of the mapped file, if known: it is removed when found
     /// corrupt (once), unless another file has replaced it since.
-    file_id: Option<(u64, u64)>,
+    file_id: OnceLock<(u64, u64)>,
     removed: AtomicBool,
 }
 
@@ -81,22 +81,22 @@ impl Lazy {
             inodes: (0..inodes).map(|_| AtomicU8::new(0)).collect(),
             dirents_at: sections[0],
             names_at: sections[1],
-            file_id: None,
+            file_id: OnceLock::new(),
             removed: AtomicBool::new(false),
         }
     }
 
     /// Names the mapped file by `(st_dev, st_ino)`, so that it can be removed when
     /// found corrupt.
-    pub(crate) fn set_file_id(&mut self, dev: u64, ino: u64) {
-        self.file_id = Some((dev, ino));
+    pub(crate) fn set_file_id(&self, dev: u64, ino: u64) {
+        let _ = self.file_id.set((dev, ino));
     }
 
     /// Removes the index file (once) if it is still the mapped one: the mapping stays
     /// valid, and the next mount rebuilds the index instead of meeting the same damage.
     fn remove_file(&self) {
         use std::os::unix::fs::MetadataExt;
-        let Some((dev, ino)) = self.file_id else {
+        let Some(&(dev, ino)) = self.file_id.get() else {
             return;
         };
         if self.removed.swap(true, Ordering::AcqRel) {
@@ -217,6 +217,38 @@ impl Lazy {
         verdict.map_err(|why| Error::Index {
             path: self.path.clone(),
             message: format!("inode {ino} {what}: {why}"),
+        })
+    }
+}
+
+/// The mapped index file, to the gzip seek table whose windows point into it: a
+/// window's blocks are checked before it is inflated. A bad one fails that span's
+/// reads (EIO, logged once per block, naming the index) and has the file removed, so
+/// the next mount rebuilds it.
+impl crate::archive::gzip::SharedStore for Lazy {
+    fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    fn check(&self, at: usize, len: usize) -> Result<(), String> {
+        let at = at
+            .checked_sub(self.body)
+            .ok_or("window before the index body")?;
+        let first_time =
+            (at / self.block_bytes..=(at + len.max(1) - 1) / self.block_bytes).any(|b| {
+                self.blocks
+                    .get(b)
+                    .is_some_and(|s| s.load(Ordering::Acquire) == UNKNOWN)
+            });
+        self.bytes_ok(at, len).map_err(|why| {
+            if first_time {
+                log::error!(
+                    "index {}: gzip window: {why}; reads of its span fail with EIO",
+                    self.path.display()
+                );
+                self.remove_file();
+            }
+            format!("index {}: {why}", self.path.display())
         })
     }
 }

@@ -146,7 +146,7 @@ pub struct Index {
     pub stat_blocks: Option<u64>,
     /// For an index served in place from its mapped file: what has been checked of it
     /// (`None`: all of it was, or it was built here).
-    pub lazy: Option<lazy::Lazy>,
+    pub lazy: Option<std::sync::Arc<lazy::Lazy>>,
 }
 
 /// Blocks of 512 bytes for `bytes` of data, in whole 4 KiB pages as local disks show.

@@ -26,7 +26,27 @@ pub(super) const PROBE_LEN: usize = WINDOW_SIZE + 258;
 
 /// Bytes that a decoded table's windows may point into instead of copying them: the
 /// mapped index file (its pages stay in the page cache, not in the daemon's heap).
-pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+pub type SharedBytes = Arc<dyn SharedStore>;
+
+/// What [`SharedBytes`] are: bytes, and a check of a range of them (an index file's
+/// block checksums) that runs before a window in that range is inflated.
+pub trait SharedStore: Send + Sync {
+    /// All the bytes.
+    fn bytes(&self) -> &[u8];
+    /// Whether the `len` bytes at `at` are intact; the error says why not.
+    fn check(&self, at: usize, len: usize) -> Result<(), String>;
+}
+
+/// Plain bytes, with nothing to check them against.
+impl SharedStore for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+
+    fn check(&self, _at: usize, _len: usize) -> Result<(), String> {
+        Ok(())
+    }
+}
 
 /// A checkpoint's window as stored: raw deflate of `len` bytes (sparse windows have
 /// the bytes their span never reads zeroed). Inflated only when its span is decoded.
@@ -99,8 +119,7 @@ impl Window {
     /// A window whose deflated bytes are `bytes[at..at + n]` (None if out of range).
     pub(super) fn shared(len: u32, bytes: &SharedBytes, at: usize, n: usize) -> Option<Window> {
         let end = at.checked_add(n)?;
-        let all: &[u8] = (**bytes).as_ref();
-        (all.len() >= end).then(|| Window {
+        (bytes.bytes().len() >= end).then(|| Window {
             len,
             deflated: Deflated::Shared(bytes.clone(), at, n),
         })
@@ -116,14 +135,16 @@ impl Window {
         self.len == 0
     }
 
+    /// How many bytes the window takes in an encoded table.
+    pub fn stored_len(&self) -> usize {
+        self.deflated().len()
+    }
+
     /// The deflated bytes as stored.
     pub(super) fn deflated(&self) -> &[u8] {
         match &self.deflated {
             Deflated::Owned(b) => b,
-            Deflated::Shared(bytes, at, n) => {
-                let all: &[u8] = (**bytes).as_ref();
-                all.get(*at..at + n).unwrap_or_default()
-            }
+            Deflated::Shared(bytes, at, n) => bytes.bytes().get(*at..at + n).unwrap_or_default(),
         }
     }
 
@@ -131,6 +152,9 @@ impl Window {
     pub fn inflate(&self) -> Result<Vec<u8>, String> {
         if self.len == 0 {
             return Ok(Vec::new());
+        }
+        if let Deflated::Shared(bytes, at, n) = &self.deflated {
+            bytes.check(*at, *n)?;
         }
         super::inflate_window(
             &mut flate2::Decompress::new(false),
