@@ -344,17 +344,10 @@ impl GzipSeekTable {
         }
         let mut checkpoints: Vec<GzipCheckpoint> = Vec::with_capacity(count);
         for (i, c) in raw.into_iter().enumerate() {
-            let RawCheckpoint {
-                uncompressed,
-                compressed,
-                bits,
-                flags,
-                window_len,
-                deflated_at,
-                deflated_len,
-                crcs,
-            } = c;
-            let window_len = window_len as usize;
+            let (uncompressed, compressed, bits, flags) =
+                (c.uncompressed, c.compressed, c.bits, c.flags);
+            let (window_len, deflated_at, deflated_len) =
+                (c.window_len as usize, c.deflated_at, c.deflated_len);
             let deflated = &bytes[deflated_at..deflated_at + deflated_len];
             let bad = |what: &str| format!("gzip seek table: checkpoint {i}: {what}");
             if flags & !FLAG_MEMBER_START != 0 {
@@ -409,7 +402,7 @@ impl GzipSeekTable {
                 bits,
                 member_start,
                 window,
-                crcs,
+                crcs: c.crcs,
             });
         }
         let table = GzipSeekTable {
