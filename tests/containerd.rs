@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::cri;
 use crate::util::{self, poll_until, NoMountsLeft, Run, Service, TestDir};
@@ -168,6 +168,29 @@ state = "{state}"
         for id in self.ctr(&["containers", "ls", "-q"]).stdout_str().lines() {
             let _ = self.ctr(&["containers", "rm", id]);
         }
+    }
+
+    /// Every image in `names` removed with a synchronous collection, then containerd's
+    /// GC run again (a lease deleted with `--sync`) every few seconds until no snapfs
+    /// snapshot is left or a minute passes: its scheduler alone may wait a long
+    /// interval after a slow collection. False with the leftovers still listed.
+    fn remove_images_and_collect(&self, names: &[&str], svc: &Service) -> bool {
+        for name in names {
+            self.ctr_ok(&["images", "rm", "--sync", name]);
+        }
+        let mut kicked = Instant::now();
+        poll_until(Duration::from_secs(60), || {
+            if active_views(svc).is_empty() && self.snap(&["ls"]).lines().count() <= 1 {
+                return true;
+            }
+            if kicked.elapsed() > Duration::from_secs(3) {
+                self.ctr_ok(&["leases", "create", "--id", "snapfs-test-gc"]);
+                self.ctr_ok(&["leases", "delete", "--sync", "snapfs-test-gc"]);
+                kicked = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            false
+        })
     }
 }
 
@@ -575,11 +598,13 @@ fn containerd_runs_containers_from_unpacked_layers_never_extracted() {
 
     // Teardown: containers, image, snapshots (containerd's GC removes them).
     ctd.clear_containers();
-    ctd.ctr_ok(&["images", "rm", IMAGE]);
-    let emptied = poll_until(Duration::from_secs(60), || {
-        active_views(&svc2).is_empty() && ctd.snap(&["ls"]).lines().count() <= 1
-    });
-    assert!(emptied, "snapshots left: {}", ctd.snap(&["ls"]));
+    let emptied = ctd.remove_images_and_collect(&[IMAGE], &svc2);
+    assert!(
+        emptied,
+        "snapshots left: {}\nleases: {}",
+        ctd.snap(&["ls"]),
+        ctd.ctr_ok(&["leases", "ls"])
+    );
     svc2.stop();
     drop(ctd);
     assert!(util::mounts_under(t.path()).is_empty(), "mounts left");
@@ -780,13 +805,15 @@ fn containerd_pull_serves_layers_from_their_blobs() {
 
     ctd.clear_containers();
     // CRI records the image under its name, its digest and its config's ID.
-    for name in ctd.ctr_ok(&["images", "ls", "-q"]).lines() {
-        ctd.ctr_ok(&["images", "rm", name]);
-    }
-    let emptied = poll_until(Duration::from_secs(60), || {
-        active_views(&svc).is_empty() && ctd.snap(&["ls"]).lines().count() <= 1
-    });
-    assert!(emptied, "snapshots left: {}", ctd.snap(&["ls"]));
+    let images = ctd.ctr_ok(&["images", "ls", "-q"]);
+    let names: Vec<&str> = images.lines().collect();
+    let emptied = ctd.remove_images_and_collect(&names, &svc);
+    assert!(
+        emptied,
+        "snapshots left: {}\nleases: {}",
+        ctd.snap(&["ls"]),
+        ctd.ctr_ok(&["leases", "ls"])
+    );
     svc.stop();
     drop(ctd);
     drop(reg);
