@@ -34,6 +34,10 @@ struct State {
     /// The spans most recently read to their end (at most `RETIRED_KEPT`): a prefetch
     /// of one of them arrived too late and is dropped rather than decoded again.
     retired: VecDeque<Key>,
+    /// Spans last decoded for a random reader (they are spilled, not read on).
+    random: HashSet<Key>,
+    /// Retired spans still cached, dropped once `LINGERING` later ones are retired.
+    lingering: VecDeque<Key>,
     /// The spans most recently read to their end, in any pool (at most
     /// `RETIRED_KEPT`): tells a sequential reader's next span from a random read.
     ended: VecDeque<Key>,
@@ -44,6 +48,12 @@ struct State {
 
 /// Retired spans remembered so that late prefetches of them are dropped.
 const RETIRED_KEPT: usize = 32;
+
+/// Spans read to their end kept until this many later ones are: the kernel's
+/// readahead requests run on several FUSE threads and arrive out of order, so a span's
+/// last read can come before the others (measured without: 7 of 129 pzstd frames
+/// decoded twice in a 1 GiB sequential read).
+const LINGERING: usize = 1;
 
 /// One in this many probationary spans is inserted as most recently used.
 const PROBATION_KEEP: u64 = 32;
@@ -97,6 +107,8 @@ impl SpanPool {
                 probation_inserts: 0,
                 queued: HashSet::new(),
                 retired: VecDeque::new(),
+                random: HashSet::new(),
+                lingering: VecDeque::new(),
                 ended: VecDeque::new(),
                 hits: 0,
                 misses: 0,
@@ -161,6 +173,21 @@ impl SpanPool {
         let decoding: u64 = st.decoding.values().sum();
         let spare: u64 = st.spare.iter().map(|b| b.capacity() as u64).sum();
         cap.saturating_sub(decoding.saturating_add(spare))
+    }
+
+    /// Keeps the retired span `key` cached until `LINGERING` later ones are retired,
+    /// dropping the oldest lingering one beyond that.
+    fn linger(&self, st: &mut State, key: Key) {
+        if !st.lingering.contains(&key) {
+            st.lingering.push_back(key);
+        }
+        while st.lingering.len() > LINGERING {
+            let Some(old) = st.lingering.pop_front().and_then(|k| st.lru.pop(&k)) else {
+                continue;
+            };
+            st.bytes -= old.capacity() as u64;
+            self.recycle(st, old);
+        }
     }
 
     /// Evicts least recently used spans until the cached ones fit next to the
@@ -256,7 +283,11 @@ impl SpanCache {
         }
         st.misses += 1;
         st.decoding.insert(key, self.reserve);
-        // Read again after it was retired: a later prefetch of it is wanted again.
+        // Read again after it was retired: a later prefetch of it is wanted again. (A
+        // straggler of a sequential reader: it is not read to its end again, so it is
+        // dropped as soon as lingering spans are.)
+        let straggler = st.retired.contains(&key);
+        st.random.remove(&key);
         st.retired.retain(|&k| k != key);
         // Make room for the buffer about to be filled.
         pool.evict(&mut st, 0);
@@ -264,15 +295,22 @@ impl SpanCache {
         drop(st);
 
         // Clears the mark even if `decode` panics, so waiters never block forever.
-        let mark = Decoding { pool, key };
+        let mark = Decoding {
+            pool,
+            key,
+            finished: false,
+        };
         buf.clear();
         if buf.capacity() < self.reserve as usize {
             buf.reserve_exact(self.reserve as usize);
         }
         let result = decode(have, &mut buf);
-        drop(mark);
 
+        // The mark goes in the same critical section that caches the span: a reader
+        // woken in between would find neither and decode it again (measured: one
+        // span in five of a sequential read decoded twice).
         let mut st = self.lock();
+        mark.finish(&mut st);
         if let Err(e) = result {
             pool.recycle(&mut st, Arc::new(buf));
             return Err(e);
@@ -290,6 +328,9 @@ impl SpanCache {
                 st.lru.demote(&key);
             }
         }
+        if straggler && !self.shared {
+            pool.linger(&mut st, key);
+        }
         pool.evict(&mut st, 1);
         Ok(value)
     }
@@ -299,7 +340,9 @@ impl SpanCache {
     /// kernel already holds as the file's pages, each decoded into fresh memory
     /// (measured: 250 instead of 350 MB/s sequential with a 1 GiB cache).
     /// In a shared pool the span stays cached, as the least recently used one.
-    pub fn retire(&self, span: usize) {
+    /// Otherwise it lingers until the next span is retired, unless it is `spilled`
+    /// (whatever still comes for it comes from the spill file).
+    pub fn retire(&self, span: usize, spilled: bool) {
         let key = (self.slot, span);
         let mut st = self.lock();
         if !st.ended.contains(&key) {
@@ -314,7 +357,10 @@ impl SpanCache {
             st.lru.demote(&key);
             return;
         }
-        if let Some(old) = st.lru.pop(&key) {
+        if !spilled {
+            self.pool.linger(&mut st, key);
+        } else if let Some(old) = st.lru.pop(&key) {
+            st.lingering.retain(|&k| k != key);
             st.bytes -= old.capacity() as u64;
             self.pool.recycle(&mut st, old);
         }
@@ -324,6 +370,18 @@ impl SpanCache {
             }
             st.retired.push_back(key);
         }
+    }
+
+    /// Called by the decode of `span` for a random reader (see [`SpanCache::for_random`]).
+    pub fn decoding_for_random(&self, span: usize) {
+        self.lock().random.insert((self.slot, span));
+    }
+
+    /// Whether `span` was last decoded for a random reader: another reader that finds
+    /// it cached is no sequential one either (each prefetch such readers started
+    /// stayed cached unread: 8-15 pzstd frames under fio's four random readers).
+    pub fn for_random(&self, span: usize) -> bool {
+        self.lock().random.contains(&(self.slot, span))
     }
 
     /// Whether a reader recently read span `span` to its end (see [`SpanCache::retire`]).
@@ -384,6 +442,8 @@ impl Drop for SpanCache {
         }
         st.queued.retain(|k| k.0 != self.slot);
         st.retired.retain(|k| k.0 != self.slot);
+        st.lingering.retain(|k| k.0 != self.slot);
+        st.random.retain(|k| k.0 != self.slot);
         st.ended.retain(|k| k.0 != self.slot);
     }
 }
@@ -393,12 +453,25 @@ impl Drop for SpanCache {
 struct Decoding<'a> {
     pool: &'a SpanPool,
     key: Key,
+    finished: bool,
+}
+
+impl Decoding<'_> {
+    /// Clears the mark under the lock the caller holds (waiters wake once it is
+    /// released, and find what the caller put in the cache meanwhile).
+    fn finish(mut self, st: &mut State) {
+        st.decoding.remove(&self.key);
+        self.pool.decoded.notify_all();
+        self.finished = true;
+    }
 }
 
 impl Drop for Decoding<'_> {
     fn drop(&mut self) {
-        self.pool.lock().decoding.remove(&self.key);
-        self.pool.decoded.notify_all();
+        if !self.finished {
+            self.pool.lock().decoding.remove(&self.key);
+            self.pool.decoded.notify_all();
+        }
     }
 }
 
@@ -515,6 +588,66 @@ mod tests {
     }
 
     #[test]
+    fn a_span_read_to_its_end_lingers_until_the_next_one_is() {
+        let cache = SpanCache::new(1000, 0);
+        let mut decodes = 0;
+        let mut read = |span| {
+            cache
+                .get_or_insert(span, 100, Insert::Recent, |_, out| {
+                    decodes += 1;
+                    out.resize(100, span as u8);
+                    Ok(())
+                })
+                .unwrap();
+        };
+        read(0);
+        cache.retire(0, false);
+        // A read of span 0 the kernel sent earlier, answered late: still cached.
+        read(0);
+        read(1);
+        cache.retire(1, false);
+        assert!(!cache.contains(0));
+        assert!(cache.contains(1));
+        // A straggler of a span already dropped is decoded again, and leaves with the
+        // next span read to its end instead of staying cached.
+        read(0);
+        assert!(cache.contains(0));
+        read(2);
+        cache.retire(2, false);
+        assert!(!cache.contains(0) && !cache.contains(1) && cache.contains(2));
+        assert_eq!(decodes, 4);
+    }
+
+    #[test]
+    fn readers_waiting_for_a_decode_never_decode_it_again() {
+        for _ in 0..20 {
+            let cache = Arc::new(SpanCache::new(1 << 20, 100));
+            let decodes = Arc::new(AtomicU64::new(0));
+            let readers: Vec<_> = (0..8)
+                .map(|i| {
+                    let (cache, decodes) = (cache.clone(), decodes.clone());
+                    std::thread::spawn(move || {
+                        std::thread::sleep(std::time::Duration::from_micros(i * 300));
+                        let v = cache
+                            .get_or_insert(3, 100, Insert::Recent, |_, out| {
+                                decodes.fetch_add(1, Ordering::SeqCst);
+                                std::thread::sleep(std::time::Duration::from_millis(5));
+                                out.resize(100, 3);
+                                Ok(())
+                            })
+                            .unwrap();
+                        assert_eq!(v.len(), 100);
+                    })
+                })
+                .collect();
+            for r in readers {
+                r.join().unwrap();
+            }
+            assert_eq!(decodes.load(Ordering::SeqCst), 1);
+        }
+    }
+
+    #[test]
     fn prefetch_is_asked_once_and_dropped_when_late() {
         let cache = SpanCache::new(1000, 0);
         let fill = |_, out: &mut Vec<u8>| {
@@ -526,8 +659,7 @@ mod tests {
         assert!(!cache.queue_prefetch(5));
         // The reader got there first and read it to its end: the prefetch is waste.
         cache.get_or_insert(5, 100, Insert::Recent, fill).unwrap();
-        cache.retire(5);
-        assert!(!cache.contains(5));
+        cache.retire(5, false);
         assert!(!cache.start_prefetch(5));
         // A queued span nobody read yet is decoded.
         assert!(cache.queue_prefetch(6));
@@ -537,16 +669,16 @@ mod tests {
         cache.get_or_insert(6, 100, Insert::Recent, fill).unwrap();
         assert!(!cache.queue_prefetch(6));
         cache.get_or_insert(5, 100, Insert::Recent, fill).unwrap();
-        cache.retire(5);
+        cache.retire(5, false);
         cache.get_or_insert(5, 100, Insert::Recent, fill).unwrap();
-        cache.retire(5);
+        cache.retire(5, false);
         assert!(!cache.start_prefetch(5));
         cache.get_or_insert(5, 100, Insert::Recent, fill).unwrap();
         assert!(cache.queue_prefetch(7));
         // Only the last RETIRED_KEPT retired spans are remembered.
         for k in 100..100 + RETIRED_KEPT + 1 {
             cache.get_or_insert(k, 1, Insert::Recent, fill).unwrap();
-            cache.retire(k);
+            cache.retire(k, false);
         }
         assert!(cache.start_prefetch(100));
         assert!(!cache.start_prefetch(101));
@@ -654,7 +786,7 @@ mod tests {
             assert!(st.bytes + aside <= 1000, "{} + {aside}", st.bytes);
         }
         // Read to its end, a span of a shared pool stays, first to be evicted.
-        a.retire(19);
+        a.retire(19, false);
         assert!(a.contains(19));
         assert_eq!(
             pool.lock().lru.peek_lru().map(|(k, _)| *k),

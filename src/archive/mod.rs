@@ -8,6 +8,7 @@ pub mod bzip2;
 mod fill;
 pub mod gzip;
 pub mod pipe;
+mod slots;
 pub mod spill;
 pub mod tar;
 pub mod xz;
@@ -338,10 +339,14 @@ enum Backing {
 
 /// Threads that decode spans ahead of a sequential reader.
 const PREFETCH_THREADS: usize = 2;
-/// How many spans ahead of a reader are decoded (once it reads a span's second half).
-/// Four, not two, keeps both cores inflating while the reader catches up: 1 GiB
-/// tar.gz read with `dd`, 410-530 MB/s instead of 320-360.
+/// How many spans ahead of a reader are decoded (once it reads a span's second half):
+/// four, not two, keeps both cores inflating while the reader catches up (1 GiB
+/// tar.gz read with `dd`, 410-530 MB/s instead of 320-360), but no more than
+/// [`PREFETCH_BYTES`] of spans unless that is fewer than two.
 const PREFETCH_SPANS: usize = 4;
+/// Decoded bytes ahead of a reader: 8 MiB pzstd frames four ahead held 32 MiB more,
+/// two ahead keep both cores busy as well.
+const PREFETCH_BYTES: u64 = 16 << 20;
 /// Reads that start this far into a span decode only the prefix they need.
 const PREFIX_MIN: usize = 64 << 10;
 /// Reads at least this large come from a sequential reader (kernel readahead) and
@@ -377,6 +382,10 @@ struct Inner {
     fill_earned: std::sync::atomic::AtomicUsize,
     fill_next: std::sync::atomic::AtomicUsize,
     fill_queued: std::sync::atomic::AtomicBool,
+    /// Decodes of this archive's spans at a time (see [`slots`]).
+    decodes: slots::Slots,
+    /// Spans decoded ahead of a sequential reader.
+    prefetch_spans: usize,
 }
 
 impl StreamReader {
@@ -406,6 +415,8 @@ impl StreamReader {
 
     fn with_backing(archive: Arc<dyn Source>, table: Arc<SeekTable>, backing: Backing) -> Self {
         let fill_units = fill::units(&*archive, &backing, &table);
+        let archive_local = archive.local();
+        let prefetch_spans = prefetch_spans(&table);
         StreamReader {
             inner: Arc::new(Inner {
                 fill_units,
@@ -419,6 +430,8 @@ impl StreamReader {
                 fill_earned: Default::default(),
                 fill_next: Default::default(),
                 fill_queued: Default::default(),
+                decodes: slots::Slots::for_source(archive_local),
+                prefetch_spans,
             }),
             prefetch: std::sync::OnceLock::new(),
         }
@@ -473,7 +486,7 @@ impl StreamReader {
                     // Reading the second half of a span: get the next ones ready
                     // (unless a random reader read it: it will not go on from there).
                     if within * 2 >= len && !random {
-                        for next in span + 1..=span + PREFETCH_SPANS {
+                        for next in span + 1..=span + inner.prefetch_spans {
                             if next < inner.table.span_count() && cache.queue_prefetch(next) {
                                 self.prefetch(next);
                             }
@@ -517,6 +530,12 @@ impl StreamReader {
     }
 }
 
+/// Spans decoded ahead of a sequential reader of `table`'s stream.
+fn prefetch_spans(table: &SeekTable) -> usize {
+    let fit = PREFETCH_BYTES / table.max_span_len().max(1);
+    usize::try_from(fit).map_or(PREFETCH_SPANS, |n| n.clamp(2, PREFETCH_SPANS))
+}
+
 impl Inner {
     /// Fails if the archive changed since this reader was made (see
     /// [`StreamReader::read_exact_at`]); the first change seen is remembered.
@@ -543,7 +562,7 @@ impl Inner {
 
     /// Copies spans into `buf`; returns (last span, offset within it, its length,
     /// whether a random reader got it: decoded by this read deep inside the span, or
-    /// from the spill file).
+    /// from the spill file, or found cached as another random reader decoded it).
     fn read_spans(
         self: &Arc<Self>,
         cache: &SpanCache,
@@ -582,7 +601,7 @@ impl Inner {
             if let Some(s) = spill.filter(|s| s.stored(span) >= need as u64) {
                 if want > 0 && s.read(&mut buf[done..done + want], off).is_ok() {
                     if within + want == span_len {
-                        cache.retire(span);
+                        cache.retire(span, true);
                     }
                     done += want;
                     off += want as u64;
@@ -597,6 +616,9 @@ impl Inner {
             let spilled_len = spill.map_or(0, |s| s.stored(span)) as usize;
             let data = cache.get_or_insert(span, need, insert, |have, out| {
                 decoded = true;
+                if !sequential {
+                    cache.decoding_for_random(span);
+                }
                 // A read near the span's start (or a sequential one) wants all of it;
                 // a random read deep inside only the prefix up to it, grown
                 // geometrically (from what the cache or the spill file holds) so
@@ -628,11 +650,12 @@ impl Inner {
             // Read to its end: the kernel keeps these bytes as the file's pages. In
             // the spill file: the daemon need not keep them either.
             if within + n == span_len || spilled {
-                cache.retire(span);
+                cache.retire(span, spilled);
             }
             done += n;
             off += n as u64;
-            last = Some((span, within + n, span_len, decoded && !sequential));
+            let random = !sequential && (decoded || cache.for_random(span));
+            last = Some((span, within + n, span_len, random));
         }
         Ok(last)
     }
@@ -658,6 +681,7 @@ impl Inner {
     /// Decodes span `span`, or at least its first `limit` bytes (gzip stops there, xz
     /// and bzip2 after the block that reaches it; zstd decodes whole frames anyway).
     fn decode_span(&self, span: usize, limit: usize, out: &mut Vec<u8>) -> Result<()> {
+        let _slot = self.decodes.take();
         let r = match &*self.table {
             SeekTable::Gzip(t) => {
                 gzip::decode_span_prefix(&*self.archive, t, span, limit as u64, out)

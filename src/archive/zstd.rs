@@ -655,6 +655,9 @@ pub fn decode_span(
             format!("cannot allocate {len} bytes for zstd span {i}"),
         )
     })?;
+    if let Some(end_c) = end_c.filter(|&e| e - start_c <= SPAN_READ_MAX) {
+        return decode_whole_frames(file, i, start_c, end_c, len, out);
+    }
     let src = FileSource {
         file,
         pos: start_c,
@@ -704,6 +707,66 @@ pub fn decode_span(
     }
     Ok(())
 }
+
+/// Decodes span `i`, the whole frames in compressed `[start_c, end_c)` that the index
+/// says hold `len` bytes, in one call straight into `out` (reserved for more than
+/// `len`): zstd's one-shot decoder keeps no window buffer and copies nothing (a
+/// streaming decode of an 8 MiB pzstd frame holds a 2 MiB window next to the span).
+fn decode_whole_frames(
+    file: &dyn crate::source::Source,
+    i: usize,
+    start_c: u64,
+    end_c: u64,
+    len: usize,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    let size = usize::try_from(end_c - start_c).map_err(|_| overflow())?;
+    let mut compressed = Vec::new();
+    compressed.try_reserve_exact(size).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::OutOfMemory,
+            format!("cannot allocate {size} bytes for zstd span {i}"),
+        )
+    })?;
+    compressed.resize(size, 0);
+    file.read_exact_at(&mut compressed, start_c)
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("truncated zstd stream: span {i} ends past the end of the file"),
+            ),
+            _ => e,
+        })?;
+    let mut dctx = DCtx::try_create()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "cannot create zstd decoder"))?;
+    out.clear();
+    let decoded = dctx.decompress(out, &compressed);
+    let got = out.len();
+    let room = out.capacity() > len;
+    let why = match decoded {
+        Ok(_) if got > len => {
+            format!("zstd span {i} decodes to more than {len} bytes; index does not match file")
+        }
+        Err(code) if room && zstd_safe::get_error_name(code) == DST_TOO_SMALL => {
+            format!("zstd span {i} decodes to more than {len} bytes; index does not match file")
+        }
+        Err(code) => format!(
+            "zstd span {i} (compressed offsets {start_c}..{end_c}): {}",
+            zstd_safe::get_error_name(code)
+        ),
+        Ok(_) if got != len => {
+            format!(
+                "zstd span {i} decoded to {got} bytes, expected {len}; index does not match file"
+            )
+        }
+        Ok(_) => return Ok(()),
+    };
+    out.clear();
+    Err(io::Error::new(io::ErrorKind::InvalidData, why))
+}
+
+/// zstd's name for a one-shot decode whose output does not fit.
+const DST_TOO_SMALL: &str = "Destination buffer is too small";
 
 /// Stream-decompress the whole file into `dest` (used for the single-frame
 /// fallback cache file); returns the number of bytes written.
@@ -1332,6 +1395,38 @@ mod tests {
             ..table.clone()
         };
         assert!(decode_span(good.as_file(), &t, last, &mut out).is_err());
+    }
+
+    #[test]
+    fn whole_frame_spans_decode_in_one_call_and_name_a_mismatch() {
+        let data = &data()[..5 * MIB + 77];
+        let (compressed, _) = chunked(data);
+        let (_, table) = index(&compressed, SPAN).unwrap();
+        let file = temp_with(&compressed);
+        let mut out = Vec::new();
+        let mut all = Vec::new();
+        for i in 0..table.span_count() {
+            decode_span(file.as_file(), &table, i, &mut out).unwrap();
+            all.extend_from_slice(&out);
+        }
+        assert_eq!(all, data);
+        // Span 0 (one call: its end is known) indexed one byte short, then one long.
+        let mut t = table.clone();
+        t.checkpoints[1].uncompressed -= 1;
+        let err = decode_span(file.as_file(), &t, 0, &mut out).unwrap_err();
+        assert!(
+            err.to_string().contains("zstd span 0 decodes to more than"),
+            "{err}"
+        );
+        assert!(out.is_empty());
+        let mut t = table.clone();
+        t.checkpoints[1].uncompressed += 1;
+        let err = decode_span(file.as_file(), &t, 0, &mut out).unwrap_err();
+        assert!(err.to_string().contains("zstd span 0 decoded to"), "{err}");
+        // A span whose compressed bytes end past the end of the file.
+        let cut = temp_with(&compressed[..table.checkpoints[1].compressed as usize - 3]);
+        let err = decode_span(cut.as_file(), &table, 0, &mut out).unwrap_err();
+        assert!(err.to_string().contains("truncated zstd stream"), "{err}");
     }
 
     #[test]
