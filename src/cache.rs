@@ -34,7 +34,7 @@ struct State {
     /// The spans most recently read to their end (at most `RETIRED_KEPT`): a prefetch
     /// of one of them arrived too late and is dropped rather than decoded again.
     retired: VecDeque<Key>,
-    /// Spans last decoded for a random reader (they are spilled, not read on).
+    /// Cached spans last decoded for a random reader (they are spilled, not read on).
     random: HashSet<Key>,
     /// Retired spans still cached, dropped once `LINGERING` later ones are retired.
     lingering: VecDeque<Key>,
@@ -182,7 +182,11 @@ impl SpanPool {
             st.lingering.push_back(key);
         }
         while st.lingering.len() > LINGERING {
-            let Some(old) = st.lingering.pop_front().and_then(|k| st.lru.pop(&k)) else {
+            let Some(k) = st.lingering.pop_front() else {
+                break;
+            };
+            st.random.remove(&k);
+            let Some(old) = st.lru.pop(&k) else {
                 continue;
             };
             st.bytes -= old.capacity() as u64;
@@ -194,9 +198,10 @@ impl SpanPool {
     /// decodes and spares, keeping at least `keep` spans.
     fn evict(&self, st: &mut State, keep: usize) {
         while st.bytes > self.room(st) && st.lru.len() > keep {
-            let Some((_, old)) = st.lru.pop_lru() else {
+            let Some((key, old)) = st.lru.pop_lru() else {
                 break;
             };
+            st.random.remove(&key);
             st.bytes -= old.capacity() as u64;
             self.recycle(st, old);
         }
@@ -361,6 +366,7 @@ impl SpanCache {
             self.pool.linger(&mut st, key);
         } else if let Some(old) = st.lru.pop(&key) {
             st.lingering.retain(|&k| k != key);
+            st.random.remove(&key);
             st.bytes -= old.capacity() as u64;
             self.pool.recycle(&mut st, old);
         }

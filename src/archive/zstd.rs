@@ -742,12 +742,12 @@ fn decode_whole_frames(
     out.clear();
     let decoded = dctx.decompress(out, &compressed);
     let got = out.len();
-    let room = out.capacity() > len;
+    let too_long = match decoded {
+        Ok(_) => got > len,
+        Err(code) => out.capacity() > len && zstd_safe::get_error_name(code) == DST_TOO_SMALL,
+    };
     let why = match decoded {
-        Ok(_) if got > len => {
-            format!("zstd span {i} decodes to more than {len} bytes; index does not match file")
-        }
-        Err(code) if room && zstd_safe::get_error_name(code) == DST_TOO_SMALL => {
+        _ if too_long => {
             format!("zstd span {i} decodes to more than {len} bytes; index does not match file")
         }
         Err(code) => format!(
