@@ -172,14 +172,14 @@ state = "{state}"
 
     /// Every image in `names` removed with a synchronous collection, then containerd's
     /// GC run again (a lease deleted with `--sync`) every few seconds until no snapfs
-    /// snapshot is left or a minute passes: its scheduler alone may wait a long
-    /// interval after a slow collection. False with the leftovers still listed.
-    fn remove_images_and_collect(&self, names: &[&str], svc: &Service) -> bool {
+    /// snapshot (and no view of `svc`) is left, which must happen within a minute: its
+    /// scheduler alone may wait a long interval after a slow collection.
+    fn remove_images_and_collect(&self, names: &[&str], svc: &Service) {
         for name in names {
             self.ctr_ok(&["images", "rm", "--sync", name]);
         }
         let mut kicked = Instant::now();
-        poll_until(Duration::from_secs(60), || {
+        let emptied = poll_until(Duration::from_secs(60), || {
             if active_views(svc).is_empty() && self.snap(&["ls"]).lines().count() <= 1 {
                 return true;
             }
@@ -190,7 +190,13 @@ state = "{state}"
             }
             std::thread::sleep(Duration::from_millis(100));
             false
-        })
+        });
+        assert!(
+            emptied,
+            "snapshots left: {}\nleases: {}",
+            self.snap(&["ls"]),
+            self.ctr_ok(&["leases", "ls"])
+        );
     }
 }
 
@@ -598,13 +604,7 @@ fn containerd_runs_containers_from_unpacked_layers_never_extracted() {
 
     // Teardown: containers, image, snapshots (containerd's GC removes them).
     ctd.clear_containers();
-    let emptied = ctd.remove_images_and_collect(&[IMAGE], &svc2);
-    assert!(
-        emptied,
-        "snapshots left: {}\nleases: {}",
-        ctd.snap(&["ls"]),
-        ctd.ctr_ok(&["leases", "ls"])
-    );
+    ctd.remove_images_and_collect(&[IMAGE], &svc2);
     svc2.stop();
     drop(ctd);
     assert!(util::mounts_under(t.path()).is_empty(), "mounts left");
@@ -807,13 +807,7 @@ fn containerd_pull_serves_layers_from_their_blobs() {
     // CRI records the image under its name, its digest and its config's ID.
     let images = ctd.ctr_ok(&["images", "ls", "-q"]);
     let names: Vec<&str> = images.lines().collect();
-    let emptied = ctd.remove_images_and_collect(&names, &svc);
-    assert!(
-        emptied,
-        "snapshots left: {}\nleases: {}",
-        ctd.snap(&["ls"]),
-        ctd.ctr_ok(&["leases", "ls"])
-    );
+    ctd.remove_images_and_collect(&names, &svc);
     svc.stop();
     drop(ctd);
     drop(reg);

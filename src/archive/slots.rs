@@ -2,7 +2,8 @@
 //! asks (readers, the prefetch threads, the filler). Each decode holds a span buffer
 //! and its compressed bytes (an 8 MiB pzstd frame costs about 11 MiB), and from a local
 //! file decoding is bound by the cores, so more decodes at once than cores only add
-//! memory: eight readers of eight spans held 118 MiB instead of about 40.
+//! memory: eight readers of a tar.zst of 8 MiB frames peaked at 44-118 MiB, 46-54 with
+//! the limit.
 
 use std::sync::{Condvar, Mutex};
 
