@@ -37,6 +37,8 @@ if ! command -v busybox >/dev/null 2>&1 || ldd "$(command -v busybox)" >/dev/nul
 fi
 # protoc's well-known types (google/protobuf/*.proto) for build.rs.
 [ -f /usr/include/google/protobuf/empty.proto ] || missing_pkgs+=(libprotobuf-dev)
+# ISA-L's inflate (build.rs links it where its header is; the tests cover both paths).
+[ -f /usr/include/isa-l/igzip_lib.h ] || missing_pkgs+=(libisal-dev)
 missing_crates=()
 for c in $CRATES; do
   want="${c%%:*}"; tool="${c#*:}"

@@ -38,6 +38,8 @@ use crate::source::Source;
 
 use libz_rs_sys as z;
 
+#[cfg(snapfs_isal)]
+pub mod isal;
 mod window;
 pub use window::{SharedBytes, SharedStore, Window};
 use window::{WindowProbe, PROBE_LEN};
@@ -1413,6 +1415,24 @@ pub fn decode_span_prefix(
     limit: u64,
     out: &mut Vec<u8>,
 ) -> io::Result<()> {
+    #[cfg(snapfs_isal)]
+    let isal = isal::enabled();
+    #[cfg(not(snapfs_isal))]
+    let isal = false;
+    decode_span_with(file, table, i, limit, isal, out)
+}
+
+/// [`decode_span_prefix`], inflating inside members with ISA-L if `isal` (and built
+/// with it), else with zlib-rs.
+#[cfg_attr(not(snapfs_isal), allow(unused_variables))]
+fn decode_span_with(
+    file: &dyn Source,
+    table: &GzipSeekTable,
+    i: usize,
+    limit: u64,
+    isal: bool,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
     out.clear();
     let cp = table.checkpoints.get(i).ok_or_else(|| {
         io::Error::new(
@@ -1457,25 +1477,22 @@ pub fn decode_span_prefix(
     if cp.member_start {
         inf = Inflater::new(WBITS_GZIP)?;
     } else {
+        let (bits, window) = resume_point(file, cp, i)?;
+        #[cfg(snapfs_isal)]
+        if isal {
+            out.reserve(want.min(OUT_RESERVE_STEP));
+            if isal_span(&mut input, i, want, (&window, bits, cp.bits), out)? {
+                return verify_blocks(table, i, out);
+            }
+            // The member ended inside the span: zlib goes on into the next one.
+            out.clear();
+            input = FileInput::new(file, cp.compressed, first_read);
+        }
         inf = Inflater::new(WBITS_RAW)?;
         if cp.bits > 0 {
-            let at = cp.compressed.checked_sub(1).ok_or_else(overflow)?;
-            let mut byte = [0u8; 1];
-            file.read_exact_at(&mut byte, at).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("reading gzip data at compressed offset {at}: {e}"),
-                )
-            })?;
-            inf.prime(cp.bits, byte[0] >> (8 - cp.bits))?;
+            inf.prime(cp.bits, bits)?;
         }
-        if !cp.window.is_empty() {
-            let window = cp.window.inflate().map_err(|e| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("gzip seek table: window of span {i}: {e}"),
-                )
-            })?;
+        if !window.is_empty() {
             inf.set_dictionary(&window)?;
         }
     }
@@ -1509,22 +1526,7 @@ pub fn decode_span_prefix(
                 if step.consumed == 0 && produced == 0 && dt == last_dt {
                     stalls += 1;
                     if stalls > MAX_STALLS {
-                        let at = input.offset()?;
-                        return Err(if eof {
-                            io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                format!(
-                                    "truncated gzip stream at compressed offset {at} (span {i})"
-                                ),
-                            )
-                        } else {
-                            io::Error::new(
-                                io::ErrorKind::InvalidData,
-                                format!(
-                                    "inflate made no progress at compressed offset {at} (span {i})"
-                                ),
-                            )
-                        });
+                        return Err(stuck(eof, input.offset()?, i));
                     }
                 } else {
                     stalls = 0;
@@ -1554,6 +1556,105 @@ pub fn decode_span_prefix(
         }
     }
     verify_blocks(table, i, out)
+}
+
+/// Inflate of span `i` stopped moving at compressed offset `at`: the stream is
+/// truncated (`eof`) or corrupt.
+fn stuck(eof: bool, at: u64, i: usize) -> io::Error {
+    if eof {
+        io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("truncated gzip stream at compressed offset {at} (span {i})"),
+        )
+    } else {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("inflate made no progress at compressed offset {at} (span {i})"),
+        )
+    }
+}
+
+/// The partial byte's unread bits and the window a raw checkpoint `cp` (of span `i`)
+/// resumes with.
+fn resume_point(file: &dyn Source, cp: &GzipCheckpoint, i: usize) -> io::Result<(u8, Vec<u8>)> {
+    let mut bits = 0;
+    if cp.bits > 0 {
+        let at = cp.compressed.checked_sub(1).ok_or_else(overflow)?;
+        let mut byte = [0u8; 1];
+        file.read_exact_at(&mut byte, at).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("reading gzip data at compressed offset {at}: {e}"),
+            )
+        })?;
+        bits = byte[0] >> (8 - cp.bits);
+    }
+    let mut window = Vec::new();
+    if !cp.window.is_empty() {
+        window = cp.window.inflate().map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("gzip seek table: window of span {i}: {e}"),
+            )
+        })?;
+    }
+    Ok((bits, window))
+}
+
+/// Inflates the first `want` bytes of span `i` with ISA-L into `out` (empty, with
+/// room reserved), resuming from `(window, bits, nbits)` (see [`resume_point`]).
+/// `Ok(false)`: the member ended first (the caller decodes the span with zlib, which
+/// goes on into the next member).
+#[cfg(snapfs_isal)]
+fn isal_span(
+    input: &mut FileInput<'_>,
+    i: usize,
+    want: usize,
+    (window, bits, nbits): (&[u8], u8, u8),
+    out: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let mut inf = isal::Inflater::resume(window, bits, nbits)?;
+    let mut stalls = 0u32;
+    let mut eof = false;
+    while out.len() < want {
+        if input.avail().is_empty() && !eof && !input.refill()? {
+            eof = true;
+        }
+        if out.capacity() == out.len() {
+            out.reserve((want - out.len()).min(OUT_RESERVE_STEP));
+        }
+        let room = want - out.len();
+        let spare = out.spare_capacity_mut();
+        let spare_len = spare.len().min(room);
+        let step = inf.step(input.avail(), &mut spare[..spare_len]);
+        let produced = step.produced.min(spare_len);
+        // SAFETY: ISA-L wrote the first `produced` bytes of the spare capacity.
+        unsafe { out.set_len(out.len() + produced) };
+        input.consume(step.consumed);
+        if step.ret < 0 {
+            let at = input.offset()?;
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "corrupt gzip data near compressed offset {at}: invalid deflate data \
+                     (ISA-L error {})",
+                    step.ret
+                ),
+            ));
+        }
+        if step.finished {
+            return Ok(out.len() >= want);
+        }
+        if step.consumed == 0 && produced == 0 {
+            stalls += 1;
+            if stalls > MAX_STALLS {
+                return Err(stuck(eof, input.offset()?, i));
+            }
+        } else {
+            stalls = 0;
+        }
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -2169,6 +2270,46 @@ mod tests {
         let last = t.span_count() - 1;
         let err = decode_span(f.as_file(), &t, last, &mut out).unwrap_err();
         assert!(err.to_string().contains("offset"), "{err}");
+    }
+
+    /// ISA-L and zlib-rs inflate every span of a single-member stream (seek points at
+    /// bit offsets), of a multi-member one (members ending inside spans) and of every
+    /// prefix length alike; on damaged data both fail, naming an offset.
+    #[cfg(snapfs_isal)]
+    #[test]
+    fn isal_and_zlib_decode_every_span_alike() {
+        for (gz, span) in [(single(), MIB), (multi(), MIB), (&gzip(&data()[..6 * MIB as usize], 9)[..], 256 * 1024)] {
+            let (data, t) = index(gz, span, 1 << 20).unwrap();
+            assert!(t.checkpoints.iter().any(|c| c.bits > 0), "no bit-offset seek point");
+            let f = write_tmp(gz);
+            let (mut a, mut b) = (Vec::new(), Vec::new());
+            for i in 0..t.span_count() {
+                for limit in [1, 70_000, u64::MAX] {
+                    decode_span_with(f.as_file(), &t, i, limit, true, &mut a).unwrap();
+                    decode_span_with(f.as_file(), &t, i, limit, false, &mut b).unwrap();
+                    assert!(a == b, "span {i}, limit {limit}");
+                }
+                let (s, e) = t.span_range(i);
+                assert!(a == data[s as usize..e as usize], "span {i} content");
+            }
+        }
+        let gz = &gzip(&data()[..4 * MIB as usize], 2)[..];
+        let (_, t) = index(gz, 512 * 1024, 1 << 20).unwrap();
+        for k in [gz.len() / 3, gz.len() / 2, gz.len() * 4 / 5] {
+            let mut bad = gz.to_vec();
+            bad[k] ^= 0x5a;
+            let f = write_tmp(&bad);
+            let i = (0..t.span_count())
+                .rev()
+                .find(|&i| t.checkpoints[i].compressed < k as u64)
+                .unwrap();
+            let mut out = Vec::new();
+            for isal in [true, false] {
+                let err = decode_span_with(f.as_file(), &t, i, u64::MAX, isal, &mut out);
+                let err = err.expect_err("damaged span decoded");
+                assert!(err.to_string().contains("offset"), "{err}");
+            }
+        }
     }
 
     #[test]

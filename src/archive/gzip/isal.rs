@@ -1,0 +1,113 @@
+//! Raw-deflate inflate with ISA-L's igzip (Debian's libisal, through the C shim
+//! `isal_shim.c`, so Rust never sees the layout of its state). It inflates 1.3–1.6×
+//! faster per core than zlib-rs (`docs/BENCHMARKS.md`, inflate table), and decodes the
+//! spans that resume inside a gzip member. Built only where `build.rs` finds
+//! libisal-dev; `SNAPFS_INFLATE=zlib` turns it off at run time.
+
+use std::ffi::c_void;
+use std::io;
+use std::mem::MaybeUninit;
+use std::ptr::NonNull;
+use std::sync::OnceLock;
+
+/// Environment variable that picks the span inflater: `zlib` for zlib-rs only.
+pub const INFLATE_ENV: &str = "SNAPFS_INFLATE";
+
+extern "C" {
+    fn snapfs_isal_new() -> *mut c_void;
+    fn snapfs_isal_free(s: *mut c_void);
+    fn snapfs_isal_start(s: *mut c_void, dict: *const u8, dict_len: u32, bits: u8, nbits: i32)
+        -> i32;
+    fn snapfs_isal_step(
+        s: *mut c_void,
+        input: *const u8,
+        in_len: u32,
+        out: *mut u8,
+        out_len: u32,
+        consumed: *mut u32,
+        produced: *mut u32,
+        finished: *mut i32,
+    ) -> i32;
+}
+
+/// Whether spans inside a member are inflated with ISA-L (unless told otherwise).
+pub fn enabled() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var(INFLATE_ENV).map_or(true, |v| v != "zlib"))
+}
+
+/// What one [`Inflater::step`] did.
+pub struct Step {
+    /// ISA-L's return code: negative for corrupt input.
+    pub ret: i32,
+    /// Input bytes it took.
+    pub consumed: usize,
+    /// Output bytes it wrote.
+    pub produced: usize,
+    /// The deflate stream ended (its final block is out).
+    pub finished: bool,
+}
+
+/// One ISA-L inflate state (freed on drop).
+pub struct Inflater(NonNull<c_void>);
+
+// SAFETY: the state is plain memory owned by this value; ISA-L keeps no thread-local
+// or global state per stream.
+unsafe impl Send for Inflater {}
+
+impl Inflater {
+    /// A raw-deflate stream resuming at a block boundary: `nbits` (< 8) bits of
+    /// `bits` come before the first input byte, and `dict` is the window.
+    pub fn resume(dict: &[u8], bits: u8, nbits: u8) -> io::Result<Self> {
+        // SAFETY: allocates and initializes a state, or returns null.
+        let s = NonNull::new(unsafe { snapfs_isal_new() })
+            .map(Inflater)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "ISA-L inflate state"))?;
+        let len = u32::try_from(dict.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "gzip window too large"))?;
+        // SAFETY: the state is live; `dict` is valid for `len` bytes (ISA-L copies it).
+        let ret = unsafe { snapfs_isal_start(s.0.as_ptr(), dict.as_ptr(), len, bits, nbits.into()) };
+        if ret != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("ISA-L refused the gzip window ({ret})"),
+            ));
+        }
+        Ok(s)
+    }
+
+    /// Inflates from `input` into `out`.
+    pub fn step(&mut self, input: &[u8], out: &mut [MaybeUninit<u8>]) -> Step {
+        let in_len = u32::try_from(input.len()).unwrap_or(u32::MAX);
+        let out_len = u32::try_from(out.len()).unwrap_or(u32::MAX);
+        let (mut consumed, mut produced, mut finished) = (0u32, 0u32, 0i32);
+        // SAFETY: the state is live; ISA-L reads at most `in_len` bytes of `input` and
+        // writes at most `out_len` bytes into `out` (uninitialized memory is fine to
+        // write), and reports how many.
+        let ret = unsafe {
+            snapfs_isal_step(
+                self.0.as_ptr(),
+                input.as_ptr(),
+                in_len,
+                out.as_mut_ptr().cast(),
+                out_len,
+                &mut consumed,
+                &mut produced,
+                &mut finished,
+            )
+        };
+        Step {
+            ret,
+            consumed: consumed as usize,
+            produced: produced as usize,
+            finished: finished != 0,
+        }
+    }
+}
+
+impl Drop for Inflater {
+    fn drop(&mut self) {
+        // SAFETY: made by snapfs_isal_new, freed exactly once.
+        unsafe { snapfs_isal_free(self.0.as_ptr()) }
+    }
+}

@@ -1,0 +1,47 @@
+/* snapfs: a thin C shim over ISA-L's raw-deflate inflate (igzip), so that Rust never
+ * depends on the layout of `struct inflate_state`. Built only when Debian's
+ * libisal-dev is present (see build.rs). */
+#include <stdint.h>
+#include <stdlib.h>
+#include <isa-l/igzip_lib.h>
+
+struct inflate_state *snapfs_isal_new(void) {
+    struct inflate_state *s = malloc(sizeof *s);
+    if (s)
+        isal_inflate_init(s);
+    return s;
+}
+
+void snapfs_isal_free(struct inflate_state *s) { free(s); }
+
+/* Starts a raw deflate stream at a block boundary: `nbits` (< 8) bits of `bits`
+ * come before the next input byte, `dict` is the window (may be empty). */
+int snapfs_isal_start(struct inflate_state *s, const uint8_t *dict, uint32_t dict_len,
+                      uint8_t bits, int32_t nbits) {
+    isal_inflate_reset(s);
+    s->crc_flag = ISAL_DEFLATE;
+    if (dict_len) {
+        int r = isal_inflate_set_dict(s, (uint8_t *)dict, dict_len);
+        if (r != COMP_OK)
+            return r;
+    }
+    s->read_in = bits;
+    s->read_in_length = nbits;
+    return 0;
+}
+
+/* One call of isal_inflate; reports what it consumed and produced, and whether the
+ * deflate stream ended (its final block done). */
+int snapfs_isal_step(struct inflate_state *s, const uint8_t *in, uint32_t in_len,
+                     uint8_t *out, uint32_t out_len, uint32_t *consumed, uint32_t *produced,
+                     int *finished) {
+    s->next_in = (uint8_t *)in;
+    s->avail_in = in_len;
+    s->next_out = out;
+    s->avail_out = out_len;
+    int r = isal_inflate(s);
+    *consumed = in_len - s->avail_in;
+    *produced = out_len - s->avail_out;
+    *finished = s->block_state == ISAL_BLOCK_FINISH;
+    return r;
+}
