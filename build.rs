@@ -1,7 +1,8 @@
 //! Generates containerd's snapshots API (server side) and the client messages snapfs
 //! sends to containerd from `proto/` (needs `protoc`: Debian's protobuf-compiler and
-//! libprotobuf-dev), and links ISA-L's inflate where Debian's libisal-dev is installed
-//! (`cfg(snapfs_isal)`; `SNAPFS_NO_ISAL=1` builds without it).
+//! libprotobuf-dev), and builds the shim over ISA-L's inflate where Debian's
+//! libisal-dev header is installed (`cfg(snapfs_isal)`; `SNAPFS_NO_ISAL=1` builds
+//! without it; the library itself is loaded at run time).
 
 /// prost's settings: no comments from containerd's protos in the generated code
 /// (rustdoc would run their indented text as doctests).
@@ -11,7 +12,7 @@ fn config() -> prost_build::Config {
     c
 }
 
-/// Builds the ISA-L shim and links libisal if its header is there.
+/// Builds the ISA-L shim if libisal's header is there.
 fn isal() {
     println!("cargo::rustc-check-cfg=cfg(snapfs_isal)");
     println!("cargo:rerun-if-env-changed=SNAPFS_NO_ISAL");
@@ -24,7 +25,6 @@ fn isal() {
     cc::Build::new()
         .file("src/archive/gzip/isal_shim.c")
         .compile("snapfs_isal_shim");
-    println!("cargo:rustc-link-lib=isal");
     println!("cargo:rustc-cfg=snapfs_isal");
 }
 

@@ -1,8 +1,10 @@
 //! Raw-deflate inflate with ISA-L's igzip (Debian's libisal, through the C shim
 //! `isal_shim.c`, so Rust never sees the layout of its state). It inflates 1.3–1.6×
 //! faster per core than zlib-rs (`docs/BENCHMARKS.md`, inflate table), and decodes the
-//! spans that resume inside a gzip member. Built only where `build.rs` finds
-//! libisal-dev; `SNAPFS_INFLATE=zlib` turns it off at run time.
+//! spans that resume inside a gzip member. Built where `build.rs` finds libisal-dev's
+//! header; the library is loaded on first use (`dlopen` of `libisal.so.2`), so a mount
+//! that never inflates does not read it, and a host without it inflates with zlib-rs
+//! (a debug log line says so). `SNAPFS_INFLATE=zlib` turns it off.
 
 use std::ffi::c_void;
 use std::io;
@@ -13,11 +15,25 @@ use std::sync::OnceLock;
 /// Environment variable that picks the span inflater: `zlib` for zlib-rs only.
 pub const INFLATE_ENV: &str = "SNAPFS_INFLATE";
 
+/// The shared library loaded on first use.
+const LIBRARY: &std::ffi::CStr = c"libisal.so.2";
+
 extern "C" {
+    fn snapfs_isal_bind(
+        init: *mut c_void,
+        reset: *mut c_void,
+        set_dict: *mut c_void,
+        run: *mut c_void,
+    );
     fn snapfs_isal_new() -> *mut c_void;
     fn snapfs_isal_free(s: *mut c_void);
-    fn snapfs_isal_start(s: *mut c_void, dict: *const u8, dict_len: u32, bits: u8, nbits: i32)
-        -> i32;
+    fn snapfs_isal_start(
+        s: *mut c_void,
+        dict: *const u8,
+        dict_len: u32,
+        bits: u8,
+        nbits: i32,
+    ) -> i32;
     fn snapfs_isal_step(
         s: *mut c_void,
         input: *const u8,
@@ -30,10 +46,37 @@ extern "C" {
     ) -> i32;
 }
 
-/// Whether spans inside a member are inflated with ISA-L (unless told otherwise).
+/// Whether spans inside a member are inflated with ISA-L: unless told otherwise,
+/// and once its library is loaded (tried once).
 pub fn enabled() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var(INFLATE_ENV).map_or(true, |v| v != "zlib"))
+    *ON.get_or_init(|| std::env::var(INFLATE_ENV).map_or(true, |v| v != "zlib") && load())
+}
+
+/// Loads libisal and binds the shim to it; false (and a debug line) if it is missing.
+fn load() -> bool {
+    // SAFETY: dlopen/dlsym with NUL-terminated names; the handle is never closed, so
+    // the bound pointers stay valid for the life of the process.
+    unsafe {
+        let lib = libc::dlopen(LIBRARY.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        if lib.is_null() {
+            log::debug!("ISA-L not loaded ({LIBRARY:?} missing): gzip spans inflate with zlib-rs");
+            return false;
+        }
+        let names = [
+            c"isal_inflate_init",
+            c"isal_inflate_reset",
+            c"isal_inflate_set_dict",
+            c"isal_inflate",
+        ];
+        let syms = names.map(|n| libc::dlsym(lib, n.as_ptr()));
+        if syms.iter().any(|p| p.is_null()) {
+            log::debug!("ISA-L not used ({LIBRARY:?} lacks its inflate API): zlib-rs");
+            return false;
+        }
+        snapfs_isal_bind(syms[0], syms[1], syms[2], syms[3]);
+    }
+    true
 }
 
 /// What one [`Inflater::step`] did.
@@ -66,7 +109,8 @@ impl Inflater {
         let len = u32::try_from(dict.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "gzip window too large"))?;
         // SAFETY: the state is live; `dict` is valid for `len` bytes (ISA-L copies it).
-        let ret = unsafe { snapfs_isal_start(s.0.as_ptr(), dict.as_ptr(), len, bits, nbits.into()) };
+        let ret =
+            unsafe { snapfs_isal_start(s.0.as_ptr(), dict.as_ptr(), len, bits, nbits.into()) };
         if ret != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,

@@ -1,14 +1,30 @@
 /* snapfs: a thin C shim over ISA-L's raw-deflate inflate (igzip), so that Rust never
- * depends on the layout of `struct inflate_state`. Built only when Debian's
- * libisal-dev is present (see build.rs). */
+ * depends on the layout of `struct inflate_state`. libisal itself is loaded at run
+ * time (dlopen, see isal.rs), so the binary starts without it and a cold mount does
+ * not read it; the shim calls it through the pointers bound here. Built only when
+ * Debian's libisal-dev header is present (see build.rs). */
 #include <stdint.h>
 #include <stdlib.h>
 #include <isa-l/igzip_lib.h>
 
+static void (*inflate_init)(struct inflate_state *);
+static void (*inflate_reset)(struct inflate_state *);
+static int (*inflate_set_dict)(struct inflate_state *, uint8_t *, uint32_t);
+static int (*inflate_run)(struct inflate_state *);
+
+/* Binds libisal's isal_inflate_init, isal_inflate_reset, isal_inflate_set_dict and
+ * isal_inflate (once, before any other call). */
+void snapfs_isal_bind(void *init, void *reset, void *set_dict, void *run) {
+    inflate_init = (void (*)(struct inflate_state *))init;
+    inflate_reset = (void (*)(struct inflate_state *))reset;
+    inflate_set_dict = (int (*)(struct inflate_state *, uint8_t *, uint32_t))set_dict;
+    inflate_run = (int (*)(struct inflate_state *))run;
+}
+
 struct inflate_state *snapfs_isal_new(void) {
     struct inflate_state *s = malloc(sizeof *s);
     if (s)
-        isal_inflate_init(s);
+        inflate_init(s);
     return s;
 }
 
@@ -18,10 +34,10 @@ void snapfs_isal_free(struct inflate_state *s) { free(s); }
  * come before the next input byte, `dict` is the window (may be empty). */
 int snapfs_isal_start(struct inflate_state *s, const uint8_t *dict, uint32_t dict_len,
                       uint8_t bits, int32_t nbits) {
-    isal_inflate_reset(s);
+    inflate_reset(s);
     s->crc_flag = ISAL_DEFLATE;
     if (dict_len) {
-        int r = isal_inflate_set_dict(s, (uint8_t *)dict, dict_len);
+        int r = inflate_set_dict(s, (uint8_t *)dict, dict_len);
         if (r != COMP_OK)
             return r;
     }
@@ -39,7 +55,7 @@ int snapfs_isal_step(struct inflate_state *s, const uint8_t *in, uint32_t in_len
     s->avail_in = in_len;
     s->next_out = out;
     s->avail_out = out_len;
-    int r = isal_inflate(s);
+    int r = inflate_run(s);
     *consumed = in_len - s->avail_in;
     *produced = out_len - s->avail_out;
     *finished = s->block_state == ISAL_BLOCK_FINISH;
