@@ -1472,58 +1472,86 @@ fn decode_span_with(
         })
         .map_or(IN_CHUNK, |len| len.clamp(64 * 1024, MAX_SPAN_READ));
     let mut input = FileInput::new(file, cp.compressed, first_read);
-
-    let mut inf;
-    if cp.member_start {
-        inf = Inflater::new(WBITS_GZIP)?;
-    } else {
-        let (bits, window) = resume_point(file, cp, i)?;
-        #[cfg(snapfs_isal)]
-        if isal && isal::enabled() {
-            out.reserve(want.min(OUT_RESERVE_STEP));
-            if isal_span(&mut input, i, want, (&window, bits, cp.bits), out)? {
-                return verify_blocks(table, i, out);
-            }
-            // The member ended inside the span: zlib goes on into the next one.
-            out.clear();
-            input = FileInput::new(file, cp.compressed, first_read);
-        }
-        inf = Inflater::new(WBITS_RAW)?;
-        if cp.bits > 0 {
-            inf.prime(cp.bits, bits)?;
-        }
-        if !window.is_empty() {
-            inf.set_dictionary(&window)?;
-        }
+    let resume = match cp.member_start {
+        true => None,
+        false => Some(resume_point(file, cp, i)?),
+    };
+    let resume = resume.as_ref().map(|(bits, window)| (&window[..], *bits, cp.bits));
+    #[cfg(snapfs_isal)]
+    if isal && isal::enabled() {
+        isal_span(&mut input, i, want, resume, out)?;
+        return verify_blocks(table, i, out);
     }
-    let mut raw = !cp.member_start;
+    zlib_span(&mut input, i, want, resume, out)?;
+    verify_blocks(table, i, out)
+}
 
+/// Where a span's inflate starts: `None` at a gzip member header, else inside a member
+/// at a block boundary, as `(window, bits, nbits)` (see [`resume_point`]).
+type Resume<'w> = Option<(&'w [u8], u8, u8)>;
+
+/// Fills `out` (empty) with the first `want` bytes of a span. `step` inflates into the
+/// room it is given (never more than is still wanted) and returns how many bytes it
+/// wrote there.
+fn fill_span(
+    want: usize,
+    out: &mut Vec<u8>,
+    mut step: impl FnMut(&mut [MaybeUninit<u8>]) -> io::Result<usize>,
+) -> io::Result<()> {
     out.reserve(want.min(OUT_RESERVE_STEP));
-    let mut stalls = 0u32;
-    let mut last_dt: c_int = -1;
-    let mut eof = false;
     while out.len() < want {
-        if input.avail().is_empty() && !eof && !input.refill()? {
-            // Inflate may still hold the last bits and pending output; the
-            // stall check below reports truncation once it stops changing.
-            eof = true;
-        }
         if out.capacity() == out.len() {
             out.reserve((want - out.len()).min(OUT_RESERVE_STEP));
         }
         let room = want - out.len();
         let spare = out.spare_capacity_mut();
         let spare_len = spare.len().min(room);
-        let step = inf.inflate_uninit(input.avail(), &mut spare[..spare_len], z::Z_NO_FLUSH);
-        let produced = step.produced.min(spare_len);
-        // SAFETY: inflate initialized the first `produced` bytes of the spare
-        // capacity, and `produced` does not exceed it.
+        let produced = step(&mut spare[..spare_len])?.min(spare_len);
+        // SAFETY: both inflaters report the bytes they wrote, which are the first
+        // `produced` bytes of the spare capacity, and `produced` does not exceed it.
         unsafe { out.set_len(out.len() + produced) };
+    }
+    Ok(())
+}
+
+/// Inflates the first `want` bytes of span `i` with zlib-rs into `out`, from `resume`
+/// on, going on into the next gzip member where one ends inside the span.
+fn zlib_span(
+    input: &mut FileInput<'_>,
+    i: usize,
+    want: usize,
+    resume: Resume<'_>,
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    let mut inf;
+    match resume {
+        None => inf = Inflater::new(WBITS_GZIP)?,
+        Some((window, bits, nbits)) => {
+            inf = Inflater::new(WBITS_RAW)?;
+            if nbits > 0 {
+                inf.prime(nbits, bits)?;
+            }
+            if !window.is_empty() {
+                inf.set_dictionary(window)?;
+            }
+        }
+    }
+    let mut raw = resume.is_some();
+    let mut stalls = 0u32;
+    let mut last_dt: c_int = -1;
+    let mut eof = false;
+    fill_span(want, out, |spare| {
+        if input.avail().is_empty() && !eof && !input.refill()? {
+            // Inflate may still hold the last bits and pending output; the
+            // stall check below reports truncation once it stops changing.
+            eof = true;
+        }
+        let step = inf.inflate_uninit(input.avail(), spare, z::Z_NO_FLUSH);
         input.consume(step.consumed);
         match step.ret {
             z::Z_OK | z::Z_BUF_ERROR => {
                 let dt = inf.data_type();
-                if step.consumed == 0 && produced == 0 && dt == last_dt {
+                if step.consumed == 0 && step.produced == 0 && dt == last_dt {
                     stalls += 1;
                     if stalls > MAX_STALLS {
                         return Err(stuck(eof, input.offset()?, i));
@@ -1534,12 +1562,9 @@ fn decode_span_with(
                 last_dt = dt;
             }
             z::Z_STREAM_END => {
-                if out.len() >= want {
-                    break;
-                }
-                // The member ended inside the span: continue with the next
-                // member. Give back whole bytes held in the bit buffer, skip
-                // the 8-byte trailer if raw inflate left it unread.
+                // The member ended: go on with the next one (if more is wanted).
+                // Give back whole bytes held in the bit buffer, skip the 8-byte
+                // trailer if raw inflate left it unread.
                 let held = (inf.data_type() & 63) as u64 / 8;
                 let mut next = input.offset()?.checked_sub(held).ok_or_else(overflow)?;
                 if raw {
@@ -1554,8 +1579,8 @@ fn decode_span_with(
             }
             ret => return Err(inflate_error(&inf, ret, input.offset()?)),
         }
-    }
-    verify_blocks(table, i, out)
+        Ok(step.produced)
+    })
 }
 
 /// Inflate of span `i` stopped moving at compressed offset `at`: the stream is
@@ -1601,51 +1626,56 @@ fn resume_point(file: &dyn Source, cp: &GzipCheckpoint, i: usize) -> io::Result<
     Ok((bits, window))
 }
 
-/// Inflates the first `want` bytes of span `i` with ISA-L into `out` (empty, with
-/// room reserved), resuming from `(window, bits, nbits)` (see [`resume_point`]).
-/// `Ok(false)`: the member ended first (the caller decodes the span with zlib, which
-/// goes on into the next member).
+/// Inflates the first `want` bytes of span `i` with ISA-L into `out`, from `resume`
+/// on, going on into the next gzip member where one ends inside the span (ISA-L checks
+/// the CRC and length of every member it reads from its header on).
 #[cfg(snapfs_isal)]
 fn isal_span(
     input: &mut FileInput<'_>,
     i: usize,
     want: usize,
-    (window, bits, nbits): (&[u8], u8, u8),
+    resume: Resume<'_>,
     out: &mut Vec<u8>,
-) -> io::Result<bool> {
-    let mut inf = isal::Inflater::resume(window, bits, nbits)?;
+) -> io::Result<()> {
+    let mut inf = match resume {
+        None => isal::Inflater::gzip()?,
+        Some((window, bits, nbits)) => isal::Inflater::resume(window, bits, nbits)?,
+    };
+    let mut raw = resume.is_some();
     let mut stalls = 0u32;
     let mut eof = false;
-    while out.len() < want {
+    fill_span(want, out, |spare| {
         if input.avail().is_empty() && !eof && !input.refill()? {
             eof = true;
         }
-        if out.capacity() == out.len() {
-            out.reserve((want - out.len()).min(OUT_RESERVE_STEP));
-        }
-        let room = want - out.len();
-        let spare = out.spare_capacity_mut();
-        let spare_len = spare.len().min(room);
-        let step = inf.step(input.avail(), &mut spare[..spare_len]);
-        let produced = step.produced.min(spare_len);
-        // SAFETY: ISA-L wrote the first `produced` bytes of the spare capacity.
-        unsafe { out.set_len(out.len() + produced) };
+        let step = inf.step(input.avail(), spare);
         input.consume(step.consumed);
+        if step.given_back > 0 {
+            let back = input.offset()?.checked_sub(step.given_back as u64);
+            input.seek(back.ok_or_else(overflow)?);
+        }
         if step.ret < 0 {
             let at = input.offset()?;
+            let what = match step.ret {
+                isal::CHECKSUM_MISMATCH => "CRC or length mismatch".to_string(),
+                ret => format!("invalid deflate data (ISA-L error {ret})"),
+            };
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!(
-                    "corrupt gzip data near compressed offset {at}: invalid deflate data \
-                     (ISA-L error {})",
-                    step.ret
-                ),
+                format!("corrupt gzip data near compressed offset {at}: {what}"),
             ));
         }
         if step.finished {
-            return Ok(out.len() >= want);
-        }
-        if step.consumed == 0 && produced == 0 {
+            // The member ended: go on with the next one (if more is wanted). Raw
+            // inflate leaves the 8-byte trailer unread.
+            if raw {
+                input.seek(input.offset()?.checked_add(8).ok_or_else(overflow)?);
+                raw = false;
+            }
+            inf.next_member()?;
+            eof = false;
+            stalls = 0;
+        } else if step.consumed == 0 && step.produced == 0 {
             stalls += 1;
             if stalls > MAX_STALLS {
                 return Err(stuck(eof, input.offset()?, i));
@@ -1653,8 +1683,8 @@ fn isal_span(
         } else {
             stalls = 0;
         }
-    }
-    Ok(true)
+        Ok(step.produced)
+    })
 }
 
 #[cfg(test)]
@@ -2320,6 +2350,29 @@ mod tests {
                 let err = err.expect_err("damaged span decoded");
                 assert!(err.to_string().contains("offset"), "{err}");
             }
+        }
+        // Small members, many inside one span: a member's CRC that does not match
+        // fails its span either way.
+        let mut many = Vec::new();
+        let mut trailers = Vec::new();
+        for chunk in data()[..2 * MIB as usize].chunks(40_000) {
+            many.extend_from_slice(&gzip(chunk, 6));
+            trailers.push(many.len() - 8);
+        }
+        let (_, t) = index(&many, MIB, 1 << 20).unwrap();
+        let mut bad = many.clone();
+        let k = trailers[trailers.len() / 3];
+        bad[k] ^= 1;
+        let f = write_tmp(&bad);
+        let i = (0..t.span_count())
+            .rev()
+            .find(|&i| t.checkpoints[i].compressed < k as u64)
+            .unwrap();
+        let mut out = Vec::new();
+        for isal in [true, false] {
+            let err = decode_span_with(f.as_file(), &t, i, u64::MAX, isal, &mut out);
+            let err = err.expect_err("span with a bad member CRC decoded");
+            assert!(err.to_string().contains("offset"), "{err}");
         }
     }
 

@@ -1,7 +1,8 @@
 //! Raw-deflate inflate with ISA-L's igzip (Debian's libisal, through the C shim
 //! `isal_shim.c`, so Rust never sees the layout of its state). It inflates 1.3–1.6×
 //! faster per core than zlib-rs (`docs/BENCHMARKS.md`, inflate table), and decodes the
-//! spans that resume inside a gzip member. Built where `build.rs` finds libisal-dev's
+//! spans of a seek table, both those that resume inside a gzip member and those that
+//! start at one. Built where `build.rs` finds libisal-dev's
 //! header; the library is loaded on first use (`dlopen` of `libisal.so.2`), so a mount
 //! that never inflates does not read it, and a host without it inflates with zlib-rs
 //! (a debug log line says so). `SNAPFS_INFLATE=zlib` turns it off.
@@ -29,6 +30,7 @@ extern "C" {
     fn snapfs_isal_free(s: *mut c_void);
     fn snapfs_isal_start(
         s: *mut c_void,
+        gzip: i32,
         dict: *const u8,
         dict_len: u32,
         bits: u8,
@@ -41,6 +43,7 @@ extern "C" {
         out: *mut u8,
         out_len: u32,
         consumed: *mut u32,
+        given_back: *mut u32,
         produced: *mut u32,
         finished: *mut i32,
     ) -> i32;
@@ -79,15 +82,23 @@ fn load() -> bool {
     true
 }
 
+/// ISA-L's return code for a gzip trailer that does not match the data.
+pub const CHECKSUM_MISMATCH: i32 = -6;
+
 /// What one [`Inflater::step`] did.
 pub struct Step {
-    /// ISA-L's return code: negative for corrupt input.
+    /// ISA-L's return code: negative for corrupt input ([`CHECKSUM_MISMATCH`] for a
+    /// member whose CRC or length does not match).
     pub ret: i32,
     /// Input bytes it took.
     pub consumed: usize,
+    /// Input bytes an earlier step took that belong after the end of the stream
+    /// (ISA-L reads ahead): the input goes back by this many.
+    pub given_back: usize,
     /// Output bytes it wrote.
     pub produced: usize,
-    /// The deflate stream ended (its final block is out).
+    /// The stream ended: its final block is out (and, for a gzip member, its trailer
+    /// was checked).
     pub finished: bool,
 }
 
@@ -102,29 +113,59 @@ impl Inflater {
     /// A raw-deflate stream resuming at a block boundary: `nbits` (< 8) bits of
     /// `bits` come before the first input byte, and `dict` is the window.
     pub fn resume(dict: &[u8], bits: u8, nbits: u8) -> io::Result<Self> {
+        let mut s = Self::alloc()?;
+        s.start(false, dict, bits, nbits)?;
+        Ok(s)
+    }
+
+    /// A stream starting at a gzip member header (ISA-L checks its header, CRC and
+    /// length).
+    pub fn gzip() -> io::Result<Self> {
+        let mut s = Self::alloc()?;
+        s.next_member()?;
+        Ok(s)
+    }
+
+    /// Starts over at the next gzip member's header.
+    pub fn next_member(&mut self) -> io::Result<()> {
+        self.start(true, &[], 0, 0)
+    }
+
+    fn alloc() -> io::Result<Self> {
         // SAFETY: allocates and initializes a state, or returns null.
-        let s = NonNull::new(unsafe { snapfs_isal_new() })
+        NonNull::new(unsafe { snapfs_isal_new() })
             .map(Inflater)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "ISA-L inflate state"))?;
+            .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "ISA-L inflate state"))
+    }
+
+    fn start(&mut self, gzip: bool, dict: &[u8], bits: u8, nbits: u8) -> io::Result<()> {
         let len = u32::try_from(dict.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "gzip window too large"))?;
         // SAFETY: the state is live; `dict` is valid for `len` bytes (ISA-L copies it).
-        let ret =
-            unsafe { snapfs_isal_start(s.0.as_ptr(), dict.as_ptr(), len, bits, nbits.into()) };
+        let ret = unsafe {
+            snapfs_isal_start(
+                self.0.as_ptr(),
+                gzip.into(),
+                dict.as_ptr(),
+                len,
+                bits,
+                nbits.into(),
+            )
+        };
         if ret != 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 format!("ISA-L refused the gzip window ({ret})"),
             ));
         }
-        Ok(s)
+        Ok(())
     }
 
     /// Inflates from `input` into `out`.
     pub fn step(&mut self, input: &[u8], out: &mut [MaybeUninit<u8>]) -> Step {
         let in_len = u32::try_from(input.len()).unwrap_or(u32::MAX);
         let out_len = u32::try_from(out.len()).unwrap_or(u32::MAX);
-        let (mut consumed, mut produced, mut finished) = (0u32, 0u32, 0i32);
+        let (mut consumed, mut given_back, mut produced, mut finished) = (0u32, 0u32, 0u32, 0i32);
         // SAFETY: the state is live; ISA-L reads at most `in_len` bytes of `input` and
         // writes at most `out_len` bytes into `out` (uninitialized memory is fine to
         // write), and reports how many.
@@ -136,6 +177,7 @@ impl Inflater {
                 out.as_mut_ptr().cast(),
                 out_len,
                 &mut consumed,
+                &mut given_back,
                 &mut produced,
                 &mut finished,
             )
@@ -143,6 +185,7 @@ impl Inflater {
         Step {
             ret,
             consumed: consumed as usize,
+            given_back: given_back as usize,
             produced: produced as usize,
             finished: finished != 0,
         }

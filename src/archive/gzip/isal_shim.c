@@ -30,11 +30,16 @@ struct inflate_state *snapfs_isal_new(void) {
 
 void snapfs_isal_free(struct inflate_state *s) { free(s); }
 
-/* Starts a raw deflate stream at a block boundary: `nbits` (< 8) bits of `bits`
+/* Starts a stream. `gzip`: a gzip member whose header, CRC and length ISA-L checks.
+ * Otherwise raw deflate resuming at a block boundary: `nbits` (< 8) bits of `bits`
  * come before the next input byte, `dict` is the window (may be empty). */
-int snapfs_isal_start(struct inflate_state *s, const uint8_t *dict, uint32_t dict_len,
-                      uint8_t bits, int32_t nbits) {
+int snapfs_isal_start(struct inflate_state *s, int32_t gzip, const uint8_t *dict,
+                      uint32_t dict_len, uint8_t bits, int32_t nbits) {
     inflate_reset(s);
+    if (gzip) {
+        s->crc_flag = ISAL_GZIP;
+        return 0;
+    }
     s->crc_flag = ISAL_DEFLATE;
     if (dict_len) {
         int r = inflate_set_dict(s, (uint8_t *)dict, dict_len);
@@ -47,16 +52,26 @@ int snapfs_isal_start(struct inflate_state *s, const uint8_t *dict, uint32_t dic
 }
 
 /* One call of isal_inflate; reports what it consumed and produced, and whether the
- * deflate stream ended (its final block done). */
+ * stream ended (its final block out and, for gzip, its trailer checked). When the
+ * stream ends, the whole bytes ISA-L had read ahead go back, and those an earlier
+ * call reported as consumed come out as `given_back`. */
 int snapfs_isal_step(struct inflate_state *s, const uint8_t *in, uint32_t in_len,
-                     uint8_t *out, uint32_t out_len, uint32_t *consumed, uint32_t *produced,
-                     int *finished) {
+                     uint8_t *out, uint32_t out_len, uint32_t *consumed, uint32_t *given_back,
+                     uint32_t *produced, int *finished) {
     s->next_in = (uint8_t *)in;
     s->avail_in = in_len;
     s->next_out = out;
     s->avail_out = out_len;
     int r = inflate_run(s);
-    *consumed = in_len - s->avail_in;
+    int64_t moved = (int64_t)in_len - (int64_t)s->avail_in;
+    if (s->block_state == ISAL_BLOCK_FINISH && s->read_in_length >= 8) {
+        /* ISA-L before 2.31 keeps the read-ahead bytes at the end of a raw stream. */
+        moved -= s->read_in_length / 8;
+        s->read_in_length = 0;
+        s->read_in = 0;
+    }
+    *consumed = moved > 0 ? (uint32_t)moved : 0;
+    *given_back = moved < 0 ? (uint32_t)-moved : 0;
     *produced = out_len - s->avail_out;
     *finished = s->block_state == ISAL_BLOCK_FINISH;
     return r;
