@@ -1476,7 +1476,9 @@ fn decode_span_with(
         true => None,
         false => Some(resume_point(file, cp, i)?),
     };
-    let resume = resume.as_ref().map(|(bits, window)| (&window[..], *bits, cp.bits));
+    let resume = resume
+        .as_ref()
+        .map(|(bits, window)| (&window[..], *bits, cp.bits));
     #[cfg(snapfs_isal)]
     if isal && isal::enabled() {
         isal_span(&mut input, i, want, resume, out)?;
