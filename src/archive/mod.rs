@@ -339,13 +339,17 @@ enum Backing {
 
 /// Threads that decode spans ahead of a sequential reader.
 const PREFETCH_THREADS: usize = 2;
-/// How many spans ahead of a reader are decoded (once it reads a span's second half),
-/// but no more than [`PREFETCH_BYTES`] of spans unless that is fewer than two. Four
-/// 4 MiB spans, not two, keep both cores inflating while the reader catches up (1 GiB
-/// tar.gz read with `dd`, 410-530 MB/s instead of 320-360); the 1 MiB members that
-/// `snapfs create` writes go twelve ahead (512 MiB read with `dd`, 687-1000 MB/s
-/// against 678-839 four ahead, alternating runs).
+/// How many spans of a fast decoder (gzip, zstd) ahead of a reader are decoded (once
+/// it reads a span's second half), but no more than [`PREFETCH_BYTES`] of spans unless
+/// that is fewer than two. Four 4 MiB spans, not two, keep both cores inflating while
+/// the reader catches up (1 GiB tar.gz read with `dd`, 410-530 MB/s instead of
+/// 320-360); the 1 MiB members that `snapfs create` writes go twelve ahead, as a span
+/// takes about a millisecond (512 MiB read with `dd`, 959-1034 MB/s against 773-922
+/// four ahead, alternating runs).
 const PREFETCH_SPANS: usize = 12;
+/// The same for slow decoders (xz, bzip2): a span takes long enough that four ahead
+/// keep both threads busy, and more would only hold memory.
+const PREFETCH_SPANS_SLOW: usize = 4;
 /// Decoded bytes ahead of a reader: 8 MiB pzstd frames four ahead held 32 MiB more,
 /// two ahead keep both cores busy as well.
 const PREFETCH_BYTES: u64 = 16 << 20;
@@ -534,8 +538,12 @@ impl StreamReader {
 
 /// Spans decoded ahead of a sequential reader of `table`'s stream.
 fn prefetch_spans(table: &SeekTable) -> usize {
+    let most = match table {
+        SeekTable::Xz(_) | SeekTable::Bzip2(_) => PREFETCH_SPANS_SLOW,
+        _ => PREFETCH_SPANS,
+    };
     let fit = PREFETCH_BYTES / table.max_span_len().max(1);
-    usize::try_from(fit).map_or(PREFETCH_SPANS, |n| n.clamp(2, PREFETCH_SPANS))
+    usize::try_from(fit).map_or(most, |n| n.clamp(2, most))
 }
 
 impl Inner {
