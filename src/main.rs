@@ -1,16 +1,6 @@
-//! The `snapfs` binary: parse arguments, run, print one error line, set the exit code.
+//! The `snapfs` executable: every local command; `serve`, `volume` and commands that name
+//! a remote object run in `snapfs-net` (see [`snapfs::cli::run_lean`]).
 
-use std::process::ExitCode;
-
-fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn"))
-        .format_timestamp(None)
-        .init();
-    match snapfs::cli::run() {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("snapfs: {e}");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> std::process::ExitCode {
+    snapfs::cli::exit_code(snapfs::cli::run_lean())
 }

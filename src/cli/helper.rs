@@ -107,7 +107,8 @@ pub fn run(args: &[OsString]) -> Result<ExitCode> {
             first.trim_start_matches("error: ")
         ))
     })?;
-    super::dispatch(cli)
+    cli.remote.apply()?;
+    super::dispatch_local(cli.command)
 }
 
 #[cfg(test)]

@@ -235,7 +235,7 @@ pub struct SnapshotWriter {
     failed: bool,
     /// For an `s3://` output: the multipart upload the bytes stream into (instead of
     /// the temporary file), completed by `finish`, aborted on drop.
-    upload: Option<crate::source::Upload>,
+    upload: Option<Box<dyn crate::source::ObjectWriter>>,
 }
 
 impl SnapshotWriter {
@@ -261,7 +261,7 @@ impl SnapshotWriter {
         }
         let remote = crate::source::is_remote(final_path);
         let upload = match remote {
-            true => Some(crate::source::Upload::start(&final_path.to_string_lossy())?),
+            true => Some(crate::source::start_upload(&final_path.to_string_lossy())?),
             false => None,
         };
         let temp_dir = std::env::temp_dir();

@@ -38,15 +38,47 @@ pub fn disk_cache() -> Option<Arc<DiskCache>> {
     DISK_CACHE.get().cloned()
 }
 
-/// Every remote source opened by [`open`] in this process (for status lines).
-static REMOTES: std::sync::Mutex<Vec<std::sync::Weak<RemoteSource>>> =
-    std::sync::Mutex::new(Vec::new());
+/// The network half of this module: remote objects and uploads. [`enable_network`]
+/// installs it; the lean `snapfs` executable never does, so none of the HTTP, TLS and S3
+/// code is linked into it (it hands commands that name a remote object to `snapfs-net`).
+struct Network {
+    open: fn(&str) -> crate::error::Result<Arc<dyn Source>>,
+    upload: fn(&str) -> crate::error::Result<Box<dyn ObjectWriter>>,
+}
 
-/// The remote sources of this process still open.
-pub fn remotes() -> Vec<Arc<RemoteSource>> {
-    let mut g = REMOTES.lock().unwrap_or_else(|p| p.into_inner());
-    g.retain(|w| w.strong_count() > 0);
-    g.iter().filter_map(|w| w.upgrade()).collect()
+static NETWORK: std::sync::OnceLock<Network> = std::sync::OnceLock::new();
+
+/// Lets [`open`] open `s3://` and `http(s)://` objects and [`start_upload`] write them.
+pub fn enable_network() {
+    let _ = NETWORK.set(Network {
+        open: |url| Ok(Arc::new(RemoteSource::open(url, disk_cache())?)),
+        upload: |url| Ok(Box::new(Upload::start(url)?)),
+    });
+}
+
+/// The network half, or the error naming `url` that says it is not in this executable.
+fn network(url: &str) -> crate::error::Result<&'static Network> {
+    NETWORK.get().ok_or_else(|| crate::error::Error::Remote {
+        url: url.to_string(),
+        message: format!("remote objects are served by {NET_EXECUTABLE}, not this executable"),
+    })
+}
+
+/// The executable that holds the network half (installed beside `snapfs`).
+pub const NET_EXECUTABLE: &str = "snapfs-net";
+
+/// An object being written while it is produced ([`Upload`]): nothing is visible until
+/// [`finish`](Self::finish); dropped unfinished, it stores nothing.
+pub trait ObjectWriter: Send {
+    /// Appends `bytes`.
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes the object appear whole.
+    fn finish(self: Box<Self>) -> crate::error::Result<()>;
+}
+
+/// Starts writing the object `url` (`s3://BUCKET/KEY`).
+pub fn start_upload(url: &str) -> crate::error::Result<Box<dyn ObjectWriter>> {
+    (network(url)?.upload)(url)
 }
 
 /// The source `path` names: a remote object for `s3://` and `http(s)://` URLs, else a
@@ -54,12 +86,7 @@ pub fn remotes() -> Vec<Arc<RemoteSource>> {
 pub fn open(path: &std::path::Path) -> crate::error::Result<Arc<dyn Source>> {
     if is_remote(path) {
         let url = path.to_string_lossy();
-        let src = Arc::new(RemoteSource::open(&url, disk_cache())?);
-        REMOTES
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(Arc::downgrade(&src));
-        return Ok(src);
+        return (network(&url)?.open)(&url);
     }
     Ok(Arc::new(FileSource::open(path)?))
 }

@@ -44,8 +44,25 @@ impl Upload {
         std::io::Error::other(format!("uploading {}: {}", self.url, describe(&e)))
     }
 
+    /// True if the object exists with the size written.
+    fn landed(&self) -> bool {
+        let Ok(loc) = locate(&self.url) else {
+            return false;
+        };
+        let meta = block_on(async { loc.store.head(&loc.path).await });
+        match meta {
+            Ok(m) if m.size == self.written => {
+                log::info!("{}: completed by an earlier attempt", self.url);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl super::ObjectWriter for Upload {
     /// Appends `bytes`; waits while [`PARTS_IN_FLIGHT`] parts are uploading.
-    pub fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         let Some(w) = self.writer.as_mut() else {
             return Err(std::io::Error::other("upload already finished"));
         };
@@ -56,13 +73,8 @@ impl Upload {
         r.map_err(|e| self.error(e))
     }
 
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
     /// Uploads the last part and completes the upload: the object appears whole.
-    pub fn finish(mut self) -> Result<()> {
+    fn finish(mut self: Box<Self>) -> Result<()> {
         let Some(w) = self.writer.take() else {
             return Err(Error::Internal("upload finished twice".into()));
         };
@@ -76,21 +88,6 @@ impl Upload {
                 url: self.url.clone(),
                 message: format!("cannot complete the upload: {}", describe(&e)),
             }),
-        }
-    }
-
-    /// True if the object exists with the size written.
-    fn landed(&self) -> bool {
-        let Ok(loc) = locate(&self.url) else {
-            return false;
-        };
-        let meta = block_on(async { loc.store.head(&loc.path).await });
-        match meta {
-            Ok(m) if m.size == self.written => {
-                log::info!("{}: completed by an earlier attempt", self.url);
-                true
-            }
-            _ => false,
         }
     }
 }
