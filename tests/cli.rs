@@ -184,3 +184,38 @@ fn issue_10_mounting_over_a_live_mount_is_refused_and_umount_returns_promptly() 
     assert!(!util::is_mounted(&mnt));
     drop(m);
 }
+
+/// `snapfs` hands serve, volume and remote objects to `snapfs-net` beside it: the same
+/// result through either, and one clear error line when `snapfs-net` is missing.
+#[test]
+fn lean_executable_hands_network_commands_to_snapfs_net() {
+    let td = TestDir::new("lean");
+    let net = Path::new(util::bin()).with_file_name("snapfs-net");
+    let sock = td.join("no-service.sock");
+    let volume_ls = [
+        OsStr::new("volume"),
+        OsStr::new("ls"),
+        OsStr::new("--service"),
+        sock.as_os_str(),
+    ];
+    let lean = util::snapfs(volume_ls);
+    let full = util::run(Command::new(&net).args(volume_ls));
+    util::assert_one_line_error(&lean, "cannot reach the snapfs service");
+    assert_eq!(lean.stderr_str(), full.stderr_str());
+    // A remote object: a closed port refuses the HEAD, and the error names the URL.
+    let mnt = td.mkdir("mnt");
+    let url = "http://127.0.0.1:9/x.tar";
+    let mount_url = [OsStr::new("mount"), OsStr::new(url), mnt.as_os_str()];
+    let r = util::snapfs(mount_url);
+    util::assert_one_line_error(&r, url);
+    // Alone, the lean executable names what it is missing.
+    let alone = td.mkdir("bin").join("snapfs");
+    fs::copy(util::bin(), &alone).unwrap();
+    for args in [&volume_ls[..], &mount_url] {
+        let r = util::run(Command::new(&alone).args(args));
+        util::assert_one_line_error(&r, "snapfs-net");
+    }
+    // Local commands need only the lean one.
+    util::run_ok(Command::new(&alone).arg("--version"));
+    assert!(!util::is_mounted(&mnt));
+}
