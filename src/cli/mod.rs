@@ -183,11 +183,7 @@ fn hand_over(argv: &[OsString]) -> Error {
         .arg0(argv0)
         .args(rest)
         .exec();
-    Error::io(
-        "cannot run (serve, volume and remote objects need it)",
-        &exe,
-        e,
-    )
+    Error::io("serve, volume and remote objects need", &exe, e)
 }
 
 /// Parses `argv` and runs the subcommand, `network` those of the network half. Invoked
