@@ -30,8 +30,6 @@ use std::io::{self, Read};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use ::bzip2::{Decompress, Status};
 
 use super::ahead::{Ahead, Decode};
@@ -917,23 +915,12 @@ pub fn decode_span_prefix(
         need.push(*b);
         have = have.saturating_add(u64::from(b.uncompressed_len));
     }
-    let r = match need.as_slice() {
-        [b] => decode_block_into(src, b, Some(b.uncompressed_len), out),
-        // Independent blocks: decoded on all cores, then joined in order.
-        _ => {
-            let parts: Vec<io::Result<Vec<u8>>> = need
-                .par_iter()
-                .map(|b| {
-                    let mut v = Vec::new();
-                    decode_block_into(src, b, Some(b.uncompressed_len), &mut v).map(|()| v)
-                })
-                .collect();
-            parts.into_iter().try_for_each(|p| {
-                out.extend_from_slice(&p?);
-                Ok(())
-            })
-        }
-    };
+    // One block after the other: a span is decoded on one of the threads that share
+    // the decoding (the reader's, or a prefetch thread), so that no more decoders run
+    // (each holding its block's working memory) than there are such threads.
+    let r = need
+        .iter()
+        .try_for_each(|b| decode_block_into(src, b, Some(b.uncompressed_len), out));
     if let Err(e) = r {
         out.clear();
         return Err(e);

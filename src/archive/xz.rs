@@ -26,8 +26,6 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 use liblzma::stream::{Action, Status, Stream};
 
 use super::ahead::{Ahead, Decode};
@@ -764,23 +762,10 @@ pub fn decode_span_prefix(
         need.push(*b);
         have = have.saturating_add(b.uncompressed_len);
     }
-    let r = match need.as_slice() {
-        [b] => decode_block_into(src, b, out),
-        // Independent blocks: decoded on all cores, then joined in order.
-        _ => {
-            let parts: Vec<io::Result<Vec<u8>>> = need
-                .par_iter()
-                .map(|b| {
-                    let mut v = Vec::new();
-                    decode_block_into(src, b, &mut v).map(|()| v)
-                })
-                .collect();
-            parts.into_iter().try_for_each(|p| {
-                out.extend_from_slice(&p?);
-                Ok(())
-            })
-        }
-    };
+    // One block after the other: a span is decoded on one of the threads that share
+    // the decoding (the reader's, or a prefetch thread), so that no more decoders run
+    // (each holding its block's working memory) than there are such threads.
+    let r = need.iter().try_for_each(|b| decode_block_into(src, b, out));
     if let Err(e) = r {
         out.clear();
         return Err(e);
