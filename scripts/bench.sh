@@ -54,6 +54,8 @@ fi
 source "$REPO/scripts/bench-lib.sh"
 # A private copy: a concurrent cargo build must not swap the binary mid-run.
 cp "$SNAPFS" "$W/snapfs" || { echo "cannot copy $SNAPFS" >&2; exit 1; }
+# and the executable it hands serve, volume and remote objects to, where there is one
+if [[ -x $(dirname "$SNAPFS")/snapfs-net ]]; then cp "$(dirname "$SNAPFS")/snapfs-net" "$W/snapfs-net"; fi
 SNAPFS=$W/snapfs
 
 cleanup() {

@@ -66,6 +66,8 @@ if [[ -n ${WORK:-} ]]; then W=$WORK; mkdir -p "$W"; else W=$(mktemp -d /var/tmp/
 # shellcheck source=scripts/bench-lib.sh
 source "$REPO/scripts/bench-lib.sh"
 cp "$SNAPFS" "$W/snapfs" || { echo "cannot copy $SNAPFS" >&2; exit 1; }
+# and the executable it hands serve, volume and remote objects to, where there is one
+if [[ -x $(dirname "$SNAPFS")/snapfs-net ]]; then cp "$(dirname "$SNAPFS")/snapfs-net" "$W/snapfs-net"; fi
 SNAPFS=$W/snapfs
 
 cleanup() {
