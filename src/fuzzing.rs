@@ -433,7 +433,7 @@ fn check_file(
             Err(e) => return fail("a piecewise read", e),
         }
     }
-    if pieces != whole {
+    if pieces[..] != whole[..] {
         return Err("piecewise reads differ from one whole read".into());
     }
     for off in [size, size.saturating_add(1), u64::MAX] {
@@ -459,7 +459,7 @@ fn check_file(
                     ));
                 }
                 let end = off.saturating_add(v.len() as u64);
-                if end <= cap && whole.get(off as usize..end as usize) != Some(v.as_slice()) {
+                if end <= cap && whole.get(off as usize..end as usize) != Some(&v[..]) {
                     return Err(format!("read at {off} differs from the whole read"));
                 }
             }

@@ -17,7 +17,9 @@
 //!   archive-side owner of its parent directory.
 
 use crate::error::{Error, Result};
-use crate::index::tree::{Attr, DirPlusSink, DirSink, FreeSpace, FsStats, Owner, SetAttr, Tree};
+use crate::index::tree::{
+    Attr, DirPlusSink, DirSink, FreeSpace, FsStats, Owner, ReadBytes, SetAttr, Tree,
+};
 
 /// The id shown for an archive id that no range maps (`/proc/sys/kernel/overflowuid`).
 pub const OVERFLOW_ID: u32 = 65534;
@@ -284,7 +286,7 @@ impl Tree for MappedTree {
             })
         })
     }
-    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadBytes> {
         self.inner.read(ino, offset, size)
     }
     fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64> {

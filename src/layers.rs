@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
-use crate::index::tree::{Attr, DirSink, FsStats, Tree};
+use crate::index::tree::{Attr, DirSink, FsStats, ReadBytes, Tree};
 use crate::index::ROOT_INO;
 
 /// Prefix of whiteout entries.
@@ -301,7 +301,7 @@ impl Tree for LayeredTree {
         self.layer(n).xattr(n.ino, name)
     }
 
-    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadBytes> {
         let n = self.node(ino)?;
         self.layer(n).read(n.ino, offset, size)
     }
@@ -380,7 +380,7 @@ mod tests {
 
     fn content(t: &dyn Tree, path: &str) -> String {
         let ino = resolve(t, path).unwrap();
-        String::from_utf8(t.read(ino, 0, 1 << 20).unwrap()).unwrap()
+        String::from_utf8(t.read(ino, 0, 1 << 20).unwrap().into_vec()).unwrap()
     }
 
     fn names(t: &dyn Tree, path: &str) -> Vec<String> {

@@ -4,6 +4,7 @@
 //! nothing of where the bytes live, of paths in the tree, or of FUSE.
 
 mod ahead;
+mod bytes;
 pub mod bzip2;
 mod fill;
 pub mod gzip;
@@ -13,6 +14,8 @@ pub mod spill;
 pub mod tar;
 pub mod xz;
 pub mod zstd;
+
+pub use bytes::ReadBytes;
 
 /// Span arithmetic shared by the seek tables: span `i` starts at
 /// checkpoint `i`'s uncompressed offset and ends at the next one (the last at the
@@ -491,18 +494,68 @@ impl StreamReader {
             }
             Backing::Spans(cache) => {
                 let last = self.inner.read_spans(cache, buf, off)?;
-                if let Some((span, within, len, random)) = last {
-                    // Reading the second half of a span: get the next ones ready
-                    // (unless a random reader read it: it will not go on from there).
-                    if within * 2 >= len && !random {
-                        for next in span + 1..=span + inner.prefetch_spans {
-                            if next < inner.table.span_count() && cache.queue_prefetch(next) {
-                                self.prefetch(next);
-                            }
-                        }
-                    }
-                }
+                self.read_on(cache, last);
                 Ok(())
+            }
+        }
+    }
+
+    /// `len` bytes of the stream from `off`, checked as [`Self::read_exact_at`] checks
+    /// them. A large read that lies in one span (the kernel's readahead of a streamed
+    /// file) shares the decoded span's buffer: no copy, and no second buffer of its
+    /// size for each request in flight.
+    pub fn read_at(&self, off: u64, len: usize) -> Result<ReadBytes> {
+        let r = match &self.inner.backing {
+            Backing::Spans(cache) if len >= SEQUENTIAL_READ => {
+                self.entering_span(cache, off, len);
+                match self.inner.read_in_span(cache, off, len) {
+                    Ok(Some((bytes, last))) => {
+                        self.read_on(cache, Some(last));
+                        Ok(bytes)
+                    }
+                    Ok(None) => self.read_owned(off, len),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => self.read_owned(off, len),
+        };
+        self.inner.check_unchanged(off)?;
+        r
+    }
+
+    /// A sequential reader's first read in a span: the next span is asked for now,
+    /// so that it decodes on the second core while this one decodes (at a file's
+    /// first span, or when the reader outran the prefetch), not once this one is done.
+    fn entering_span(&self, cache: &SpanCache, off: u64, len: usize) {
+        let table = &self.inner.table;
+        let Some((span, (start, _))) = table.span_at(off) else {
+            return;
+        };
+        let next = span + 1;
+        if off - start < len as u64 && next < table.span_count() && cache.queue_prefetch(next) {
+            self.prefetch(next);
+        }
+    }
+
+    fn read_owned(&self, off: u64, len: usize) -> Result<ReadBytes> {
+        let mut buf = vec![0u8; len];
+        self.read_unchecked(&mut buf, off)?;
+        Ok(ReadBytes::Owned(buf))
+    }
+
+    /// After a read that ended in `last` (see [`Inner::read_spans`]): once a reader is
+    /// in the second half of a span, the next ones are decoded ahead (unless a random
+    /// reader read it: it will not go on from there).
+    fn read_on(&self, cache: &SpanCache, last: Option<LastRead>) {
+        let inner = &*self.inner;
+        let Some((span, within, len, random)) = last else {
+            return;
+        };
+        if within * 2 >= len && !random {
+            for next in span + 1..=span + inner.prefetch_spans {
+                if next < inner.table.span_count() && cache.queue_prefetch(next) {
+                    self.prefetch(next);
+                }
             }
         }
     }
@@ -549,6 +602,22 @@ fn prefetch_spans(table: &SeekTable) -> usize {
     usize::try_from(fit).map_or(most, |n| n.clamp(2, most))
 }
 
+/// Where a read of spans ended: the last span, the offset within it, its length, and
+/// whether a random reader got it (see [`Inner::read_spans`]).
+type LastRead = (usize, usize, usize, bool);
+
+/// Which bytes of which span a read wants.
+#[derive(Clone, Copy)]
+struct SpanRead {
+    span: usize,
+    /// Where the read starts in the span.
+    within: usize,
+    /// Bytes of the span it needs (from its start).
+    need: usize,
+    /// A sequential reader's (it wants the whole span decoded).
+    sequential: bool,
+}
+
 impl Inner {
     /// Fails if the archive changed since this reader was made (see
     /// [`StreamReader::read_exact_at`]); the first change seen is remembered.
@@ -581,7 +650,7 @@ impl Inner {
         cache: &SpanCache,
         buf: &mut [u8],
         mut off: u64,
-    ) -> Result<Option<(usize, usize, usize, bool)>> {
+    ) -> Result<Option<LastRead>> {
         let mut done = 0;
         let mut last = None;
         while done < buf.len() {
@@ -590,11 +659,6 @@ impl Inner {
             let within = (off - start) as usize;
             let want = (buf.len() - done).min(span_len.saturating_sub(within));
             let need = within + want;
-            let insert = if within < PREFIX_MIN {
-                Insert::Recent
-            } else {
-                Insert::Probation
-            };
             // A random read: the decoded prefix of the span goes to the spill file,
             // and later reads within it come from there (the page cache) instead of
             // inflating it again.
@@ -605,7 +669,7 @@ impl Inner {
             // Large reads are the kernel's readahead of a streamed file (random
             // readers ask for 4 KiB, small files for their size).
             let sequential = buf.len() >= SEQUENTIAL_READ
-                || (insert == Insert::Recent
+                || (within < PREFIX_MIN
                     && match span.checked_sub(1) {
                         Some(prev) => cache.read_to_end(prev) && !self.spilled(prev),
                         None => within == 0,
@@ -627,23 +691,13 @@ impl Inner {
             // ahead of a sequential reader, which will not come back to it.
             let mut decoded = false;
             let spilled_len = spill.map_or(0, |s| s.stored(span)) as usize;
-            let data = cache.get_or_insert(span, need, insert, |have, out| {
-                decoded = true;
-                if !sequential {
-                    cache.decoding_for_random(span);
-                }
-                // A read near the span's start or a sequential one wants all of it;
-                // a random read deep inside only the prefix up to it, grown
-                // geometrically (from what the cache or the spill file holds) so
-                // in-span sequential reads stay linear.
-                let have = have.max(spilled_len);
-                let limit = if within < PREFIX_MIN || sequential {
-                    usize::MAX
-                } else {
-                    (need + PREFIX_SLACK).max(have * 2)
-                };
-                self.decode_span(span, limit, out)
-            })?;
+            let read = SpanRead {
+                span,
+                within,
+                need,
+                sequential,
+            };
+            let data = self.span_data(cache, read, spilled_len, &mut decoded)?;
             let avail = data.len().saturating_sub(within);
             if avail == 0 {
                 return Err(self.eof(off));
@@ -671,6 +725,79 @@ impl Inner {
             last = Some((span, within + n, span_len, random));
         }
         Ok(last)
+    }
+
+    /// Span `read.span` with at least its first `read.need` bytes, from the cache or
+    /// decoded into it (`decoded` is then set). `spilled_len`: bytes of it the spill
+    /// file holds.
+    fn span_data(
+        &self,
+        cache: &SpanCache,
+        read: SpanRead,
+        spilled_len: usize,
+        decoded: &mut bool,
+    ) -> Result<Arc<Vec<u8>>> {
+        let SpanRead {
+            span,
+            within,
+            need,
+            sequential,
+        } = read;
+        let insert = if within < PREFIX_MIN {
+            Insert::Recent
+        } else {
+            Insert::Probation
+        };
+        cache.get_or_insert(span, need, insert, |have, out| {
+            *decoded = true;
+            if !sequential {
+                cache.decoding_for_random(span);
+            }
+            // A read near the span's start or a sequential one wants all of it;
+            // a random read deep inside only the prefix up to it, grown
+            // geometrically (from what the cache or the spill file holds) so
+            // in-span sequential reads stay linear.
+            let have = have.max(spilled_len);
+            let limit = if within < PREFIX_MIN || sequential {
+                usize::MAX
+            } else {
+                (need + PREFIX_SLACK).max(have * 2)
+            };
+            self.decode_span(span, limit, out)
+        })
+    }
+
+    /// A sequential read of `len` bytes from `off` that lies in one span, as a range
+    /// of the span's buffer, with what [`Self::read_spans`] returns for it; `None` if
+    /// it crosses into the next span or the span is shorter than indexed (the copying
+    /// path then reads it, or reports it).
+    fn read_in_span(
+        self: &Arc<Self>,
+        cache: &SpanCache,
+        off: u64,
+        len: usize,
+    ) -> Result<Option<(ReadBytes, LastRead)>> {
+        let (span, (start, end)) = self.table.span_at(off).ok_or_else(|| self.eof(off))?;
+        if off.saturating_add(len as u64) > end {
+            return Ok(None);
+        }
+        let span_len = (end - start) as usize;
+        let within = (off - start) as usize;
+        let read = SpanRead {
+            span,
+            within,
+            need: within + len,
+            sequential: true,
+        };
+        let data = self.span_data(cache, read, 0, &mut false)?;
+        if data.len() < within + len {
+            return Ok(None);
+        }
+        if within + len == span_len {
+            cache.retire(span, false);
+        }
+        let last = (span, within + len, span_len, false);
+        Ok(Some((ReadBytes::Shared(data, within..within + len), last)))
     }
 
     /// The spill file, made on first use (none for plain tar or cache-file streams).
@@ -766,6 +893,36 @@ mod tests {
             assert!(t0.elapsed().as_secs() < 20, "timed out waiting: {what}");
             std::thread::sleep(std::time::Duration::from_millis(2));
         }
+    }
+
+    #[test]
+    fn large_reads_in_one_span_share_its_buffer_and_start_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, file, table) = gzip_stream(dir.path());
+        let (s0, e0) = table.span_range(0);
+        let (s1, _) = table.span_range(1);
+        assert_eq!((s0, e0), (0, s1));
+        let reader = StreamReader::new(file, table, 64 << 20);
+        let Backing::Spans(cache) = &reader.inner.backing else {
+            panic!("not spans")
+        };
+        // The first large read of span 0: the bytes of the span's buffer, and span 1
+        // is asked for at once, before span 0 is read to its second half.
+        let len = 128 << 10;
+        let got = reader.read_at(0, len).unwrap();
+        assert!(matches!(got, ReadBytes::Shared(..)), "{got:?}");
+        assert_eq!(&*got, &data[..len]);
+        wait_for("span 1 decoded ahead", || cache.contains(1));
+        // A read across the span boundary is copied, exact.
+        let at = e0 - 1000;
+        let got = reader.read_at(at, len).unwrap();
+        assert!(matches!(got, ReadBytes::Owned(..)), "{got:?}");
+        assert_eq!(&*got, &data[at as usize..at as usize + len]);
+        // Small reads are copied too; a read past the stream's end is an error.
+        let got = reader.read_at(5000, 100).unwrap();
+        assert!(matches!(got, ReadBytes::Owned(..)), "{got:?}");
+        assert_eq!(&*got, &data[5000..5100]);
+        assert!(reader.read_at(data.len() as u64 - 10, len).is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+pub use crate::archive::ReadBytes;
 use crate::archive::StreamReader;
 use crate::error::{Error, Result};
 use crate::index::verify::HeaderCheck;
@@ -76,7 +77,7 @@ pub trait Tree: Send + Sync {
     /// Value of extended attribute `name` of `ino` (`ENODATA` if absent).
     fn xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>>;
     /// Up to `size` bytes of file `ino` from `offset`.
-    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>>;
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadBytes>;
     /// `lseek` with `SEEK_DATA` (`data = true`) or `SEEK_HOLE`.
     fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64>;
     /// Filesystem statistics.
@@ -314,7 +315,7 @@ impl Tree for DynTree {
     fn xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         (*self.0).xattr(ino, name)
     }
-    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadBytes> {
         (*self.0).read(ino, offset, size)
     }
     fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64> {
@@ -534,12 +535,11 @@ impl IndexTree {
     }
 
     /// `len` bytes of regular file `r` from `offset` (within its size).
-    fn read_data(&self, r: &InodeRecord, offset: u64, len: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len];
+    fn read_data(&self, r: &InodeRecord, offset: u64, len: usize) -> Result<ReadBytes> {
         if r.flags & crate::index::FLAG_SPARSE == 0 {
-            self.stream.read_exact_at(&mut buf, r.data + offset)?;
-            return Ok(buf);
+            return self.stream.read_at(r.data + offset, len);
         }
+        let mut buf = vec![0u8; len];
         // Sparse: copy the segments that overlap, holes stay zero.
         let end = offset + len as u64;
         let segs = self.index.file_segments(r);
@@ -556,7 +556,7 @@ impl IndexTree {
             self.stream
                 .read_exact_at(dst, s.stream + (from - s.logical))?;
         }
-        Ok(buf)
+        Ok(ReadBytes::Owned(buf))
     }
 }
 
@@ -668,7 +668,7 @@ impl Tree for IndexTree {
             .ok_or(Error::Errno(libc::ENODATA))
     }
 
-    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadBytes> {
         let r = self.rec(ino)?;
         match r.file_type() {
             libc::S_IFREG => {}
@@ -681,7 +681,7 @@ impl Tree for IndexTree {
                 .map_err(|e| self.with_entry(ino, e))?;
         }
         if offset >= r.size {
-            return Ok(Vec::new());
+            return Ok(ReadBytes::empty());
         }
         let len = (r.size - offset).min(u64::from(size)) as usize;
         self.read_data(r, offset, len)

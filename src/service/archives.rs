@@ -16,7 +16,7 @@ use crate::archive::Archive;
 use crate::cache::SpanPool;
 use crate::error::Result;
 use crate::index::build::BuildOptions;
-use crate::index::tree::{Attr, DirSink, FsStats, IndexTree, Tree};
+use crate::index::tree::{Attr, DirSink, FsStats, IndexTree, ReadBytes, Tree};
 use crate::source::Source;
 use crate::view::{self, Spans};
 
@@ -165,7 +165,7 @@ impl Tree for SharedTree {
     fn xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         self.0.tree.xattr(ino, name)
     }
-    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadBytes> {
         self.0.tree.read(ino, offset, size)
     }
     fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64> {

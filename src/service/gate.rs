@@ -6,7 +6,9 @@
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::error::Result;
-use crate::index::tree::{Attr, DirPlusSink, DirSink, FreeSpace, FsStats, Owner, SetAttr, Tree};
+use crate::index::tree::{
+    Attr, DirPlusSink, DirSink, FreeSpace, FsStats, Owner, ReadBytes, SetAttr, Tree,
+};
 
 /// A tree behind a gate.
 pub struct Gate {
@@ -61,7 +63,7 @@ impl Tree for GatedTree {
     fn xattr(&self, ino: u64, name: &[u8]) -> Result<Vec<u8>> {
         self.0.tree.xattr(ino, name)
     }
-    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadBytes> {
         self.0.tree.read(ino, offset, size)
     }
     fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64> {
@@ -214,8 +216,8 @@ mod tests {
         fn xattr(&self, _: u64, _: &[u8]) -> Result<Vec<u8>> {
             Ok(Vec::new())
         }
-        fn read(&self, _: u64, _: u64, _: u32) -> Result<Vec<u8>> {
-            Ok(Vec::new())
+        fn read(&self, _: u64, _: u64, _: u32) -> Result<ReadBytes> {
+            Ok(ReadBytes::empty())
         }
         fn seek_data(&self, _: u64, o: u64, _: bool) -> Result<u64> {
             Ok(o)

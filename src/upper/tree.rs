@@ -28,7 +28,7 @@ use super::layout::*;
 use super::sys::{self, classify, errno, ioerr, shown, Obj, UpperEntry};
 use crate::error::{Error, Result};
 use crate::index::tree::{
-    Attr, DirPlusSink, DirSink, FreeSpace, FsStats, Owner, SetAttr, SetTime, Tree,
+    Attr, DirPlusSink, DirSink, FreeSpace, FsStats, Owner, ReadBytes, SetAttr, SetTime, Tree,
 };
 use crate::index::ROOT_INO;
 
@@ -1734,7 +1734,7 @@ impl Tree for UpperTree {
         }
     }
 
-    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>> {
+    fn read(&self, ino: u64, offset: u64, size: u32) -> Result<ReadBytes> {
         let (uf, fd, lower, what) = {
             let st = self.read_state();
             let n = st.node(ino)?;
@@ -1754,7 +1754,7 @@ impl Tree for UpperTree {
         let mut g = lock(&uf);
         let fsize = fd.metadata().map_err(ioerr("cannot stat", &what))?.len();
         if offset >= fsize {
-            return Ok(Vec::new());
+            return Ok(ReadBytes::empty());
         }
         let end = offset.saturating_add(u64::from(size)).min(fsize);
         let len = usize::try_from(end - offset).map_err(|_| errno(libc::EINVAL))?;
@@ -1780,7 +1780,7 @@ impl Tree for UpperTree {
                 }
             }
         }
-        Ok(buf)
+        Ok(buf.into())
     }
 
     fn seek_data(&self, ino: u64, offset: u64, data: bool) -> Result<u64> {
