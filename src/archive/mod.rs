@@ -501,18 +501,15 @@ impl StreamReader {
     }
 
     /// `len` bytes of the stream from `off`, checked as [`Self::read_exact_at`] checks
-    /// them. A large read that lies in one span (the kernel's readahead of a streamed
-    /// file) shares the decoded span's buffer: no copy, and no second buffer of its
-    /// size for each request in flight.
+    /// them. A large read (the kernel's readahead of a streamed file) takes its bytes
+    /// from the decoded spans: one that lies in one span shares the span's buffer (no
+    /// copy, and no second buffer of its size for each request in flight), one across
+    /// a span boundary gets a buffer only once both spans are decoded.
     pub fn read_at(&self, off: u64, len: usize) -> Result<ReadBytes> {
         let r = match &self.inner.backing {
             Backing::Spans(cache) if len >= SEQUENTIAL_READ => {
-                self.entering_span(cache, off, len);
-                match self.inner.read_in_span(cache, off, len) {
-                    Ok(Some((bytes, last))) => {
-                        self.read_on(cache, Some(last));
-                        Ok(bytes)
-                    }
+                match self.read_sequential(cache, off, len) {
+                    Ok(Some(bytes)) => Ok(bytes),
                     Ok(None) => self.read_owned(off, len),
                     Err(e) => Err(e),
                 }
@@ -521,6 +518,36 @@ impl StreamReader {
         };
         self.inner.check_unchanged(off)?;
         r
+    }
+
+    /// The pieces of a large read from the spans it covers (see [`Self::read_at`]);
+    /// `None` if a span is shorter than indexed (the copying path then reports it).
+    fn read_sequential(
+        &self,
+        cache: &SpanCache,
+        off: u64,
+        len: usize,
+    ) -> Result<Option<ReadBytes>> {
+        let mut pieces = Vec::new();
+        let mut done = 0;
+        while done < len {
+            let at = off + done as u64;
+            self.entering_span(cache, at, len - done);
+            let Some((piece, last)) = self.inner.read_in_span(cache, at, len - done)? else {
+                return Ok(None);
+            };
+            self.read_on(cache, Some(last));
+            done += piece.len();
+            pieces.push(piece);
+        }
+        if pieces.len() == 1 {
+            return Ok(pieces.pop());
+        }
+        let mut joined = Vec::with_capacity(len);
+        for p in &pieces {
+            joined.extend_from_slice(p);
+        }
+        Ok(Some(ReadBytes::Owned(joined)))
     }
 
     /// A sequential reader's first read in a span: the next span is asked for now,
@@ -767,10 +794,9 @@ impl Inner {
         })
     }
 
-    /// A sequential read of `len` bytes from `off` that lies in one span, as a range
-    /// of the span's buffer, with what [`Self::read_spans`] returns for it; `None` if
-    /// it crosses into the next span or the span is shorter than indexed (the copying
-    /// path then reads it, or reports it).
+    /// A sequential read of up to `len` bytes from `off`, to the end of its span at
+    /// most, as a range of the span's buffer, with what [`Self::read_spans`] returns
+    /// for it; `None` if the span is shorter than indexed.
     fn read_in_span(
         self: &Arc<Self>,
         cache: &SpanCache,
@@ -778,26 +804,24 @@ impl Inner {
         len: usize,
     ) -> Result<Option<(ReadBytes, LastRead)>> {
         let (span, (start, end)) = self.table.span_at(off).ok_or_else(|| self.eof(off))?;
-        if off.saturating_add(len as u64) > end {
-            return Ok(None);
-        }
         let span_len = (end - start) as usize;
         let within = (off - start) as usize;
+        let take = len.min(span_len - within);
         let read = SpanRead {
             span,
             within,
-            need: within + len,
+            need: within + take,
             sequential: true,
         };
         let data = self.span_data(cache, read, 0, &mut false)?;
-        if data.len() < within + len {
+        if data.len() < within + take {
             return Ok(None);
         }
-        if within + len == span_len {
+        if within + take == span_len {
             cache.retire(span, false);
         }
-        let last = (span, within + len, span_len, false);
-        Ok(Some((ReadBytes::Shared(data, within..within + len), last)))
+        let last = (span, within + take, span_len, false);
+        Ok(Some((ReadBytes::Shared(data, within..within + take), last)))
     }
 
     /// The spill file, made on first use (none for plain tar or cache-file streams).
