@@ -193,6 +193,47 @@ fn passthrough_falls_back_once_when_the_kernel_refuses_the_backing_file() {
     assert_eq!(lines, 1, "one fallback line expected, log:\n{log}");
 }
 
+/// Waits (a bounded number of tries) until an open of `path` is passed through: the
+/// kernel sends RELEASE for a closed handle in the background, so right after the
+/// last daemon-served handle of a file is closed the daemon may not have seen it yet
+/// (seen under the full suite's load), and it serves the next open as it must. A
+/// probe reads 1 MiB with O_DIRECT: through a passed-through handle the daemon moves
+/// none of it.
+fn wait_until_passed_through(m: &FgMount, path: &Path) {
+    use std::os::unix::fs::OpenOptionsExt;
+    for _ in 0..200 {
+        let probe = File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .expect("open a probe");
+        let mut buf = AlignedMiB::new();
+        let before = daemon_io(m.pid());
+        probe.read_exact_at(buf.bytes(), 0).expect("probe read");
+        if daemon_io(m.pid()) - before < (1 << 20) / 8 {
+            return;
+        }
+        drop(probe);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    panic!("{} is still served through the daemon", path.display());
+}
+
+/// A 1 MiB buffer aligned for O_DIRECT.
+struct AlignedMiB(Vec<u8>, usize);
+
+impl AlignedMiB {
+    fn new() -> Self {
+        let v = vec![0u8; (1 << 20) + 4096];
+        let skip = v.as_ptr().align_offset(4096);
+        AlignedMiB(v, skip)
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        &mut self.0[self.1..self.1 + (1 << 20)]
+    }
+}
+
 #[test]
 fn passthrough_and_daemon_served_handles_of_one_file_never_mix() {
     let d = TestDir::new("passthrough-modes");
@@ -220,6 +261,7 @@ fn passthrough_and_daemon_served_handles_of_one_file_never_mix() {
     assert_eq!(buf, b"MIX1");
     drop(again);
     drop(held);
+    wait_until_passed_through(&m, &big);
     // Now every handle is passed through: two at once share one backing file, and
     // the view's attributes follow the kernel's writes.
     let a = File::options()
