@@ -532,8 +532,7 @@ impl StreamReader {
         let mut done = 0;
         while done < len {
             let at = off + done as u64;
-            self.entering_span(cache, at, len - done);
-            let Some((piece, last)) = self.inner.read_in_span(cache, at, len - done)? else {
+            let Some((piece, last)) = self.read_in_span(cache, at, len - done)? else {
                 return Ok(None);
             };
             self.read_on(cache, Some(last));
@@ -550,18 +549,42 @@ impl StreamReader {
         Ok(Some(ReadBytes::Owned(joined)))
     }
 
-    /// A sequential reader's first read in a span: the next span is asked for now,
-    /// so that it decodes on the second core while this one decodes (at a file's
-    /// first span, or when the reader outran the prefetch), not once this one is done.
-    fn entering_span(&self, cache: &SpanCache, off: u64, len: usize) {
-        let table = &self.inner.table;
-        let Some((span, (start, _))) = table.span_at(off) else {
-            return;
-        };
+    /// A sequential read of up to `len` bytes from `off`, to the end of its span at
+    /// most, as a range of the span's buffer, with what [`Inner::read_spans`] returns
+    /// for it; `None` if the span is shorter than indexed. The reader's first read in
+    /// a span asks for the next span at once, so that it decodes on the second core
+    /// while this one decodes (at a file's first span, or when the reader outran the
+    /// prefetch), not only once the reader is in this one's second half.
+    fn read_in_span(
+        &self,
+        cache: &SpanCache,
+        off: u64,
+        len: usize,
+    ) -> Result<Option<(ReadBytes, LastRead)>> {
+        let inner = &self.inner;
+        let (span, (start, end)) = inner.table.span_at(off).ok_or_else(|| inner.eof(off))?;
+        let span_len = (end - start) as usize;
+        let within = (off - start) as usize;
         let next = span + 1;
-        if off - start < len as u64 && next < table.span_count() && cache.queue_prefetch(next) {
+        if within < len && next < inner.table.span_count() && cache.queue_prefetch(next) {
             self.prefetch(next);
         }
+        let take = len.min(span_len - within);
+        let read = SpanRead {
+            span,
+            within,
+            need: within + take,
+            sequential: true,
+        };
+        let data = inner.span_data(cache, read, 0, &mut false)?;
+        if data.len() < within + take {
+            return Ok(None);
+        }
+        if within + take == span_len {
+            cache.retire(span, false);
+        }
+        let last = (span, within + take, span_len, false);
+        Ok(Some((ReadBytes::Shared(data, within..within + take), last)))
     }
 
     fn read_owned(&self, off: u64, len: usize) -> Result<ReadBytes> {
@@ -792,36 +815,6 @@ impl Inner {
             };
             self.decode_span(span, limit, out)
         })
-    }
-
-    /// A sequential read of up to `len` bytes from `off`, to the end of its span at
-    /// most, as a range of the span's buffer, with what [`Self::read_spans`] returns
-    /// for it; `None` if the span is shorter than indexed.
-    fn read_in_span(
-        self: &Arc<Self>,
-        cache: &SpanCache,
-        off: u64,
-        len: usize,
-    ) -> Result<Option<(ReadBytes, LastRead)>> {
-        let (span, (start, end)) = self.table.span_at(off).ok_or_else(|| self.eof(off))?;
-        let span_len = (end - start) as usize;
-        let within = (off - start) as usize;
-        let take = len.min(span_len - within);
-        let read = SpanRead {
-            span,
-            within,
-            need: within + take,
-            sequential: true,
-        };
-        let data = self.span_data(cache, read, 0, &mut false)?;
-        if data.len() < within + take {
-            return Ok(None);
-        }
-        if within + take == span_len {
-            cache.retire(span, false);
-        }
-        let last = (span, within + take, span_len, false);
-        Ok(Some((ReadBytes::Shared(data, within..within + take), last)))
     }
 
     /// The spill file, made on first use (none for plain tar or cache-file streams).
