@@ -164,15 +164,8 @@ fn spill_span(inner: &Inner, span: usize, buf: &mut Vec<u8>) -> bool {
         // A span that does not decode is left to its readers (their EIO).
         Err(e) => log::debug!("filler: span {span}: {e}"),
         Ok(()) if buf.len() as u64 == len => {
-            // A reader storing a prefix of this span right now makes the store a
-            // no-op: store again once it is done (only the bytes past its prefix),
-            // waiting at most a second (a store takes milliseconds).
-            for _ in 0..5000 {
-                if spill.store(span, start, buf) {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_micros(200));
-            }
+            // A reader may be storing a prefix of this span right now.
+            spill.store_waiting(span, start, buf);
         }
         Ok(()) => log::debug!("filler: span {span} decoded short"),
     }

@@ -135,6 +135,20 @@ impl Spill {
     }
 }
 
+impl Spill {
+    /// [`Spill::store`], waiting while another writer has the span (a store takes
+    /// milliseconds): it then stores only the bytes past that one's prefix. Gives up
+    /// after about a second.
+    pub fn store_waiting(&self, span: usize, start: u64, data: &[u8]) {
+        for _ in 0..5000 {
+            if self.store(span, start, data) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
+}
+
 /// The snapfs cache dir (`$XDG_CACHE_HOME/snapfs` or `~/.cache/snapfs`), as the index
 /// store names it.
 fn cache_dir() -> PathBuf {
