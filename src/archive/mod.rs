@@ -755,17 +755,12 @@ impl Inner {
             }
             let n = avail.min(buf.len() - done);
             buf[done..done + n].copy_from_slice(&data[within..within + n]);
-            // Stored by the spill writer (the span stays cached until then), or here
-            // if its queue is full.
+            // Stored by the spill writer (the span stays cached until then).
             let spilled = match spill {
                 Some(s) if decoded && !sequential => {
-                    let later = spill_writer::queue(self, span, start, &data);
-                    if !later {
-                        s.store(span, start, &data);
-                    }
+                    let now = spill_writer::store(self, s, span, start, &data);
                     fill::earned(self);
-                    // Or the filler is writing it right now: in the file soon too.
-                    !later && (s.stored(span) >= data.len() as u64 || s.writing(span))
+                    now
                 }
                 _ => false,
             };

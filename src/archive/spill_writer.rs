@@ -10,9 +10,10 @@
 //! in the meantime; then the cache lets go of it. Few jobs wait at a time (each holds a
 //! span buffer); when they are all taken, a reader stores for itself as before.
 
-use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use super::spill::Spill;
 use super::{Backing, Inner};
 
 /// Spans waiting to be stored at most.
@@ -29,10 +30,26 @@ struct Job {
 /// Where jobs go (the thread starts on first use; none if it could not start).
 static JOBS: OnceLock<Option<Mutex<SyncSender<Job>>>> = OnceLock::new();
 
-/// Hands the prefix `data` of span `span` (at stream offset `start`) to the writer;
-/// false if it did not take it (its queue is full, or it has no thread): the caller
-/// stores it itself.
-pub(super) fn queue(inner: &Arc<Inner>, span: usize, start: u64, data: &Arc<Vec<u8>>) -> bool {
+/// Stores the prefix `data` of span `span` (at stream offset `start`) in `spill`, the
+/// spill file of `inner`'s archive: hands it to the writer, or stores it here when the
+/// writer cannot take it (its queue is full, or it has no thread). True if the span is
+/// in the file now, so the cache may let go of it (or the filler is writing it: soon).
+pub(super) fn store(
+    inner: &Arc<Inner>,
+    spill: &Spill,
+    span: usize,
+    start: u64,
+    data: &Arc<Vec<u8>>,
+) -> bool {
+    if queue(inner, span, start, data) {
+        return false;
+    }
+    spill.store(span, start, data);
+    spill.stored(span) >= data.len() as u64 || spill.writing(span)
+}
+
+/// Hands a job to the writer; false if it did not take it.
+fn queue(inner: &Arc<Inner>, span: usize, start: u64, data: &Arc<Vec<u8>>) -> bool {
     let jobs = JOBS.get_or_init(|| {
         let (tx, rx) = sync_channel::<Job>(QUEUED);
         let started = std::thread::Builder::new()
@@ -53,10 +70,7 @@ pub(super) fn queue(inner: &Arc<Inner>, span: usize, start: u64, data: &Arc<Vec<
         start,
         data: data.clone(),
     };
-    match tx.try_send(job) {
-        Ok(()) => true,
-        Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
-    }
+    tx.try_send(job).is_ok()
 }
 
 /// Stores one job's bytes; once the spill file holds them, the span leaves the cache.
