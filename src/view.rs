@@ -104,6 +104,15 @@ impl Input {
         }
     }
 
+    /// Whether every archive of the input is a local file.
+    pub fn local(&self) -> bool {
+        match self {
+            Input::Archive(_) => true,
+            Input::Remote(..) => false,
+            Input::Image(img) => img.layers.iter().all(|l| l.source.local()),
+        }
+    }
+
     /// The input's path and, for an image, the reference chosen in it.
     pub fn name(&self) -> (&Path, Option<&str>) {
         match self {

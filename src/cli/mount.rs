@@ -21,7 +21,7 @@ use clap::Args;
 
 use crate::archive::Archive;
 use crate::error::{Error, Result};
-use crate::fs::{MountOptions, Session};
+use crate::fs::{default_threads, MountOptions, Session};
 use crate::idmap::IdMap;
 use crate::index::build::BuildOptions;
 use crate::index::store;
@@ -63,9 +63,10 @@ pub struct MountArgs {
     /// Uncompressed bytes between seek points when an index has to be built.
     #[arg(long, value_parser = super::parse_size, default_value = "1M")]
     span: u64,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 8)]
-    threads: usize,
+    /// FUSE worker threads [default: one per core (2 to 8) for a read-only view of
+    /// local archives, 8 for a writable view or a remote source].
+    #[arg(long)]
+    threads: Option<usize>,
     /// Make the view writable, recording every change in DIR (created if missing;
     /// mount with the same DIR again to get the same view back).
     #[arg(long, value_name = "DIR")]
@@ -252,7 +253,7 @@ fn via_service(
             }
             o
         },
-        threads: Some(args.threads),
+        threads: args.threads,
         span: Some(args.span),
         ..Default::default()
     };
@@ -357,9 +358,9 @@ fn fold_options(args: &mut MountArgs) -> Result<()> {
             "cache_size" => args.cache_size = Some(size(value)?),
             "span" => args.span = size(value)?,
             "threads" => {
-                args.threads = need(value)?.parse().map_err(|_| {
+                args.threads = Some(need(value)?.parse().map_err(|_| {
                     Error::Usage(format!("mount option threads: bad number {value:?}"))
-                })?
+                })?)
             }
             "uid_map" => args.uid_map.push(need(value)?),
             "gid_map" => args.gid_map.push(need(value)?),
@@ -408,9 +409,10 @@ fn daemonize(args: &MountArgs) -> Result<ExitCode> {
         .arg("--cache-size")
         .arg(cache_bytes(args).to_string())
         .arg("--span")
-        .arg(args.span.to_string())
-        .arg("--threads")
-        .arg(args.threads.to_string());
+        .arg(args.span.to_string());
+    if let Some(n) = args.threads {
+        cmd.arg("--threads").arg(n.to_string());
+    }
     for o in &args.options {
         cmd.arg("-o").arg(o);
     }
@@ -511,7 +513,9 @@ fn mount_options(args: &MountArgs, inputs: &[view::Input]) -> MountOptions {
         super::list::source_name(&names),
         &args.options,
         args.upper.is_some(),
-        args.threads,
+        args.threads.unwrap_or_else(|| {
+            default_threads(args.upper.is_some(), inputs.iter().all(view::Input::local))
+        }),
     );
     m.passthrough &= !args.no_passthrough;
     m
@@ -687,7 +691,7 @@ mod tests {
         assert_eq!(a.gid_map, vec!["0:1:1"]);
         assert_eq!(a.owner, None);
         assert_eq!(a.cache_size, Some(64 << 20));
-        assert_eq!(a.threads, 3);
+        assert_eq!(a.threads, Some(3));
         assert_eq!(a.pid_file, Some(PathBuf::from("/run/p")));
         assert_eq!(a.log_file, Some(PathBuf::from("/var/log/l")));
         let a = parse(&["-o", "image=repo/app:1,platform=linux/arm64", "a", "m"]);

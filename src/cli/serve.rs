@@ -29,9 +29,11 @@ pub struct ServeArgs {
     /// service's buffers [default: 256M].
     #[arg(long, value_parser = super::parse_size)]
     cache_size: Option<u64>,
-    /// FUSE worker threads of each view (unless the view says).
-    #[arg(long, default_value_t = 8)]
-    threads: usize,
+    /// FUSE worker threads of each view (unless the view says) [default: as `mount`
+    /// picks them: one per core (2 to 8) for a read-only view of local archives, 8
+    /// for a writable view or a remote source].
+    #[arg(long)]
+    threads: Option<usize>,
     /// Stay in the foreground (the default: the service never detaches; run it
     /// under systemd or `&`).
     #[arg(short, long)]

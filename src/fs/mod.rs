@@ -11,4 +11,4 @@ pub mod session;
 
 pub use adapter::{SnapFs, EXIT_DELAY_HOOK_ENV, MAX_READ, PANIC_HOOK_ENV};
 pub use passthrough::NO_BACKING_HOOK_ENV;
-pub use session::{Access, MountOptions, Served, Session, Unmounter};
+pub use session::{default_threads, Access, MountOptions, Served, Session, Unmounter};

@@ -57,6 +57,22 @@ pub struct MountOptions {
     pub passthrough: bool,
 }
 
+/// FUSE worker threads of a view that does not say: one per core (2 to 8) for a
+/// read-only view of local archives, whose requests never wait on anything but the
+/// cores and the page cache; 8 for a writable view or one with a remote source, whose
+/// requests wait on the upper dir's disk or on the network. Every worker that sleeps
+/// is woken by the kernel for a request (on another CPU, an inter-processor wakeup,
+/// costly on a VM); with no more workers than cores they find queued requests instead:
+/// 8 processes reading all 100,000 small files of a tar took 2.4-2.8 s with 2 workers
+/// on this 2-core VM against 3.5-3.9 s with 8 (native files: 2.9-3.1 s), and one
+/// process took the same time with either.
+pub fn default_threads(writable: bool, local: bool) -> usize {
+    if writable || !local {
+        return 8;
+    }
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 8))
+}
+
 impl MountOptions {
     /// Options for a view named `fsname` from the comma-separated `-o` strings
     /// (`allow_other`, `allow_root`, `ro`, `rw`, `suid`, `nosuid`, `dev`, `nodev`,

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use crate::cache::SpanPool;
 use crate::error::{Error, Result};
-use crate::fs::{MountOptions, Served, Session};
+use crate::fs::{default_threads, MountOptions, Served, Session};
 use crate::idmap::IdMap;
 use crate::image::{Image, Select};
 use crate::index::build::BuildOptions;
@@ -54,8 +54,9 @@ pub struct ServiceConfig {
     /// Memory for decoded data of all views together (`--cache-size`): the span
     /// cache and the process's own buffers.
     pub cache_bytes: u64,
-    /// FUSE worker threads of a view that does not say.
-    pub threads: usize,
+    /// FUSE worker threads of a view that does not say (`None`: see
+    /// [`crate::fs::default_threads`]).
+    pub threads: Option<usize>,
 }
 
 /// Which view a request means.
@@ -77,7 +78,7 @@ pub struct Service {
 struct Inner {
     root: PathBuf,
     cache_bytes: u64,
-    threads: usize,
+    threads: Option<usize>,
     archives: Archives,
     views: Mutex<BTreeMap<String, Slot>>,
     closing: AtomicBool,
@@ -448,7 +449,10 @@ impl Inner {
             format!("snapfs:{}", names.join(":")),
             &v.options,
             v.upper.is_some(),
-            v.threads.unwrap_or(self.threads),
+            v.threads.or(self.threads).unwrap_or_else(|| {
+                let local = !v.layers.iter().any(|p| crate::source::is_remote(p));
+                default_threads(v.upper.is_some(), local)
+            }),
         );
         let session = Session::mount(tree, &v.mountpoint, &options)?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);

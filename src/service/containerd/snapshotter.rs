@@ -640,7 +640,7 @@ mod tests {
         let service = Service::start(ServiceConfig {
             root: dir.path().join("root"),
             cache_bytes: 64 << 20,
-            threads: 1,
+            threads: Some(1),
         })
         .unwrap();
         let sn = Snapshotter::open(service.clone()).unwrap();
