@@ -219,3 +219,42 @@ fn lean_executable_hands_network_commands_to_snapfs_net() {
     util::run_ok(Command::new(&alone).arg("--version"));
     assert!(!util::is_mounted(&mnt));
 }
+
+/// FUSE worker threads (`fuser-N`) of daemon `pid`.
+fn fuse_workers(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|comm| comm.starts_with("fuser-"))
+        .count()
+}
+
+#[test]
+fn issue_15_workers_one_per_core_read_only_eight_writable_or_as_given() {
+    let td = TestDir::new("workers");
+    let tar = corpus::small_tar(td.path(), "a.tar", 11);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let m = Mount::new(&tar, &td.join("ro"));
+    assert_eq!(
+        fuse_workers(util::daemon_pid(m.path(), &tar)),
+        cores.clamp(2, 8)
+    );
+    assert_eq!(fs::read(m.join("readme")).unwrap(), b"seed 11\n");
+    m.unmount();
+    let upper = td.mkdir("upper");
+    let upper_s = upper.to_str().unwrap().to_string();
+    let m = Mount::with_args(&tar, &td.join("rw"), &["--upper", &upper_s]);
+    assert_eq!(
+        fuse_workers(util::daemon_pid(m.path(), &tar)),
+        8,
+        "writable view"
+    );
+    m.unmount();
+    let m = Mount::with_args(&tar, &td.join("given"), &["-o", "threads=3"]);
+    assert_eq!(
+        fuse_workers(util::daemon_pid(m.path(), &tar)),
+        3,
+        "threads=3"
+    );
+    assert_eq!(fs::read(m.join("readme")).unwrap(), b"seed 11\n");
+}

@@ -390,3 +390,19 @@ fn mount_args(
     }
     Ok((flags, data, source))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_are_one_per_core_only_for_read_only_local_views() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        assert_eq!(default_threads(false, true), cores.clamp(2, 8));
+        assert_eq!(default_threads(true, true), 8, "writable");
+        assert_eq!(default_threads(false, false), 8, "remote");
+        assert_eq!(default_threads(true, false), 8);
+        let given = MountOptions::parse("snapfs:x".into(), &[], false, 100);
+        assert_eq!(given.threads, 64, "an explicit count is capped");
+    }
+}
