@@ -58,14 +58,14 @@ pub struct MountOptions {
 }
 
 /// FUSE worker threads of a view that does not say: one per core (2 to 8) for a
-/// read-only view of local archives, whose requests never wait on anything but the
-/// cores and the page cache; 8 for a writable view or one with a remote source, whose
-/// requests wait on the upper dir's disk or on the network. Every worker that sleeps
-/// is woken by the kernel for a request (on another CPU, an inter-processor wakeup,
-/// costly on a VM); with no more workers than cores they find queued requests instead:
-/// 8 processes reading all 100,000 small files of a tar took 2.4-2.8 s with 2 workers
-/// on this 2-core VM against 3.5-3.9 s with 8 (native files: 2.9-3.1 s), and one
-/// process took the same time with either.
+/// read-only view of local archives, whose requests wait on the cores and a local disk;
+/// 8 for a writable view or a remote source (requests wait on fsync or the network).
+/// Each sleeping worker is woken by the kernel for a request (on another CPU: an
+/// inter-processor wakeup, costly on a VM); no more workers than cores find requests
+/// queued: 8 processes reading the 100,000 small files of a tar took 2.4-2.8 s with 2
+/// workers on a 2-core VM, 3.5-3.9 s with 8 (native: 2.9-3.1 s). One process: the same
+/// for a tar and a tar.gz, the tar.zst walk 6-10% slower (docs/BENCHMARKS.md, issue 15
+/// round eleven).
 pub fn default_threads(writable: bool, local: bool) -> usize {
     if writable || !local {
         return 8;
