@@ -133,9 +133,7 @@ impl Spill {
         state.store(IDLE, Ordering::Release);
         true
     }
-}
 
-impl Spill {
     /// [`Spill::store`], waiting while another writer has the span (a store takes
     /// milliseconds): it then stores only the bytes past that one's prefix. Gives up
     /// after about a second.

@@ -11,7 +11,7 @@
 //! span buffer); when they are all taken, a reader stores for itself as before.
 
 use std::sync::mpsc::{sync_channel, SyncSender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use super::spill::Spill;
 use super::{Backing, Inner};
@@ -28,7 +28,7 @@ struct Job {
 }
 
 /// Where jobs go (the thread starts on first use; none if it could not start).
-static JOBS: OnceLock<Option<Mutex<SyncSender<Job>>>> = OnceLock::new();
+static JOBS: OnceLock<Option<SyncSender<Job>>> = OnceLock::new();
 
 /// Stores the prefix `data` of span `span` (at stream offset `start`) in `spill`, the
 /// spill file of `inner`'s archive: hands it to the writer, or stores it here when the
@@ -59,9 +59,9 @@ fn queue(inner: &Arc<Inner>, span: usize, start: u64, data: &Arc<Vec<u8>>) -> bo
                     write(job);
                 }
             });
-        started.ok().map(|_| Mutex::new(tx))
+        started.ok().map(|_| tx)
     });
-    let Some(tx) = jobs.as_ref().and_then(|tx| tx.lock().ok()) else {
+    let Some(tx) = jobs else {
         return false;
     };
     let job = Job {
