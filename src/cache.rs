@@ -378,6 +378,24 @@ impl SpanCache {
         }
     }
 
+    /// Lets go of span `span` now that the spill file holds it whole (the filler
+    /// stored it): whatever comes for it comes from there. Unlike
+    /// [`SpanCache::retire`], no reader read it to its end, so it tells nothing about
+    /// sequential readers or late prefetches. In a shared pool it stays cached, first
+    /// in line for eviction.
+    pub fn release(&self, span: usize) {
+        let key = (self.slot, span);
+        let mut st = self.lock();
+        if self.shared {
+            st.lru.demote(&key);
+        } else if let Some(old) = st.lru.pop(&key) {
+            st.lingering.retain(|&k| k != key);
+            st.random.remove(&key);
+            st.bytes -= old.capacity() as u64;
+            self.pool.recycle(&mut st, old);
+        }
+    }
+
     /// Called by the decode of `span` for a random reader (see [`SpanCache::for_random`]).
     pub fn decoding_for_random(&self, span: usize) {
         self.lock().random.insert((self.slot, span));
