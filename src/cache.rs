@@ -441,6 +441,12 @@ impl SpanCache {
         st.lru.contains(&key) || st.decoding.contains_key(&key)
     }
 
+    /// What the pool holds now, and its hits and decodes.
+    #[cfg(test)]
+    pub fn stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
     /// Bytes currently cached in the pool.
     pub fn cached_bytes(&self) -> u64 {
         self.lock().bytes

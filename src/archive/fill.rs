@@ -155,7 +155,7 @@ fn fill(inner: &std::sync::Arc<Inner>, buf: &mut Vec<u8>) {
 /// time on the other core (a walk in path order that runs ahead of the filler met
 /// nearly every 8 MiB frame of the 100k-file tar.zst twice: 1.58 s of filling for its
 /// first 75 frames instead of 0.61).
-fn spill_span(inner: &Inner, span: usize) -> bool {
+pub(super) fn spill_span(inner: &Inner, span: usize) -> bool {
     let (Some(spill), Backing::Spans(cache)) =
         (inner.spill.get().and_then(|s| s.as_ref()), &inner.backing)
     else {

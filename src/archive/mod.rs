@@ -1062,6 +1062,80 @@ mod tests {
     }
 
     #[test]
+    fn the_filler_stores_a_span_a_reader_decoded_or_is_decoding_without_decoding_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, file, table) = gzip_stream(dir.path());
+        let reader = StreamReader::new(file, table, 64 << 20);
+        let inner = reader.inner.clone();
+        let spans = inner.table.span_count();
+        let spill = spill::Spill::in_file(tempfile::tempfile().unwrap(), spans, u64::MAX);
+        let _ = inner.spill.set(Some(spill));
+        let Backing::Spans(cache) = &inner.backing else {
+            panic!("not spans")
+        };
+        // The "readers" below fill spans with a marker byte instead of decoding them,
+        // so the spill file shows whose bytes the filler stored.
+        let marked = |span: usize, mark: u8| {
+            let len = inner.table.span_len(span) as usize;
+            move |_, out: &mut Vec<u8>| {
+                out.resize(len, mark);
+                Ok(())
+            }
+        };
+        let spilled = |span: usize, mark: u8| {
+            let (start, end) = inner.table.span_range(span);
+            let spill = inner.spill().unwrap();
+            let mut got = vec![0u8; (end - start) as usize];
+            spill.stored(span) == end - start
+                && spill.read(&mut got, start).is_ok()
+                && got.iter().all(|&b| b == mark)
+        };
+        // Span 1 cached whole, as a reader leaves it for the spill writer.
+        let len1 = inner.table.span_len(1) as usize;
+        cache
+            .get_or_insert(1, len1, Insert::Probation, marked(1, 0xa1))
+            .unwrap();
+        assert!(fill::spill_span(&inner, 1));
+        assert!(spilled(1, 0xa1), "stored from the cache, not decoded again");
+        assert!(!cache.contains(1), "let go of once stored");
+        // Span 2 being decoded by a reader when the filler comes to it: it waits.
+        let len2 = inner.table.span_len(2) as usize;
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let decoding = {
+            let inner = inner.clone();
+            std::thread::spawn(move || {
+                let Backing::Spans(cache) = &inner.backing else {
+                    unreachable!()
+                };
+                let slow = |_, out: &mut Vec<u8>| {
+                    started_tx.send(()).unwrap();
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    out.resize(len2, 0xa2);
+                    Ok(())
+                };
+                cache
+                    .get_or_insert(2, len2, Insert::Probation, slow)
+                    .map(|v| v.len())
+            })
+        };
+        started.recv().unwrap();
+        assert!(fill::spill_span(&inner, 2));
+        assert_eq!(decoding.join().unwrap().unwrap(), len2);
+        assert!(spilled(2, 0xa2), "the reader's decode, waited for");
+        assert_eq!(cache.stats().misses, 2, "one decode each");
+        // A span nobody decoded yet: the filler decodes it, and random reads in it
+        // are then answered from the spill file.
+        assert!(fill::spill_span(&inner, 3));
+        assert_eq!(cache.stats().misses, 3);
+        let (start, end) = inner.table.span_range(3);
+        let mut got = vec![0u8; 4096];
+        let at = (start + end) / 2;
+        reader.read_exact_at(&mut got, at).unwrap();
+        assert_eq!(got, data[at as usize..][..4096]);
+        assert_eq!(cache.stats().misses, 3, "served from the spill file");
+    }
+
+    #[test]
     fn small_reads_of_a_local_plain_tar_get_it_read_ahead() {
         let dir = tempfile::tempdir().unwrap();
         let data: Vec<u8> = (0..3_500_000u32).map(|i| (i % 251) as u8).collect();
