@@ -351,12 +351,17 @@ const PREFETCH_THREADS: usize = 2;
 /// takes about a millisecond (512 MiB read with `dd`, 959-1034 MB/s against 773-922
 /// four ahead, alternating runs).
 const PREFETCH_SPANS: usize = 12;
-/// The same for slow decoders (xz, bzip2): a span takes long enough that two ahead
-/// keep both prefetch threads busy (64 MiB tar.xz and tar.bz2 read with fio, 1 MiB
-/// reads: the same speed as four ahead), and more would only hold memory (peak RSS
-/// 13.7 instead of 15.5 MiB for the tar.xz, with bzip2 blocks decoded one after the
-/// other 21 instead of 27 MiB for the tar.bz2).
+/// The same for bzip2, a slow decoder: a span takes long enough that two ahead keep
+/// both prefetch threads busy (64 MiB tar.bz2 read with fio, 1 MiB reads: the same
+/// speed as four ahead), and more would only hold memory (with bzip2 blocks decoded
+/// one after the other, peak RSS 21 instead of 27 MiB).
 const PREFETCH_SPANS_SLOW: usize = 2;
+/// The same for xz: one span ahead. A sequential reader still gets more than twice
+/// ratarmount's speed, and each span in flight holds a span buffer and a liblzma
+/// dictionary: the 64 MiB tar.xz read with
+/// fio peaked at 10.6-11.5 MiB instead of 11.4-12.5 with two ahead (152-170 instead of
+/// 165-176 MiB/s, alternating runs).
+const PREFETCH_SPANS_XZ: usize = 1;
 /// Decoded bytes ahead of a reader: 8 MiB pzstd frames four ahead held 32 MiB more,
 /// two ahead keep both cores busy as well.
 const PREFETCH_BYTES: u64 = 16 << 20;
@@ -646,7 +651,8 @@ impl StreamReader {
 /// Spans decoded ahead of a sequential reader of `table`'s stream.
 fn prefetch_spans(table: &SeekTable) -> usize {
     let most = match table {
-        SeekTable::Xz(_) | SeekTable::Bzip2(_) => PREFETCH_SPANS_SLOW,
+        SeekTable::Xz(_) => return PREFETCH_SPANS_XZ,
+        SeekTable::Bzip2(_) => PREFETCH_SPANS_SLOW,
         _ => PREFETCH_SPANS,
     };
     let fit = PREFETCH_BYTES / table.max_span_len().max(1);
