@@ -175,6 +175,16 @@ impl SpanPool {
         cap.saturating_sub(decoding.saturating_add(spare))
     }
 
+    /// Drops span `key` from the cache (if there), keeping its buffer for reuse.
+    fn drop_span(&self, st: &mut State, key: Key) {
+        if let Some(old) = st.lru.pop(&key) {
+            st.lingering.retain(|&k| k != key);
+            st.random.remove(&key);
+            st.bytes -= old.capacity() as u64;
+            self.recycle(st, old);
+        }
+    }
+
     /// Keeps the retired span `key` cached until `LINGERING` later ones are retired,
     /// dropping the oldest lingering one beyond that.
     fn linger(&self, st: &mut State, key: Key) {
@@ -364,11 +374,8 @@ impl SpanCache {
         }
         if !spilled {
             self.pool.linger(&mut st, key);
-        } else if let Some(old) = st.lru.pop(&key) {
-            st.lingering.retain(|&k| k != key);
-            st.random.remove(&key);
-            st.bytes -= old.capacity() as u64;
-            self.pool.recycle(&mut st, old);
+        } else {
+            self.pool.drop_span(&mut st, key);
         }
         if !st.retired.contains(&key) {
             if st.retired.len() == RETIRED_KEPT {
@@ -388,11 +395,8 @@ impl SpanCache {
         let mut st = self.lock();
         if self.shared {
             st.lru.demote(&key);
-        } else if let Some(old) = st.lru.pop(&key) {
-            st.lingering.retain(|&k| k != key);
-            st.random.remove(&key);
-            st.bytes -= old.capacity() as u64;
-            self.pool.recycle(&mut st, old);
+        } else {
+            self.pool.drop_span(&mut st, key);
         }
     }
 

@@ -152,9 +152,8 @@ fn fill(inner: &std::sync::Arc<Inner>, buf: &mut Vec<u8>) {
 /// The span goes through the cache, as a reader's would: a random reader that wants it
 /// meanwhile waits for this decode, and the filler waits for a reader's decode or takes
 /// the span a reader left cached for the spill writer, instead of decoding it a second
-/// time on the other core (a walk in path order that runs ahead of the filler met
-/// nearly every 8 MiB frame of the 100k-file tar.zst twice: 1.58 s of filling for its
-/// first 75 frames instead of 0.61).
+/// time on the other core (fio's four random readers on the 1 GiB tar.zst: its 129
+/// frames filled in 0.86 s instead of 1.72, peak RSS 44 instead of 74 MiB).
 pub(super) fn spill_span(inner: &Inner, span: usize) -> bool {
     let (Some(spill), Backing::Spans(cache)) =
         (inner.spill.get().and_then(|s| s.as_ref()), &inner.backing)

@@ -358,9 +358,8 @@ const PREFETCH_SPANS: usize = 12;
 const PREFETCH_SPANS_SLOW: usize = 2;
 /// The same for xz: one span ahead. A sequential reader still gets more than twice
 /// ratarmount's speed, and each span in flight holds a span buffer and a liblzma
-/// dictionary: the 64 MiB tar.xz read with
-/// fio peaked at 10.4-11.3 MiB instead of 11.1-12.2 with two ahead (152-170 instead of
-/// 165-176 MiB/s, alternating runs).
+/// dictionary: the 64 MiB tar.xz read with fio peaked at 10.4-11.3 MiB instead of
+/// 11.1-12.2 with two ahead (152-170 instead of 165-176 MiB/s, alternating runs).
 const PREFETCH_SPANS_XZ: usize = 1;
 /// Decoded bytes ahead of a reader: 8 MiB pzstd frames four ahead held 32 MiB more,
 /// two ahead keep both cores busy as well.
