@@ -164,9 +164,11 @@ impl DiskCache {
         let _ = writeln!(f, "{} {}", oh + h, om + m);
     }
 
-    /// Size, block count and the shared hit counts.
+    /// Size, block count and the shared hit counts. Blocks still being written (their
+    /// temporary files) are not counted: a reader would not find them yet.
     pub fn summary(&self) -> CacheSummary {
-        let files = self.files();
+        let mut files = self.files();
+        files.retain(|(path, _, _)| is_block_file(path));
         let text = fs::read_to_string(self.dir.join(STATS)).unwrap_or_default();
         let (hits, misses) = parse_counts(&text);
         CacheSummary {
@@ -203,7 +205,8 @@ impl DiskCache {
         Ok(())
     }
 
-    /// Every block file: (path, length, mtime).
+    /// Every file under the cache's object dirs, blocks and blocks being written:
+    /// (path, length, mtime).
     fn files(&self) -> Vec<(PathBuf, u64, SystemTime)> {
         let mut out = Vec::new();
         let Ok(objects) = fs::read_dir(&self.dir) else {
@@ -253,6 +256,13 @@ fn parse_counts(text: &str) -> (u64, u64) {
     (it.next().unwrap_or(0), it.next().unwrap_or(0))
 }
 
+/// Whether `path` names a stored block (see [`DiskCache::path`]), not a temporary file.
+fn is_block_file(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.len() == 12 && n.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +298,10 @@ mod tests {
         c2.flush_counts();
         let s = c2.summary();
         assert!(s.hits >= 2 && s.misses >= 3, "{s:?}");
+        // A block being written (its temporary file) is not counted until it is stored.
+        let blocks = s.blocks;
+        fs::write(dir.path().join("k").join(".tmpAbC123"), b"partial").unwrap();
+        assert_eq!(c2.summary().blocks, blocks);
         assert!(s.blocks >= 1 && s.bytes <= 1 << 20);
     }
 }
