@@ -179,7 +179,11 @@ pub(super) fn spill_span(inner: &Inner, span: usize) -> bool {
             // The spill writer or a reader may be storing a prefix of it right now.
             spill.store_waiting(span, start, &data);
             drop(data);
-            cache.release(span);
+            // Not stored (a failed write, or the writer held it too long): the cache
+            // keeps it, as it would a reader's span.
+            if spill.stored(span) >= len {
+                cache.release(span);
+            }
         }
         Ok(_) => log::debug!("filler: span {span} decoded short"),
     }
